@@ -1,0 +1,1 @@
+"""Visual-grounding data library (no Ray inside): phrases, detection, boxes, QA format, shard schema, queries."""

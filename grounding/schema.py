@@ -1,0 +1,257 @@
+"""The grounding shard schema, defined once. Every writer validates against it; readers use it.
+
+A grounding shard is a Parquet file with one row per kept image (:data:`GROUNDING_SCHEMA`); a
+rejects shard has one row per input row that was filtered or failed (:data:`REJECTS_SCHEMA`).
+Both carry ``grounding.schema_version`` and ``grounding.provenance`` (JSON: source shard, config
+hash, detector name and weights, package version) in the Parquet key-value metadata.
+
+Boxes are stored normalised (``boxes_norm``: integers 0..999, the rule in :mod:`grounding.boxes`)
+in the frame of the stored image, whose size is ``width`` x ``height``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grounding.boxes import NORM
+
+SCHEMA_VERSION = "1"
+ROW_GROUP_SIZE = 128  # image bytes dominate: keep row groups to a few MB-hundreds of MB
+META_VERSION = b"grounding.schema_version"
+META_PROVENANCE = b"grounding.provenance"
+
+PHRASE_TYPE = pa.struct([
+    pa.field("text", pa.string(), nullable=False),       # the caption slice caption[start:end]
+    pa.field("start", pa.int32(), nullable=False),       # char offsets in the caption
+    pa.field("end", pa.int32(), nullable=False),
+    pa.field("head", pa.string()),                       # head noun lemma
+    pa.field("kind", pa.string(), nullable=False),       # "chunk" | "expression"
+    pa.field("prompt", pa.string()),                     # what the detector was asked ("red ball")
+    pa.field("boxes_norm", pa.list_(pa.list_(pa.int16())), nullable=False),  # [[x0,y0,x1,y1],...] 0..999
+    pa.field("det_scores", pa.list_(pa.float32()), nullable=False),          # one per box
+])
+QA_TYPE = pa.struct([
+    pa.field("task", pa.string(), nullable=False),       # "rec" | "caption"
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("phrase_index", pa.int32()),                # index into `phrases` (null for captions)
+])
+
+GROUNDING_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),       # size of `image`: the frame of the boxes
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("image", pa.binary(), nullable=False),      # encoded bytes (JPEG/PNG/WebP)
+    pa.field("phrases", pa.list_(PHRASE_TYPE), nullable=False),
+    pa.field("qa", pa.list_(QA_TYPE), nullable=False),
+    pa.field("grounded_caption", pa.string(), nullable=False),
+    pa.field("num_boxes", pa.int32(), nullable=False),   # distinct boxes over all phrases
+    pa.field("source_shard", pa.string()),
+    pa.field("source_row", pa.int64()),
+])
+
+REJECTS_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("source_shard", pa.string()),
+    pa.field("source_row", pa.int64()),
+    pa.field("stage", pa.string(), nullable=False),      # prefilter | download | decode | phrases | detect | filter
+    pa.field("reason", pa.string(), nullable=False),     # short category, e.g. "too_few_boxes"
+    pa.field("error", pa.string()),                      # detail: the exception text, the value that failed
+])
+
+GROUNDING_COLUMNS = GROUNDING_SCHEMA.names
+METADATA_COLUMNS = [c for c in GROUNDING_COLUMNS if c != "image"]  # what a query reads without pixels
+
+
+class SchemaError(ValueError):
+    pass
+
+
+# --- typed rows ------------------------------------------------------------------------------
+
+@dataclass
+class Phrase:
+    text: str
+    start: int
+    end: int
+    head: str | None = None
+    kind: str = "chunk"
+    prompt: str | None = None
+    boxes_norm: list[list[int]] = field(default_factory=list)
+    det_scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class QAPair:
+    task: str
+    question: str
+    answer: str
+    phrase_index: int | None = None
+
+
+@dataclass
+class GroundingRow:
+    key: str
+    url: str | None
+    caption: str
+    width: int
+    height: int
+    image: bytes
+    phrases: list[Phrase]
+    qa: list[QAPair]
+    grounded_caption: str
+    num_boxes: int
+    original_width: int | None = None
+    original_height: int | None = None
+    source_shard: str | None = None
+    source_row: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GroundingRow":
+        d = dict(d)
+        d["phrases"] = [Phrase(**p) for p in d["phrases"]]
+        d["qa"] = [QAPair(**q) for q in d["qa"]]
+        return cls(**{k: d.get(k) for k in GROUNDING_COLUMNS})
+
+
+def row_to_dict(row: GroundingRow | Mapping[str, Any]) -> dict:
+    if isinstance(row, GroundingRow):
+        d = dict(row.__dict__)
+        d["phrases"] = [dict(p.__dict__) for p in row.phrases]
+        d["qa"] = [dict(q.__dict__) for q in row.qa]
+        return d
+    return dict(row)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def validate_rows(rows: Iterable[Mapping[str, Any]]) -> None:
+    """Semantic checks the Arrow types cannot express; raises :class:`SchemaError` naming the row."""
+    for i, r in enumerate(rows):
+        where = f"row {i} (key={r.get('key')!r})"
+        cap = r["caption"]
+        for j, p in enumerate(r["phrases"]):
+            if not (0 <= p["start"] <= p["end"] <= len(cap)) or cap[p["start"]:p["end"]] != p["text"]:
+                raise SchemaError(f"{where}: phrase {j} span [{p['start']},{p['end']}) does not match its text {p['text']!r}")
+            if p["kind"] not in ("chunk", "expression"):
+                raise SchemaError(f"{where}: phrase {j} kind must be 'chunk' or 'expression', got {p['kind']!r}")
+            if len(p["boxes_norm"]) != len(p["det_scores"]):
+                raise SchemaError(f"{where}: phrase {j} has {len(p['boxes_norm'])} boxes but {len(p['det_scores'])} scores")
+            for b in p["boxes_norm"]:
+                if len(b) != 4 or not all(0 <= v < NORM for v in b) or b[0] > b[2] or b[1] > b[3]:
+                    raise SchemaError(f"{where}: phrase {j} box {b} is not 4 ordered integers in 0..{NORM - 1}")
+        for q in r["qa"]:
+            pi = q.get("phrase_index")
+            if pi is not None and not (0 <= pi < len(r["phrases"])):
+                raise SchemaError(f"{where}: qa phrase_index {pi} out of range")
+        if r["width"] <= 0 or r["height"] <= 0:
+            raise SchemaError(f"{where}: image size must be positive")
+
+
+def to_table(rows: Iterable[GroundingRow | Mapping[str, Any]], schema: pa.Schema = GROUNDING_SCHEMA) -> pa.Table:
+    """Rows (dicts or :class:`GroundingRow`) -> a validated Arrow table of ``schema``."""
+    dicts = [row_to_dict(r) for r in rows]
+    missing = [c for c in schema.names if dicts and any(c not in d for d in dicts[:1])]
+    if missing and schema is GROUNDING_SCHEMA:
+        optional = {"original_width", "original_height", "source_shard", "source_row", "url"}
+        hard = [c for c in missing if c not in optional]
+        if hard:
+            raise SchemaError(f"rows lack required columns {hard}")
+    try:
+        table = pa.Table.from_pylist(dicts, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SchemaError(f"rows do not fit the schema: {e}") from e
+    if schema is GROUNDING_SCHEMA:
+        validate_rows(dicts)
+    return table
+
+
+def check_table(table: pa.Table, schema: pa.Schema = GROUNDING_SCHEMA) -> pa.Table:
+    """Cast ``table`` to ``schema`` (same column names required) and validate it."""
+    if table.schema.names != schema.names:
+        raise SchemaError(f"columns {table.schema.names} differ from the schema's {schema.names}")
+    try:
+        table = table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise SchemaError(f"table does not fit the schema: {e}") from e
+    for f in schema:
+        if not f.nullable and table[f.name].null_count:
+            raise SchemaError(f"column {f.name!r} has {table[f.name].null_count} nulls but is not nullable")
+    if schema.equals(GROUNDING_SCHEMA):
+        validate_rows(table.drop_columns(["image"]).to_pylist())
+    return table
+
+
+# --- writing and reading ---------------------------------------------------------------------
+
+def provenance_metadata(provenance: Mapping[str, Any] | None) -> dict[bytes, bytes]:
+    return {META_VERSION: SCHEMA_VERSION.encode(),
+            META_PROVENANCE: json.dumps(dict(provenance or {}), sort_keys=True, default=str).encode()}
+
+
+def write_shard(table_or_rows: pa.Table | Iterable, path: str, provenance: Mapping[str, Any] | None = None,
+                schema: pa.Schema = GROUNDING_SCHEMA, row_group_size: int = ROW_GROUP_SIZE) -> str:
+    """Validate and write one shard atomically: a temporary name in the same folder, then rename.
+
+    A reader (or a rerun deciding what is finished) never sees a partial file under ``path``.
+    ``path`` may be any fsspec URL; returns it.
+    """
+    table = table_or_rows if isinstance(table_or_rows, pa.Table) else to_table(table_or_rows, schema)
+    table = check_table(table, schema)
+    table = table.replace_schema_metadata(provenance_metadata(provenance))
+    fs, p = fsspec.core.url_to_fs(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
+        fs.mv(tmp, p)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+    return path
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """``{"schema_version": ..., "provenance": {...}}`` of a shard."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    if META_VERSION not in meta:
+        raise SchemaError(f"{path} is not a grounding shard (no {META_VERSION.decode()} metadata)")
+    return {"schema_version": meta[META_VERSION].decode(),
+            "provenance": json.loads(meta.get(META_PROVENANCE, b"{}"))}
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_shard(path: str) -> Iterator[GroundingRow]:
+    """Typed rows of one grounding shard, a row group at a time."""
+    version = read_metadata(path)["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}")
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.num_row_groups):
+            for d in pf.read_row_group(i).to_pylist():
+                yield GroundingRow.from_dict(d)

@@ -1,0 +1,1 @@
+"""CogVLM-style visual-expert model, stage-two trainer and REC evaluation."""

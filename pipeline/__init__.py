@@ -1,0 +1,1 @@
+"""Ray jobs that wire the grounding library into Ray Data."""
