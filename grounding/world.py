@@ -278,3 +278,37 @@ class WorldServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- ground-truth shards ---------------------------------------------------------------------
+
+def truth_rows(world: list[WorldImage], min_boxes: int = 1) -> list[dict]:
+    """Grounding-shard rows with the world's true boxes (score 1.0): data a test knows exactly."""
+    from grounding.boxes import normalize_box
+    from grounding.records import build_record
+
+    rows = []
+    for i, im in enumerate(world):
+        phrases = [{"text": im.caption[o.start:o.end], "start": o.start, "end": o.end, "head": o.shape,
+                    "kind": "chunk", "prompt": o.phrase,
+                    "boxes_norm": [list(normalize_box(o.box, im.width, im.height))], "det_scores": [1.0]}
+                   for o in im.objects]
+        row, _ = build_record(key=im.key, url=f"world://{im.key}.jpg", caption=im.caption, image=im.jpeg(),
+                              width=im.width, height=im.height, phrases=phrases, min_boxes=min_boxes,
+                              source_shard="world", source_row=i)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def write_truth_shards(world: list[WorldImage], out_dir: str | os.PathLike, rows_per_shard: int = 64) -> list[str]:
+    """Write the world as grounding shards ``out_dir/NNNNN.parquet`` (true boxes); returns paths."""
+    from grounding.schema import write_shard
+
+    rows = truth_rows(world)
+    paths = []
+    for s in range(0, len(rows), rows_per_shard):
+        path = os.path.join(str(out_dir), f"{s // rows_per_shard:05d}.parquet")
+        paths.append(write_shard(rows[s:s + rows_per_shard], path,
+                                 provenance={"detector": "world-truth", "source_shard": "world"}))
+    return paths

@@ -65,3 +65,23 @@ def test_coco_and_refs_match_world(world_server, world):
     ann = coco["annotations"][0]
     assert ann["bbox"] == [first.box[0], first.box[1], first.box[2] - first.box[0], first.box[3] - first.box[1]]
     assert refs[0]["sentences"][0]["sent"] == first.phrase
+
+
+def test_truth_shards_hold_true_boxes_and_qa(tmp_path, world):
+    from grounding.boxes import denormalize_box, parse_boxes
+    from grounding.schema import read_shard
+    from grounding.world import write_truth_shards
+
+    paths = write_truth_shards(world, tmp_path, rows_per_shard=5)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    rows = [r for p in paths for r in read_shard(p)]
+    assert len(rows) == len(world)
+    r, im = rows[0], world[0]
+    assert r.num_boxes == len(im.objects)
+    rec = [q for q in r.qa if q.task == "rec"]
+    assert len(rec) == len(im.objects)
+    assert rec[0].question == f"Question: Where is the {im.objects[0].phrase}?"
+    (box,) = parse_boxes(rec[0].answer)
+    back = denormalize_box(box, im.width, im.height)
+    assert all(abs(a - b) <= max(im.width, im.height) / 1000 for a, b in zip(back, im.objects[0].box))
+    assert r.grounded_caption.count("[[") == len(im.objects)

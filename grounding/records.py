@@ -1,0 +1,40 @@
+"""Assemble one grounding-shard row from a caption, its boxed phrases and the image.
+
+Pure library code shared by the pipeline (detector boxes) and the synthetic world (true boxes):
+REC QA pairs for every phrase with a box, one captioning pair, the grounded caption, and the
+``min_boxes`` rule (CogVLM / GRIT keep images with at least two boxes).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from grounding.boxes import CAPTION_TEMPLATES, REC_TEMPLATES, format_boxes, grounded_caption, strip_article
+
+REASON_TOO_FEW_BOXES = "too_few_boxes"
+
+
+def build_record(*, key: str, caption: str, image: bytes, width: int, height: int,
+                 phrases: Sequence[Mapping[str, Any]], url: str | None = None, min_boxes: int = 2,
+                 rec_template: str = "default", caption_template: str = "default",
+                 original_width: int | None = None, original_height: int | None = None,
+                 source_shard: str | None = None, source_row: int | None = None) -> tuple[dict | None, str | None]:
+    """``(row, None)`` for a kept image, ``(None, reason)`` otherwise.
+
+    ``phrases`` are dicts with the :data:`grounding.schema.PHRASE_TYPE` fields; ``boxes_norm`` in
+    0..999 of the ``width`` x ``height`` frame. Phrases without a box are dropped from the row.
+    """
+    kept = [dict(p) for p in phrases if p["boxes_norm"]]
+    distinct = {tuple(b) for p in kept for b in p["boxes_norm"]}
+    if len(distinct) < min_boxes:
+        return None, REASON_TOO_FEW_BOXES
+    rec, cap = REC_TEMPLATES[rec_template], CAPTION_TEMPLATES[caption_template]
+    qa = [{"task": "caption", "question": cap.question, "answer": cap.answer.format(caption=caption), "phrase_index": None}]
+    for i, p in enumerate(kept):
+        qa.append({"task": "rec", "question": rec.question.format(phrase=strip_article(p.get("prompt") or p["text"])),
+                   "answer": rec.answer.format(boxes=format_boxes(p["boxes_norm"])), "phrase_index": i})
+    chunks = [(p["start"], p["end"], p["boxes_norm"]) for p in kept if p["kind"] == "chunk"]
+    row = {"key": key, "url": url, "caption": caption, "width": width, "height": height,
+           "original_width": original_width, "original_height": original_height, "image": image,
+           "phrases": kept, "qa": qa, "grounded_caption": grounded_caption(caption, chunks),
+           "num_boxes": len(distinct), "source_shard": source_shard, "source_row": source_row}
+    return row, None
