@@ -175,3 +175,16 @@ def grounded_caption(caption: str, spans: Iterable[tuple[int, int, Sequence[Sequ
         pos = end
     out.append(caption[pos:])
     return "".join(out)
+
+
+ANSWER_PREFIX = "Answer:"
+
+
+def prompt_and_target(question: str, answer: str) -> tuple[str, str]:
+    """Split a QA pair into the model prompt and the supervised target.
+
+    ``("Question: Where is the dog?", "Answer: [[...]]")`` -> ``("Question: Where is the dog? Answer:",
+    " [[...]]")``. Training puts the loss only on the target (plus EOS); generation feeds the prompt.
+    """
+    body = answer[len(ANSWER_PREFIX):] if answer.startswith(ANSWER_PREFIX) else answer
+    return f"{question} {ANSWER_PREFIX}", " " + body.strip()

@@ -76,3 +76,11 @@ def test_grounded_caption_inserts_after_spans():
     cap = "a dog on a mat"
     out = grounded_caption(cap, [(11, 14, [(1, 2, 3, 4)]), (0, 5, [(5, 6, 7, 8), (9, 9, 9, 9)])])
     assert out == "a dog [[005,006,007,008;009,009,009,009]] on a mat [[001,002,003,004]]"
+
+
+def test_prompt_and_target_split():
+    from grounding.boxes import prompt_and_target
+    assert prompt_and_target("Question: Where is the dog?", "Answer: [[001,002,003,004]]") == (
+        "Question: Where is the dog? Answer:", " [[001,002,003,004]]")
+    assert prompt_and_target("Question: Describe the image.", "Answer: a dog") == (
+        "Question: Describe the image. Answer:", " a dog")
