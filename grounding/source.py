@@ -1,0 +1,319 @@
+"""LAION-style Parquet sources: column mapping, deterministic sampling, work shards, pre-filters.
+
+Pure library code (no Ray): the pipeline's driver calls it before any download.
+
+- :class:`SourceConfig` names the input files (paths or globs, local or any fsspec URL) and their
+  columns, LAION's by default (``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``, ``punsafe``,
+  ``pwatermark``, ``similarity``; lower-case variants are found too).
+- :func:`read_source` reads one file into the normalised columns of :data:`SOURCE_SCHEMA`;
+  :func:`sample_rows` keeps a deterministic fraction; :func:`split_shards` cuts a file into work
+  shards named ``<file-stem>-<NNNNN>`` (the unit a rerun skips when finished).
+- :func:`prefilter` applies :class:`FilterConfig`: empty/short captions, aspect ratio outside
+  [1/6, 6] when sizes are known (CogVLM's rule), ``punsafe`` / ``pwatermark`` above thresholds,
+  low CLIP similarity, unsafe URLs (:func:`check_url`) and duplicate URLs. Every rejected row
+  becomes a :data:`grounding.schema.REJECTS_SCHEMA` dict with ``stage="prefilter"`` and a reason.
+
+The URL guard accepts http(s) only, and rejects hosts that are, or resolve to, loopback, private,
+link-local (cloud metadata 169.254.169.254), multicast, reserved or otherwise non-global addresses
+unless ``allow_private_hosts`` or the host is in ``allow_hosts``. It checks the addresses the name
+resolves to at filter time; the downloader resolves again later (a DNS-rebinding window remains).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import math
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+STAGE_PREFILTER = "prefilter"
+
+SOURCE_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("width", pa.int64()),        # as declared by the source (may be null)
+    pa.field("height", pa.int64()),
+    pa.field("punsafe", pa.float64()),
+    pa.field("pwatermark", pa.float64()),
+    pa.field("similarity", pa.float64()),
+    pa.field("source_row", pa.int64(), nullable=False),  # row index in the source file
+])
+
+
+@dataclass
+class SourceConfig:
+    """Where the LAION-style rows come from and what their columns are called."""
+    paths: list[str] = field(default_factory=list)   # files or globs; local or fsspec URLs
+    url_col: str = "URL"
+    text_col: str = "TEXT"
+    width_col: str = "WIDTH"
+    height_col: str = "HEIGHT"
+    punsafe_col: str = "punsafe"
+    pwatermark_col: str = "pwatermark"
+    similarity_col: str = "similarity"
+    key_col: str = "key"                 # generated as <stem>-<row> when the file has none
+    limit: int | None = None             # at most this many rows in all (after sampling)
+    sample_fraction: float = 1.0         # deterministic: a hash of (seed, key) decides
+    sample_seed: int = 0
+    shard_rows: int = 10_000             # rows per work shard (the unit of resume)
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            self.paths = [self.paths]
+        if not (0.0 < self.sample_fraction <= 1.0):
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+
+
+@dataclass
+class FilterConfig:
+    """Pre-download filters; every rejected row is counted under its reason."""
+    min_caption_chars: int = 5
+    min_caption_words: int = 2
+    min_aspect: float = 1 / 6            # width / height, CogVLM's rule
+    max_aspect: float = 6.0
+    max_punsafe: float | None = 0.5
+    max_pwatermark: float | None = 0.8
+    min_similarity: float | None = None
+    dedupe_urls: bool = True             # across the whole run, first occurrence kept
+    allow_private_hosts: bool = False    # let loopback/private/link-local hosts through
+    allow_hosts: list[str] = field(default_factory=list)  # exact host names / IPs let through
+
+    def __post_init__(self):
+        if not (0 < self.min_aspect <= 1 <= self.max_aspect):
+            raise ValueError(f"need 0 < min_aspect <= 1 <= max_aspect, got {self.min_aspect}, {self.max_aspect}")
+        for name in ("max_punsafe", "max_pwatermark"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1] or None, got {v}")
+        if self.min_caption_chars < 0 or self.min_caption_words < 0:
+            raise ValueError("min_caption_chars and min_caption_words must be >= 0")
+        self.allow_hosts = [h.lower().strip("[]") for h in self.allow_hosts]
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def list_sources(paths: Sequence[str]) -> list[str]:
+    """Expand globs; return the files as URLs/paths in a stable (sorted, deduplicated) order."""
+    out: list[str] = []
+    for path in paths:
+        fs, p = fsspec.core.url_to_fs(path)
+        matches = sorted(fs.glob(p)) if any(c in p for c in "*?[") else [p]
+        if not matches:
+            raise FileNotFoundError(f"no source file matches {path!r}")
+        for m in matches:
+            if not fs.exists(m):
+                raise FileNotFoundError(f"source file {path!r} does not exist")
+            url = fs.unstrip_protocol(m) if "://" in path else m
+            if url not in out:
+                out.append(url)
+    return out
+
+
+def source_stem(path: str) -> str:
+    """``s3://bucket/laion/part-00007.parquet`` -> ``part-00007``: the prefix of its shard names."""
+    name = os.path.basename(path.rstrip("/"))
+    for ext in (".parquet", ".pq"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def resolve_column(names: Sequence[str], wanted: str) -> str | None:
+    """The file's column for ``wanted``: exact name first, then a case-insensitive match."""
+    if wanted in names:
+        return wanted
+    lower = {n.lower(): n for n in names}
+    return lower.get(wanted.lower())
+
+
+def read_source(path: str, config: SourceConfig) -> pa.Table:
+    """One LAION-style file -> a table of :data:`SOURCE_SCHEMA` (missing optional columns null)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        wanted = {"url": config.url_col, "caption": config.text_col, "width": config.width_col,
+                  "height": config.height_col, "punsafe": config.punsafe_col,
+                  "pwatermark": config.pwatermark_col, "similarity": config.similarity_col, "key": config.key_col}
+        found = {k: resolve_column(names, v) for k, v in wanted.items()}
+        for k in ("url", "caption"):
+            if found[k] is None:
+                raise ValueError(f"{path}: no {wanted[k]!r} column (has {names}); set SourceConfig.{k if k == 'url' else 'text'}_col")
+        raw = pf.read(columns=sorted({c for c in found.values() if c is not None}))
+    n = raw.num_rows
+    cols = {}
+    for name in SOURCE_SCHEMA.names:
+        typ = SOURCE_SCHEMA.field(name).type
+        if name == "source_row":
+            cols[name] = pa.array(range(n), pa.int64())
+        elif name == "key":
+            if found["key"] is not None:
+                cols[name] = pc.cast(raw[found["key"]], pa.string())
+            else:
+                stem = source_stem(path)
+                cols[name] = pa.array([f"{stem}-{i:09d}" for i in range(n)], pa.string())
+        elif found.get(name) is not None:
+            cols[name] = pc.cast(raw[found[name]], typ, safe=False)
+        else:
+            cols[name] = pa.nulls(n, typ)
+    table = pa.table(cols, schema=SOURCE_SCHEMA)
+    return table
+
+
+def sample_rows(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
+    """Keep a deterministic ``fraction`` of rows: ``hash(seed, key) < fraction`` (order-independent)."""
+    if fraction >= 1.0:
+        return table
+    limit = int(fraction * 2**64)
+    keep = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") < limit
+            for k in table["key"].to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def split_shards(table: pa.Table, stem: str, shard_rows: int) -> list[tuple[str, pa.Table]]:
+    """Cut a source table into work shards ``<stem>-00000``, ``<stem>-00001``, ... of ``shard_rows``."""
+    return [(f"{stem}-{i // shard_rows:05d}", table.slice(i, shard_rows)) for i in range(0, table.num_rows, shard_rows)]
+
+
+# --- the URL guard -------------------------------------------------------------------------------
+
+def unsafe_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for loopback, private, link-local, multicast, reserved, unspecified or non-global addresses."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return unsafe_address(ip.ipv4_mapped)
+    return (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
+            or ip.is_unspecified or not ip.is_global)
+
+
+@functools.lru_cache(maxsize=65536)
+def resolve_host(host: str) -> tuple[str, ...]:
+    """The addresses ``host`` resolves to (empty when it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, OSError):
+        return ()
+    return tuple(sorted({info[4][0].split("%")[0] for info in infos}))
+
+
+def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: Iterable[str] = ()) -> tuple[str | None, str | None]:
+    """``(None, None)`` when ``url`` may be fetched, else ``(reason, detail)``.
+
+    Reasons: ``bad_url`` (unparsable or empty), ``unsafe_scheme`` (not http/https), ``private_host``
+    (the host is, or resolves to, a non-global address), ``unresolved_host`` (no address).
+    """
+    if not url or not isinstance(url, str):
+        return "bad_url", "empty URL"
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        parts.port  # raises on a malformed port
+    except ValueError as e:
+        return "bad_url", str(e)
+    if parts.scheme.lower() not in ("http", "https"):
+        return "unsafe_scheme", f"scheme {parts.scheme!r}"
+    if not host:
+        return "bad_url", "no host"
+    host = host.lower()
+    if allow_private_hosts or host in set(allow_hosts):
+        return None, None
+    try:
+        literal = ipaddress.ip_address(host)
+        addresses: tuple[str, ...] = (str(literal),)
+    except ValueError:
+        addresses = resolve_host(host)
+        if not addresses:
+            return "unresolved_host", f"{host} does not resolve"
+    bad = [a for a in addresses if unsafe_address(ipaddress.ip_address(a))]
+    if bad:
+        return "private_host", f"{host} -> {', '.join(bad)}"
+    return None, None
+
+
+def check_urls(urls: Sequence[str | None], allow_private_hosts: bool = False, allow_hosts: Iterable[str] = (),
+               threads: int = 32) -> list[tuple[str | None, str | None]]:
+    """:func:`check_url` over many URLs, resolving the distinct hosts concurrently first."""
+    allow_hosts = tuple(allow_hosts)
+    if not allow_private_hosts:
+        hosts = set()
+        for u in urls:
+            try:
+                h = urlsplit(u).hostname if isinstance(u, str) else None
+            except ValueError:
+                h = None
+            if h:
+                hosts.add(h.lower())
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts)))) as pool:
+            list(pool.map(resolve_host, sorted(hosts)))
+    return [check_url(u, allow_private_hosts, allow_hosts) for u in urls]
+
+
+# --- pre-filters ---------------------------------------------------------------------------------
+
+def _reject(row: dict, shard: str, reason: str, error: str | None) -> dict:
+    return {"key": row["key"], "url": row["url"], "caption": row["caption"], "source_shard": shard,
+            "source_row": row["source_row"], "stage": STAGE_PREFILTER, "reason": reason, "error": error}
+
+
+def check_row(row: dict, config: FilterConfig) -> tuple[str | None, str | None]:
+    """The first pre-filter (other than URL checks) that ``row`` fails: ``(reason, detail)``."""
+    caption = (row.get("caption") or "").strip()
+    if not caption:
+        return "empty_caption", None
+    if len(caption) < config.min_caption_chars or len(caption.split()) < config.min_caption_words:
+        return "short_caption", f"{len(caption)} chars, {len(caption.split())} words"
+    w, h = row.get("width"), row.get("height")
+    if w is not None and h is not None and w > 0 and h > 0:
+        aspect = w / h
+        if not (config.min_aspect <= aspect <= config.max_aspect):
+            return "aspect_ratio", f"{w}x{h} (aspect {aspect:.3f})"
+    for name, limit in (("punsafe", config.max_punsafe), ("pwatermark", config.max_pwatermark)):
+        v = row.get(name)
+        if limit is not None and v is not None and not math.isnan(v) and v > limit:
+            return name, f"{name}={v:.3f} > {limit}"
+    s = row.get("similarity")
+    if config.min_similarity is not None and s is not None and not math.isnan(s) and s < config.min_similarity:
+        return "low_similarity", f"similarity={s:.3f} < {config.min_similarity}"
+    return None, None
+
+
+def prefilter(table: pa.Table, shard: str, config: FilterConfig,
+              seen_urls: set[str] | None = None) -> tuple[pa.Table, list[dict]]:
+    """Split a work shard into the rows to download and the rejected rows (``REJECTS_SCHEMA`` dicts).
+
+    ``seen_urls`` carries URLs across shards so duplicates are found run-wide (first one kept);
+    it is updated in place.
+    """
+    rows = table.to_pylist()
+    url_checks = check_urls([r["url"] for r in rows], config.allow_private_hosts, config.allow_hosts)
+    seen = seen_urls if seen_urls is not None else set()
+    keep, rejects = [], []
+    for i, (row, (url_reason, url_detail)) in enumerate(zip(rows, url_checks)):
+        reason, detail = check_row(row, config)
+        if reason is None and url_reason is not None:
+            reason, detail = url_reason, url_detail
+        if reason is None and config.dedupe_urls:
+            url = row["url"].strip()
+            if url in seen:
+                reason, detail = "duplicate_url", None
+            else:
+                seen.add(url)
+        if reason is None:
+            keep.append(i)
+        else:
+            rejects.append(_reject(row, shard, reason, detail))
+    return table.take(pa.array(keep, pa.int64())), rejects
