@@ -1,0 +1,677 @@
+"""Open-vocabulary boxes for noun phrases: GroundingDINO (transformers / groundingdino-py) or annotations.
+
+One :class:`BoxDetector` loads its model once and maps a batch of images, each with its phrases,
+to boxes per phrase::
+
+    det = BoxDetector(DetectorConfig(model="IDEA-Research/grounding-dino-tiny"))
+    out = det([image], [["red ball", "blue box"]])      # out[image][phrase] -> PhraseBoxes
+
+How a phrase gets its boxes (the positive-map method of GroundingDINO, not decoded-text labels):
+
+1. Phrases are cleaned (lower case, no '.'/'?', which are the model's phrase separators), repeated
+   phrases are detected once, and the distinct ones are joined into prompts
+   ``"red ball . blue box ."``. A prompt that would exceed the text encoder's limit
+   (``max_text_len``, 256 tokens with [CLS]/[SEP]) is split into several passes over the same
+   image; a phrase too long for one pass on its own gets an error, never a silent truncation.
+2. Each phrase's token span is found from its character span in the prompt via the tokenizer's
+   offsets. The model gives, per query box, a probability per token (sigmoid of the logits);
+   a phrase's score for a box is the mean probability over the phrase's tokens.
+3. A query is kept when its best token probability over the prompt's phrases exceeds
+   ``box_threshold``, and is a candidate for every phrase whose score exceeds ``text_threshold``.
+4. Candidates are clipped to the image, dropped when a side is shorter than ``min_box_size`` or the
+   area exceeds ``max_area_fraction`` of the image, then class-agnostic NMS across all phrases of
+   the image (IoU > ``nms_iou`` suppressed; GRIT) keeps one phrase per region, and each phrase keeps
+   its ``top_k`` best boxes. ``PhraseBoxes.scores`` are those phrase scores, best first.
+
+Errors are data: an image that cannot be converted, preprocessed or run gets, for each of its
+phrases, ``PhraseBoxes(boxes=[], scores=[], error="<reason>")``; the rest of the batch is
+unaffected. :func:`image_error` returns an image's reason (or ``None``). Only caller bugs (lists of
+different lengths, a missing ``keys`` argument for the annotation backend) raise.
+
+Backends: ``transformers`` (default, ``GroundingDinoForObjectDetection`` from a hub id or a local
+directory), ``groundingdino-py`` (the original IDEA code, separate environment:
+:mod:`grounding.detect_gdpy`, ``envs/groundingdino-py/``) and ``annotations`` (COCO instances /
+RefCOCO refs: true boxes through the same interface).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from grounding.boxes import strip_article
+
+BACKENDS = ("transformers", "groundingdino-py", "annotations")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SEPARATOR = " . "  # between phrases; the prompt also ends with " ."
+# bert-base-uncased ids that GroundingDINO's modeling code hard-codes: [CLS], [SEP], '.', '?'.
+BERT_SPECIAL_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class DetectorConfig:
+    backend: str = "transformers"           # "transformers" | "groundingdino-py" | "annotations"
+    model: str = "IDEA-Research/grounding-dino-tiny"  # hub id or local dir; groundingdino-py: "CONFIG.py::WEIGHTS.pth" or a dir with both
+    box_threshold: float = 0.35             # GroundingDINO's defaults
+    text_threshold: float = 0.25
+    nms_iou: float = 0.5                    # class-agnostic NMS across phrases (GRIT); 1.0 turns it off
+    top_k: int = 3                          # boxes kept per phrase
+    min_box_size: float = 4.0               # pixels, both sides
+    max_area_fraction: float = 0.95         # a box covering the whole image is rarely a grounding
+    batch_size: int = 4                     # (image, prompt) passes per forward
+    device: str = "auto"                    # "auto" -> cuda if available else cpu
+    dtype: str = "auto"                     # auto: fp32 on CPU, bf16 autocast on GPU
+    annotations: str | None = None          # COCO instances JSON (annotations backend)
+    refs: str | None = None                 # RefCOCO-style refs JSON (sentences -> ann ids)
+    shortest_edge: int | None = None        # resize override; None keeps the processor's (800 / 1333)
+    longest_edge: int | None = None
+    max_text_tokens: int | None = None      # cap below the model's max_text_len (forces more passes)
+    text_encoder: str | None = None         # groundingdino-py: local BERT dir (text_encoder_type)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("box_threshold", "text_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.min_box_size < 0:
+            raise ValueError(f"min_box_size must be >= 0, got {self.min_box_size}")
+        if not 0.0 < self.max_area_fraction <= 1.0:
+            raise ValueError(f"max_area_fraction must be in (0, 1], got {self.max_area_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {self.device!r}")
+        if self.max_text_tokens is not None and self.max_text_tokens < 4:
+            raise ValueError(f"max_text_tokens must be >= 4 ([CLS] word . [SEP]), got {self.max_text_tokens}")
+        for name in ("shortest_edge", "longest_edge"):
+            v = getattr(self, name)
+            if v is not None and v < 32:
+                raise ValueError(f"{name} must be >= 32 pixels, got {v}")
+        if self.backend == "annotations" and not self.annotations:
+            raise ValueError("the annotations backend needs annotations= (COCO JSON with the boxes refs point at)")
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+def grounding_dino_tiny(**overrides) -> DetectorConfig:
+    """GroundingDINO-T (Swin-T, 172 M parameters) from the hub, GroundingDINO's thresholds."""
+    return DetectorConfig(**{"model": "IDEA-Research/grounding-dino-tiny", **overrides})
+
+
+def grounding_dino_base(**overrides) -> DetectorConfig:
+    """GroundingDINO-B (Swin-B) from the hub."""
+    return DetectorConfig(**{"model": "IDEA-Research/grounding-dino-base", **overrides})
+
+
+def annotation_boxes(annotations: str, refs: str | None = None, **overrides) -> DetectorConfig:
+    """True boxes from COCO instances (+ RefCOCO refs) instead of a model."""
+    return DetectorConfig(**{"backend": "annotations", "annotations": annotations, "refs": refs, **overrides})
+
+
+# --- results ---------------------------------------------------------------------------------
+
+@dataclass
+class PhraseBoxes:
+    boxes: list[Box]                  # pixel xyxy, clipped to the image, best first
+    scores: list[float]               # the phrase's positive-map score per box (1.0 for annotations)
+    error: str | None = None          # set (and boxes empty) when the image or phrase failed
+
+
+def image_error(result: Sequence[PhraseBoxes]) -> str | None:
+    """The failure reason of one image's result (``None`` when it was detected)."""
+    errors = {p.error for p in result if p.error}
+    phrase_only = {e for e in errors if e.startswith("phrase_")}
+    return next(iter(sorted(errors - phrase_only)), None)
+
+
+# --- prompts and token spans -----------------------------------------------------------------
+
+def clean_phrase(phrase: str) -> str:
+    """Lower case, '.' and '?' (the model's separators) and runs of spaces removed."""
+    return " ".join(re.sub(r"[.?]", " ", phrase.lower()).split())
+
+
+@dataclass
+class PromptPass:
+    """One text prompt for one image: ``text`` and, per phrase, its index and token span."""
+    text: str
+    phrases: list[int] = field(default_factory=list)              # indices into the distinct phrases
+    token_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in input_ids
+
+
+def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """Token positions ``[i, j)`` whose character offsets overlap ``[start, end)`` (specials skipped)."""
+    hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if not hit:
+        raise ValueError(f"no token covers characters {start}..{end}")
+    return hit[0], hit[-1] + 1
+
+
+def plan_prompts(phrases: Sequence[str], tokenizer, max_tokens: int) -> tuple[list[PromptPass], dict[int, str]]:
+    """Pack distinct cleaned ``phrases`` into prompts of at most ``max_tokens`` tokens.
+
+    Returns the passes (phrase indices refer to ``phrases``) and ``{index: reason}`` for phrases
+    that cannot be prompted (empty, or longer than one pass allows).
+    """
+    errors: dict[int, str] = {}
+    counts = tokenizer(list(phrases), add_special_tokens=False)["input_ids"] if phrases else []
+    passes: list[PromptPass] = []
+    parts: list[int] = []
+    used = 2  # [CLS] ... [SEP]
+    for i, (p, ids) in enumerate(zip(phrases, counts)):
+        if not p:
+            errors[i] = "phrase_empty"
+            continue
+        need = len(ids) + 1  # the phrase and its '.'
+        if need + 2 > max_tokens:
+            errors[i] = f"phrase_too_long: {len(ids)} tokens, the text encoder takes {max_tokens - 3} per phrase"
+            continue
+        if used + need > max_tokens:
+            passes.append(_build_pass(phrases, parts, tokenizer, max_tokens))
+            parts, used = [], 2
+        parts.append(i)
+        used += need
+    if parts:
+        passes.append(_build_pass(phrases, parts, tokenizer, max_tokens))
+    return passes, errors
+
+
+def _build_pass(phrases: Sequence[str], parts: list[int], tokenizer, max_tokens: int) -> PromptPass:
+    text, chars = "", []
+    for i in parts:
+        start = len(text)
+        text += phrases[i]
+        chars.append((start, len(text)))
+        text += SEPARATOR
+    text = text.rstrip()  # "red ball . blue box ."
+    enc = tokenizer(text, return_offsets_mapping=True)
+    if len(enc["input_ids"]) > max_tokens:  # counting per phrase must add up; guard anyway
+        raise RuntimeError(f"prompt of {len(enc['input_ids'])} tokens exceeds {max_tokens}: {text!r}")
+    spans = [token_span(enc["offset_mapping"], s, e) for s, e in chars]
+    return PromptPass(text, list(parts), spans)
+
+
+# --- post-processing -------------------------------------------------------------------------
+
+def box_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy -> (N, M)."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)             # (N, M)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def suppress_overlaps(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
+    """Greedy NMS: indices kept, best score first; a box overlapping a kept one by IoU > ``iou`` goes."""
+    if len(boxes) == 0:
+        return []
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    ious = box_iou_matrix(boxes, boxes)
+    keep: list[int] = []
+    removed = torch.zeros(len(boxes), dtype=torch.bool)
+    for i in order:
+        if removed[i]:
+            continue
+        keep.append(i)
+        removed |= ious[i] > iou
+    return keep
+
+
+def select_boxes(candidates: list[tuple[int, Box, float]], num_phrases: int, width: int, height: int,
+                 config: DetectorConfig) -> list[PhraseBoxes]:
+    """``(phrase, pixel xyxy, score)`` candidates of one image -> boxes per phrase.
+
+    Clip to the image, drop boxes with a side < ``min_box_size`` or area > ``max_area_fraction``,
+    class-agnostic NMS across phrases, then ``top_k`` per phrase (best first).
+    """
+    kept: list[tuple[int, Box, float]] = []
+    for p, (x0, y0, x1, y1), s in candidates:
+        x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
+        y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
+        if x1 - x0 < config.min_box_size or y1 - y0 < config.min_box_size:
+            continue
+        if (x1 - x0) * (y1 - y0) > config.max_area_fraction * width * height:
+            continue
+        kept.append((p, (x0, y0, x1, y1), s))
+    out = [PhraseBoxes([], []) for _ in range(num_phrases)]
+    if not kept:
+        return out
+    boxes = torch.tensor([b for _, b, _ in kept], dtype=torch.float64)
+    scores = torch.tensor([s for _, _, s in kept], dtype=torch.float64)
+    for i in suppress_overlaps(boxes, scores, config.nms_iou):  # best first
+        p, b, s = kept[i]
+        if len(out[p].boxes) < config.top_k:
+            out[p].boxes.append(tuple(float(v) for v in b))
+            out[p].scores.append(float(s))
+    return out
+
+
+def phrase_candidates(token_probs: torch.Tensor, boxes_cxcywh: torch.Tensor, prompt: PromptPass,
+                      width: int, height: int, box_threshold: float, text_threshold: float
+                      ) -> list[tuple[int, Box, float]]:
+    """One pass's model output -> ``(phrase, pixel xyxy, score)`` candidates (positive-map method).
+
+    ``token_probs`` (Q, T) are sigmoid logits per query and token position; ``boxes_cxcywh`` (Q, 4)
+    are relative to the image. A phrase's score is the mean probability over its token span.
+    """
+    spans = prompt.token_spans
+    positive = torch.zeros(len(spans), token_probs.shape[1], dtype=token_probs.dtype)  # (P, T)
+    for k, (s, e) in enumerate(spans):
+        positive[k, s:e] = 1.0 / (e - s)
+    phrase_scores = token_probs @ positive.T                                          # (Q, P)
+    in_phrase = positive.sum(0) > 0                                                    # (T,)
+    box_scores = token_probs[:, in_phrase].max(dim=1).values                           # (Q,)
+    cx, cy, w, h = boxes_cxcywh.unbind(-1)
+    xyxy = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height,
+                        (cx + w / 2) * width, (cy + h / 2) * height], dim=-1)          # (Q, 4)
+    out = []
+    for q in torch.nonzero(box_scores > box_threshold).flatten().tolist():
+        for k in torch.nonzero(phrase_scores[q] > text_threshold).flatten().tolist():
+            out.append((prompt.phrases[k], tuple(xyxy[q].tolist()), float(phrase_scores[q, k])))
+    return out
+
+
+# --- the detector ----------------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | None:
+    """The autocast dtype (``None``: plain fp32)."""
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    if dtype == "fp16" and not device.startswith("cuda"):
+        raise ValueError("dtype='fp16' needs a CUDA device; use fp32 (or bf16) on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+class BoxDetector:
+    """Boxes for phrases; loads the model (or annotation index) once in ``__init__``.
+
+    ``detector(images, phrases, keys=None) -> [image][phrase] PhraseBoxes``. ``name`` and
+    ``weights_id`` identify the detector in shard provenance.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None):
+        self.config = config = config or DetectorConfig()
+        if config.backend == "annotations":
+            self.index = AnnotationIndex(config.annotations, config.refs)
+            self.model = None
+            self.name = "annotations"
+            self.weights_id = self.index.source_id
+            return
+        self.device = resolve_device(config.device)
+        self.autocast_dtype = resolve_dtype(config.dtype, self.device)
+        if config.backend == "groundingdino-py":
+            from grounding.detect_gdpy import GroundingDinoPyModel
+            self.model = GroundingDinoPyModel(config, self.device)
+        else:
+            self.model = TransformersModel(config, self.device)
+        self.name = self.model.name
+        self.weights_id = self.model.weights_id
+        limit = self.model.max_text_len
+        self.max_tokens = min(limit, config.max_text_tokens) if config.max_text_tokens else limit
+
+    def __call__(self, images: Sequence[Image.Image | None], phrases: Sequence[Sequence[str]],
+                 keys: Sequence[str] | None = None) -> list[list[PhraseBoxes]]:
+        if len(images) != len(phrases):
+            raise ValueError(f"{len(images)} images but {len(phrases)} phrase lists")
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        if self.model is None:
+            if keys is None:
+                raise ValueError("the annotations backend needs keys= (one per image)")
+            return [self.index.lookup(k, ps, im) for im, ps, k in zip(images, phrases, keys)]
+        return self._detect(images, phrases)
+
+    def _detect(self, images, phrases) -> list[list[PhraseBoxes]]:
+        cfg = self.config
+        results: list[list[PhraseBoxes] | None] = [None] * len(images)
+        work: list[tuple[int, Any, PromptPass]] = []  # (image index, pixel tensor, prompt)
+        plans: dict[int, tuple[list[str], list[str], dict[int, str]]] = {}
+        for i, (image, ps) in enumerate(zip(images, phrases)):
+            if not ps:
+                results[i] = []
+                continue
+            try:
+                if image is None:
+                    raise ValueError("no image")
+                rgb = image.convert("RGB")
+                pixels = self.model.prepare(rgb)
+            except Exception as e:  # noqa: BLE001 - a bad image is data, not a crash
+                results[i] = [PhraseBoxes([], [], f"image_preprocess_failed: {type(e).__name__}: {e}"[:300]) for _ in ps]
+                continue
+            cleaned = [clean_phrase(p) for p in ps]
+            distinct = list(dict.fromkeys(cleaned))  # a repeated phrase is detected once
+            passes, errors = plan_prompts(distinct, self.model.tokenizer, self.max_tokens)
+            plans[i] = (cleaned, distinct, errors)
+            work.extend((i, pixels, p) for p in passes)
+        outputs = self._run(work)
+        candidates: dict[int, list] = {}
+        failed: dict[int, str] = {}
+        for (i, _, prompt), out in zip(work, outputs):
+            if isinstance(out, str):
+                failed[i] = out
+                continue
+            w, h = images[i].size
+            candidates.setdefault(i, []).extend(
+                phrase_candidates(out[0], out[1], prompt, w, h, cfg.box_threshold, cfg.text_threshold))
+        for i, ps in enumerate(phrases):
+            if results[i] is not None:
+                continue
+            cleaned, distinct, errors = plans[i]
+            if i in failed:
+                results[i] = [PhraseBoxes([], [], failed[i]) for _ in ps]
+                continue
+            w, h = images[i].size
+            per_distinct = select_boxes(candidates.get(i, []), len(distinct), w, h, cfg)
+            for k, reason in errors.items():
+                per_distinct[k].error = reason
+            where = {p: k for k, p in enumerate(distinct)}
+            results[i] = [PhraseBoxes(list(per_distinct[where[c]].boxes), list(per_distinct[where[c]].scores),
+                                      per_distinct[where[c]].error) for c in cleaned]
+        return results  # type: ignore[return-value]
+
+    def _run(self, work) -> list[tuple[torch.Tensor, torch.Tensor] | str]:
+        """Forward passes in chunks of ``batch_size``; a failing chunk is retried item by item."""
+        out: list = []
+        for s in range(0, len(work), self.config.batch_size):
+            chunk = work[s:s + self.config.batch_size]
+            try:
+                out.extend(self._forward(chunk))
+            except Exception:  # noqa: BLE001
+                for item in chunk:
+                    try:
+                        out.extend(self._forward([item]))
+                    except Exception as e:  # noqa: BLE001
+                        out.append(f"detector_failed: {type(e).__name__}: {e}"[:300])
+        return out
+
+    def _forward(self, chunk) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with torch.inference_mode(), torch.autocast(
+                device_type=self.device.split(":")[0], dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None):
+            probs, boxes = self.model.forward([c[1] for c in chunk], [c[2].text for c in chunk])
+        probs, boxes = probs.float().cpu(), boxes.float().cpu()  # (B, Q, T), (B, Q, 4)
+        return [(probs[b], boxes[b]) for b in range(len(chunk))]
+
+
+def pad_images(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H_i, W_i) tensors -> zero-padded (B, 3, H, W) and pixel mask (B, H, W) (1 = image)."""
+    h = max(t.shape[1] for t in tensors)
+    w = max(t.shape[2] for t in tensors)
+    pixels = tensors[0].new_zeros((len(tensors), 3, h, w))
+    mask = torch.zeros((len(tensors), h, w), dtype=torch.long)
+    for b, t in enumerate(tensors):
+        pixels[b, :, :t.shape[1], :t.shape[2]] = t
+        mask[b, :t.shape[1], :t.shape[2]] = 1
+    return pixels, mask
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 (first 16 hex) over a local model directory's config and weight files."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".pth", ".py")
+                   and p.is_file())
+    for p in files:
+        digest.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class TransformersModel:
+    """transformers' GroundingDinoForObjectDetection with its image processor and tokenizer."""
+
+    def __init__(self, config: DetectorConfig, device: str):
+        from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+
+        self.model = GroundingDinoForObjectDetection.from_pretrained(config.model).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{config.model}: need a fast tokenizer (tokenizer.json) for character offsets")
+        ids = self.tokenizer.convert_tokens_to_ids(list(BERT_SPECIAL_IDS))
+        if ids != list(BERT_SPECIAL_IDS.values()):
+            raise ValueError(f"{config.model}: tokenizer maps [CLS], [SEP], '.', '?' to {ids}; GroundingDINO "
+                             f"hard-codes {list(BERT_SPECIAL_IDS.values())} (bert-base-uncased)")
+        self.image_processor = load_image_processor(config.model)
+        if config.shortest_edge or config.longest_edge:
+            size = dict(self.image_processor.size)
+            size["shortest_edge"] = config.shortest_edge or size.get("shortest_edge", 800)
+            size["longest_edge"] = config.longest_edge or size.get("longest_edge", 1333)
+            self.image_processor.size = type(self.image_processor.size)(**size) if not isinstance(
+                self.image_processor.size, dict) else size
+        self.device = device
+        self.max_text_len = int(self.model.config.max_text_len)
+        self.name = "grounding-dino/transformers"
+        local = Path(config.model)
+        self.weights_id = (f"{local.resolve()}@sha256:{weights_digest(local)}" if local.is_dir()
+                           else f"{config.model}@{getattr(self.model.config, '_commit_hash', None) or 'hub'}")
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB -> normalised (3, H, W) at the processor's size."""
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def forward(self, pixels: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> token probabilities (B, Q, T) and boxes cxcywh relative to each image (B, Q, 4)."""
+        pixel_values, pixel_mask = pad_images(pixels)
+        text = self.tokenizer(list(prompts), padding="longest", return_tensors="pt")
+        out = self.model(pixel_values=pixel_values.to(self.device), pixel_mask=pixel_mask.to(self.device),
+                         input_ids=text["input_ids"].to(self.device),
+                         attention_mask=text["attention_mask"].to(self.device),
+                         token_type_ids=text["token_type_ids"].to(self.device))
+        return out.logits.sigmoid(), out.pred_boxes
+
+
+def load_image_processor(model: str):
+    """The saved image processor; the PIL one when the torchvision-backed one cannot load."""
+    from transformers import AutoImageProcessor
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    try:
+        return AutoImageProcessor.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - e.g. the fast processor without torchvision
+        return GroundingDinoImageProcessorPil.from_pretrained(model)
+
+
+# --- annotations backend ---------------------------------------------------------------------
+
+def normalize_sentence(text: str) -> str:
+    """"The Red  ball." -> "red ball": lower case, leading article and end punctuation dropped."""
+    return strip_article(" ".join(text.lower().strip().rstrip(".?!").split()))
+
+
+class AnnotationIndex:
+    """COCO instances (+ RefCOCO refs) indexed by image key, answering phrases with true boxes.
+
+    An image's key is its ``"key"`` field, else its ``file_name`` stem. A phrase matches, in order:
+    a ref sentence of the image (normalised: lower case, leading article stripped) -> that ref's
+    box; else its head noun (last word) equal to a category name -> every box of that category.
+    Boxes are scaled from the annotated size to the given image's size, clipped, scored 1.0; no
+    thresholds, NMS or top-k apply (the annotations are the truth).
+    """
+
+    def __init__(self, annotations: str, refs: str | None = None):
+        coco = json.loads(Path(annotations).read_text())
+        self.images: dict[str, dict] = {}
+        by_id: dict[int, str] = {}
+        for im in coco["images"]:
+            key = str(im.get("key") or Path(im["file_name"]).stem)
+            self.images[key] = im
+            by_id[im["id"]] = key
+        self.categories = {c["id"]: c["name"].lower() for c in coco.get("categories", [])}
+        self.anns: dict[str, list[dict]] = {}
+        self.ann_by_id: dict[int, dict] = {}
+        for a in coco["annotations"]:
+            self.anns.setdefault(by_id[a["image_id"]], []).append(a)
+            self.ann_by_id[a["id"]] = a
+        self.sentences: dict[str, dict[str, list[int]]] = {}  # key -> sentence -> ann ids
+        for r in json.loads(Path(refs).read_text()) if refs else []:
+            key = by_id.get(r["image_id"])
+            if key is None:
+                continue
+            for s in r.get("sentences", []):
+                for text in {s.get("sent", ""), s.get("raw", "")} - {""}:
+                    ids = self.sentences.setdefault(key, {}).setdefault(normalize_sentence(text), [])
+                    if r["ann_id"] not in ids:
+                        ids.append(r["ann_id"])
+        digest = hashlib.sha256(Path(annotations).read_bytes() + (Path(refs).read_bytes() if refs else b""))
+        self.source_id = f"{Path(annotations).name}{'+' + Path(refs).name if refs else ''}@sha256:{digest.hexdigest()[:16]}"
+
+    def lookup(self, key: str, phrases: Sequence[str], image: Image.Image | None = None) -> list[PhraseBoxes]:
+        info = self.images.get(str(key))
+        if info is None:
+            return [PhraseBoxes([], [], f"no_annotations: key {key!r} not in the COCO file") for _ in phrases]
+        aw, ah = info["width"], info["height"]
+        w, h = image.size if image is not None else (aw, ah)
+        sentences = self.sentences.get(str(key), {})
+        out = []
+        for phrase in phrases:
+            norm = normalize_sentence(phrase)
+            if norm in sentences:
+                anns = [self.ann_by_id[a] for a in sentences[norm]]
+            else:
+                head = norm.split()[-1] if norm else ""
+                anns = [a for a in self.anns.get(str(key), []) if self.categories.get(a["category_id"]) == head]
+            boxes = []
+            for a in anns:
+                x, y, bw, bh = a["bbox"]
+                sx, sy = w / aw, h / ah
+                boxes.append((min(max(x * sx, 0.0), w), min(max(y * sy, 0.0), h),
+                              min(max((x + bw) * sx, 0.0), w), min(max((y + bh) * sy, 0.0), h)))
+            out.append(PhraseBoxes(boxes, [1.0] * len(boxes)))
+        return out
+
+
+# --- a tiny offline detector (tests, demo) ---------------------------------------------------
+
+TINY_WORDS = (
+    # the synthetic world: colours, shapes, backgrounds, caption templates
+    "red green blue yellow purple orange ball box kite cone white grey beige black background photo "
+    "of stock picture showing table in studio and on a an the "
+    # common caption words
+    "man woman person people boy girl child dog cat horse bird car bus tree sky grass water street "
+    "building shirt hat hand face head with at near next to is are his her their small large big "
+    "little old young brown pink gray dark light front top left right side two three one some this that"
+).split()
+
+
+def tiny_vocab() -> list[str]:
+    """A WordPiece vocab that keeps bert-base-uncased's ids for [PAD]=0, [UNK]=100, [CLS]=101,
+    [SEP]=102, [MASK]=103, '.'=1012, '?'=1029; world and common words are whole tokens, and single
+    characters (plus ``##`` pieces) spell out any other ASCII word instead of [UNK]."""
+    chars = [chr(c) for c in range(33, 127) if chr(c) not in ".?" and not chr(c).isupper()]
+    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokens = list(dict.fromkeys(TINY_WORDS + chars + pieces))
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    slots = {1012: ".", 1029: "?"}
+    it = iter(tokens)
+    while len(vocab) < 1030:
+        i = len(vocab)
+        vocab.append(slots.get(i) or next(it, None) or f"[unused{i}]")
+    vocab.extend(it)
+    assert [vocab.index(t) for t in BERT_SPECIAL_IDS] == list(BERT_SPECIAL_IDS.values())
+    return vocab
+
+
+def tiny_detector_config(vocab_size: int, max_text_len: int = 256):
+    """~0.5 M parameters: Swin embed 16, depths 1, BERT hidden 32, d_model 32, 20 queries."""
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    return GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64),
+        d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, max_text_len=max_text_len)
+
+
+def save_tokenizer_and_processor(path: str, shortest_edge: int = 800, longest_edge: int = 1333):
+    """The offline BERT tokenizer (:func:`tiny_vocab`) and the PIL image processor, saved to ``path``."""
+    from transformers import BertTokenizer
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil, GroundingDinoProcessor
+
+    os.makedirs(path, exist_ok=True)
+    vocab_file = os.path.join(path, "vocab.txt")
+    Path(vocab_file).write_text("\n".join(tiny_vocab()) + "\n")
+    tokenizer = BertTokenizer(vocab_file, do_lower_case=True)
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge}),
+        tokenizer=tokenizer)
+    processor.save_pretrained(path)
+    return tokenizer
+
+
+def save_tiny_detector(path: str, seed: int = 0, shortest_edge: int = 224, longest_edge: int = 320,
+                       max_text_len: int = 256) -> str:
+    """Save a tiny random-init GroundingDINO (+ offline tokenizer, image processor) to ``path``.
+
+    ``BoxDetector(DetectorConfig(model=path))`` loads it; images are resized to
+    ``shortest_edge``/``longest_edge`` (small, for speed). Returns ``path``.
+    """
+    from transformers import GroundingDinoForObjectDetection
+
+    tokenizer = save_tokenizer_and_processor(path, shortest_edge, longest_edge)
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(tiny_detector_config(len(tokenizer), max_text_len)).eval()
+    model.save_pretrained(path)
+    return path
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m grounding.detect IMAGE --phrases "red ball" "blue box" [--model DIR]`` -> JSON.
+
+    ``--save-tiny DIR`` writes the tiny offline detector and exits.
+    """
+    ap = argparse.ArgumentParser(prog="grounding.detect", description=main.__doc__)
+    ap.add_argument("images", nargs="*", help="image files")
+    ap.add_argument("--phrases", nargs="+", default=[], help="phrases to box in every image")
+    ap.add_argument("--save-tiny", metavar="DIR", help="write the tiny random-init detector to DIR and exit")
+    defaults = DetectorConfig()
+    for name, value in asdict(defaults).items():
+        kind = type(value) if value is not None else (int if name.endswith(("edge", "tokens")) else str)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    args = ap.parse_args(argv)
+    if args.save_tiny:
+        print(save_tiny_detector(args.save_tiny))
+        return 0
+    config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    detector = BoxDetector(config)
+    images = [Image.open(p) for p in args.images]
+    keys = [Path(p).stem for p in args.images]
+    results = detector(images, [args.phrases] * len(images), keys=keys)
+    json.dump({"detector": detector.name, "weights_id": detector.weights_id, "config": asdict(config),
+               "images": [{"path": p, "phrases": [{"phrase": ph, **asdict(r)} for ph, r in zip(args.phrases, res)]}
+                          for p, res in zip(args.images, results)]}, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
