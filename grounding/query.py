@@ -1,0 +1,516 @@
+"""DuckDB over grounding shards: a connection with ``shards`` and ``rejects`` views, named reports.
+
+:func:`connect` takes a pipeline output folder (``OUT/shards/*.parquet``, ``OUT/rejects/*.parquet``),
+a folder of shards, one shard, or a glob, and returns a plain :class:`duckdb.DuckDBPyConnection`
+with three views:
+
+- ``shards``: every grounding shard (:data:`grounding.schema.GROUNDING_SCHEMA`), one row per image;
+- ``rejects``: every rejects shard (:data:`grounding.schema.REJECTS_SCHEMA`); empty, with the right
+  columns, when the run has no rejects folder;
+- ``shard_files``: the shard files (``file``), for jobs that work a file at a time.
+
+The views re-read the glob at every query, so a running pipeline's new shards show up. DuckDB reads
+only the Parquet columns a query names: a query that does not name ``image`` reads no image bytes
+(:func:`measure_read` shows it, from DuckDB's own file-system log).
+
+The named reports (:data:`REPORTS`) are plain SQL over those views; ``$name`` marks a parameter
+(``$limit``, ``$bins``) whose default the report carries. Print one to copy it::
+
+    grounding-query report summary --show-sql
+
+Command line (``python -m grounding.query`` or ``grounding-query``)::
+
+    grounding-query "SELECT count(*) FROM shards" --data OUT           # sql is the default command
+    grounding-query sql "SELECT ..." --data OUT -o result.csv          # csv | json (NDJSON) | parquet
+    grounding-query reports                                            # the report names
+    grounding-query report top_heads --data OUT --limit 20
+    grounding-query export SUBSET --data OUT --where "num_boxes >= 3"  # see grounding.export
+    grounding-query export SUBSET --data OUT --cap 100 --min-images 3 --seed 0
+    grounding-query render sheet.png --data OUT --where "num_boxes >= 3" -n 16
+
+``--data`` defaults to the ``GROUNDING_SHARDS`` environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob as globlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA
+
+ENV_DATA = "GROUNDING_SHARDS"
+_GLOB_CHARS = set("*?[")
+
+
+# --- where the shards are --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardSource:
+    """The globs behind the views. ``rejects`` is None when there are no rejects shards."""
+
+    shards: str
+    rejects: str | None = None
+
+    def __post_init__(self):
+        if not self.shards:
+            raise ValueError("ShardSource needs a shards glob")
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve_source(data: str | os.PathLike | None = None, *, shards: str | None = None,
+                   rejects: str | None = None) -> ShardSource:
+    """Work out the shard and rejects globs.
+
+    ``data`` is a pipeline output folder (with ``shards/`` and maybe ``rejects/``), a folder of
+    shards, one ``.parquet`` file, or a glob; ``shards`` / ``rejects`` are explicit globs that win
+    over what ``data`` implies. With neither, ``$GROUNDING_SHARDS`` is used.
+    """
+    if data is None and shards is None:
+        data = os.environ.get(ENV_DATA)
+        if not data:
+            raise ValueError(f"no shards given: pass data=/shards= (CLI: --data) or set ${ENV_DATA}")
+    implied_rejects = None
+    if shards is None:
+        d = str(data)
+        if _has_glob(d) or _is_remote(d) or d.endswith(".parquet"):
+            shards = d
+        elif os.path.isdir(d):
+            if os.path.isdir(os.path.join(d, "shards")) or os.path.isdir(os.path.join(d, "rejects")):
+                shards = os.path.join(d, "shards", "*.parquet")
+                implied_rejects = os.path.join(d, "rejects", "*.parquet")
+            else:
+                shards = os.path.join(d, "*.parquet")
+        else:
+            raise FileNotFoundError(f"{d}: no such folder or shard")
+    return ShardSource(shards=str(shards), rejects=str(rejects) if rejects is not None else implied_rejects)
+
+
+def _matches(pattern: str) -> bool:
+    if _is_remote(pattern):
+        return True  # DuckDB resolves remote globs itself
+    return bool(globlib.glob(pattern))
+
+
+# --- the connection --------------------------------------------------------------------------
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def connect(data: str | os.PathLike | None = None, *, shards: str | None = None, rejects: str | None = None,
+            threads: int | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with ``shards``, ``rejects`` and ``shard_files`` views (see the module doc).
+
+    An output folder whose ``shards/`` or ``rejects/`` holds no files gives an empty view with the
+    schema's columns. An explicit shards glob or file that matches nothing raises
+    :class:`FileNotFoundError` (most often a typo).
+    """
+    src = resolve_source(data, shards=shards, rejects=rejects)
+    con = duckdb.connect(database)
+    if threads is not None:
+        con.execute(f"SET threads = {int(threads)}")
+    explicit = shards is not None or (data is not None and not os.path.isdir(str(data)))
+    if _matches(src.shards):
+        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")
+        con.execute(f"CREATE OR REPLACE VIEW shard_files AS SELECT file FROM glob({_sql_str(src.shards)}) ORDER BY file")
+    elif explicit:
+        raise FileNotFoundError(f"no grounding shards match {src.shards}")
+    else:
+        _empty_view(con, "shards", GROUNDING_SCHEMA)
+        con.execute("CREATE OR REPLACE VIEW shard_files AS SELECT NULL::VARCHAR AS file WHERE false")
+    if src.rejects is not None and _matches(src.rejects):
+        con.execute(f"CREATE OR REPLACE VIEW rejects AS SELECT * FROM read_parquet({_sql_str(src.rejects)})")
+    elif src.rejects is not None and rejects is not None:
+        raise FileNotFoundError(f"no rejects shards match {src.rejects}")
+    else:
+        _empty_view(con, "rejects", REJECTS_SCHEMA)
+    return con
+
+
+def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> None:
+    con.register(f"_empty_{name}", schema.empty_table())
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")
+
+
+# --- named reports ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Report:
+    """A named, documented SQL query over the views; ``$name`` parameters default to ``params``."""
+
+    name: str
+    doc: str
+    sql: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def bind(self, **overrides: Any) -> dict[str, Any]:
+        unknown = set(overrides) - set(self.params)
+        if unknown:
+            raise ValueError(f"report {self.name!r} takes {sorted(self.params) or 'no parameters'}, not {sorted(unknown)}")
+        return {**self.params, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def text(self) -> str:
+        """The SQL as a user copies it, with its documentation and parameter defaults on top."""
+        head = [f"-- {self.name}: {line}" if i == 0 else f"--   {line}" for i, line in enumerate(self.doc.splitlines())]
+        if self.params:
+            head.append("-- parameters: " + ", ".join(f"${k} = {v!r}" for k, v in self.params.items()))
+        return "\n".join(head) + "\n" + self.sql.strip() + "\n"
+
+
+# An image's distinct boxes, as the pipeline counts them in `num_boxes`: a box two phrases share counts once.
+_DISTINCT_BOXES = """
+    SELECT DISTINCT key, box FROM (
+        SELECT key, unnest(p.boxes_norm) AS box FROM (SELECT key, unnest(phrases) AS p FROM shards))"""
+
+# Every (phrase, box) pair with its detector score.
+_PHRASE_BOXES = """
+    SELECT key, p.head AS head, unnest(p.boxes_norm) AS box, unnest(p.det_scores) AS score
+    FROM (SELECT key, unnest(phrases) AS p FROM shards)"""
+
+REPORTS: dict[str, Report] = {r.name: r for r in [
+    Report("summary",
+           "One row: images, phrases, distinct boxes, (phrase, box) pairs, QA pairs, the share of images\n"
+           "with >= 2 boxes, mean boxes per image, detector-score mean/median/min, rejects, and kept_share =\n"
+           "images / (images + rejects), the share of input rows that became training rows.",
+           """
+WITH img AS (
+    SELECT count(*) AS images,
+           coalesce(sum(len(phrases)), 0)::BIGINT AS phrases,
+           coalesce(sum(num_boxes), 0)::BIGINT AS boxes,
+           coalesce(sum(len(qa)), 0)::BIGINT AS qa_pairs,
+           avg((num_boxes >= 2)::INTEGER) AS share_2plus_boxes,
+           avg(num_boxes) AS boxes_per_image
+    FROM shards),
+det AS (
+    SELECT count(*) AS phrase_boxes, avg(score) AS mean_score, median(score) AS median_score,
+           min(score) AS min_score
+    FROM (""" + _PHRASE_BOXES + """)),
+rej AS (SELECT count(*) AS rejects FROM rejects)
+SELECT images, phrases, boxes, phrase_boxes, qa_pairs, share_2plus_boxes, boxes_per_image,
+       mean_score, median_score, min_score, rejects,
+       images / nullif(images + rejects, 0) AS kept_share
+FROM img, det, rej"""),
+    Report("boxes_per_image",
+           "Histogram of distinct boxes per image (`num_boxes`): images and their share per count.",
+           """
+SELECT num_boxes, count(*) AS images, count(*) / sum(count(*)) OVER () AS share
+FROM shards
+GROUP BY num_boxes
+ORDER BY num_boxes"""),
+    Report("box_area",
+           "Histogram of box area as a share of the image, (x1-x0)*(y1-y0)/1000^2 in normalised\n"
+           "coordinates, over each image's distinct boxes, in $bins equal bins over [0, 1]; empty bins show 0.",
+           """
+WITH areas AS (
+    SELECT (box[3] - box[1])::INTEGER * (box[4] - box[2]) / 1e6 AS area FROM (""" + _DISTINCT_BOXES + """)),
+binned AS (
+    SELECT least(floor(area * $bins), $bins - 1)::INTEGER AS bin, count(*) AS boxes FROM areas GROUP BY bin)
+SELECT b.range::INTEGER AS bin, b.range / $bins AS area_from, (b.range + 1) / $bins AS area_to,
+       coalesce(boxes, 0) AS boxes, coalesce(boxes, 0) / nullif(sum(boxes) OVER (), 0) AS share
+FROM range($bins) AS b LEFT JOIN binned ON binned.bin = b.range
+ORDER BY bin""", {"bins": 10}),
+    Report("scores",
+           "Histogram of detector scores over (phrase, box) pairs in $bins equal bins over [0, 1]\n"
+           "(a score of exactly 1.0 falls in the last bin); empty bins show 0.",
+           """
+WITH binned AS (
+    SELECT least(floor(score * $bins), $bins - 1)::INTEGER AS bin, count(*) AS boxes
+    FROM (""" + _PHRASE_BOXES + """)
+    GROUP BY bin)
+SELECT b.range::INTEGER AS bin, b.range / $bins AS score_from, (b.range + 1) / $bins AS score_to,
+       coalesce(boxes, 0) AS boxes, coalesce(boxes, 0) / nullif(sum(boxes) OVER (), 0) AS share
+FROM range($bins) AS b LEFT JOIN binned ON binned.bin = b.range
+ORDER BY bin""", {"bins": 10}),
+    Report("top_heads",
+           "The $limit most frequent head nouns: images that name them, phrases, boxes, mean score.",
+           """
+SELECT p.head AS head, count(DISTINCT key) AS images, count(*) AS phrases,
+       sum(len(p.boxes_norm))::BIGINT AS boxes, avg(list_avg(p.det_scores)) AS mean_score
+FROM (SELECT key, unnest(phrases) AS p FROM shards)
+WHERE p.head IS NOT NULL
+GROUP BY p.head
+ORDER BY images DESC, phrases DESC, head
+LIMIT $limit""", {"limit": 20}),
+    Report("top_phrases",
+           "The $limit most frequent phrases (the detector prompt, else the caption text, lower-cased).",
+           """
+SELECT lower(coalesce(p.prompt, p.text)) AS phrase, count(DISTINCT key) AS images, count(*) AS phrases,
+       sum(len(p.boxes_norm))::BIGINT AS boxes, avg(list_avg(p.det_scores)) AS mean_score
+FROM (SELECT key, unnest(phrases) AS p FROM shards)
+GROUP BY phrase
+ORDER BY images DESC, phrases DESC, phrase
+LIMIT $limit""", {"limit": 20}),
+    Report("rejects_by_reason",
+           "Rejected input rows per (stage, reason), their share of all rejects, and one example error.",
+           """
+SELECT stage, reason, count(*) AS rows, count(*) / sum(count(*)) OVER () AS share,
+       min(error) AS example_error
+FROM rejects
+GROUP BY stage, reason
+ORDER BY rows DESC, stage, reason"""),
+    Report("per_source_shard",
+           "Per input (source) shard: kept images, their boxes, rejected rows and kept_share.",
+           """
+WITH kept AS (
+    SELECT source_shard, count(*) AS images, sum(num_boxes)::BIGINT AS boxes FROM shards GROUP BY source_shard),
+rej AS (
+    SELECT source_shard, count(*) AS rejects FROM rejects GROUP BY source_shard)
+SELECT coalesce(kept.source_shard, rej.source_shard) AS source_shard,
+       coalesce(images, 0) AS images, coalesce(boxes, 0) AS boxes, coalesce(rejects, 0) AS rejects,
+       coalesce(images, 0) / (coalesce(images, 0) + coalesce(rejects, 0)) AS kept_share
+FROM kept FULL OUTER JOIN rej ON kept.source_shard IS NOT DISTINCT FROM rej.source_shard
+ORDER BY source_shard NULLS LAST"""),
+]}
+
+
+def report(con: duckdb.DuckDBPyConnection, name: str, **params: Any) -> duckdb.DuckDBPyRelation:
+    """Run the named report; ``params`` override its defaults (``limit=50``, ``bins=20``).
+
+    Returns a DuckDB relation: ``.fetchall()``, ``.to_arrow_table()``, ``.show()``, ``.df()``.
+    """
+    if name not in REPORTS:
+        raise KeyError(f"unknown report {name!r}; reports: {', '.join(REPORTS)}")
+    r = REPORTS[name]
+    bound = r.bind(**params)
+    used = {k: v for k, v in bound.items() if f"${k}" in r.sql}
+    return con.sql(r.sql, params=used or None)
+
+
+def records(rel: duckdb.DuckDBPyRelation) -> list[dict[str, Any]]:
+    """A relation's rows as dicts (column name -> value)."""
+    return rel.to_arrow_table().to_pylist()
+
+
+# --- what a query reads ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReadStats:
+    """What one query read from disk, from DuckDB's ``FileSystem`` log."""
+
+    bytes_read: int
+    reads: int
+    files: int
+    seconds: float
+    rows: int
+
+
+def measure_read(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any] | None = None) -> ReadStats:
+    """Run ``sql`` with DuckDB's file-system logging on and sum the bytes it read.
+
+    The proof that a metadata query leaves the image column alone: compare its ``bytes_read`` with
+    the shards' size (``grounding-query`` docs and ``benchmarks/bench_query.py``).
+    """
+    con.execute("CALL enable_logging('FileSystem')")
+    try:
+        con.execute("CALL truncate_duckdb_logs()")
+        t0 = time.perf_counter()
+        rows = len(con.sql(sql, params=params).fetchall())
+        seconds = time.perf_counter() - t0
+    finally:
+        con.execute("CALL disable_logging()")
+    nbytes = reads = 0
+    files = set()
+    for (message,) in con.sql("SELECT message FROM duckdb_logs WHERE type = 'FileSystem'").fetchall():
+        m = json.loads(message)
+        if m.get("op") == "READ":
+            nbytes += int(m.get("bytes", 0))
+            reads += 1
+            files.add(m.get("path"))
+    con.execute("CALL truncate_duckdb_logs()")
+    return ReadStats(bytes_read=nbytes, reads=reads, files=len(files), seconds=seconds, rows=rows)
+
+
+def scan_columns(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any] | None = None) -> set[str]:
+    """The shard columns the plan of ``sql`` reads from Parquet (its scans' projections and filters)."""
+    plan = json.loads(con.execute("EXPLAIN (FORMAT json) " + sql, params or None).fetchall()[0][1])
+    names = set(GROUNDING_SCHEMA.names) | set(REJECTS_SCHEMA.names)
+    cols: set[str] = set()
+    stack = list(plan)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.get("children", []))
+        if "PARQUET" in node.get("name", "").upper():
+            text = json.dumps(node.get("extra_info", {}))
+            cols.update(c for c in names if re.search(rf"\b{c}\b", text))
+    return cols
+
+
+# --- output ----------------------------------------------------------------------------------
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def write_result(con: duckdb.DuckDBPyConnection, rel: duckdb.DuckDBPyRelation, fmt: str = "table",
+                 output: str | None = None, max_rows: int = 100) -> None:
+    """Print ``rel`` as a table, or write it as CSV / NDJSON / Parquet to ``output`` (or stdout).
+
+    Files are written by DuckDB's ``COPY`` so nested columns (phrases, boxes) survive in JSON and
+    Parquet; stdout gets the same bytes.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "table":
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rel.show(max_rows=max_rows, max_width=200)
+        text = buf.getvalue().rstrip("\n")
+        if output:
+            Path(output).write_text(text + "\n")
+        else:
+            print(text)
+        return
+    if fmt == "parquet" and not output:
+        raise ValueError("parquet output needs --output PATH")
+    options = {"csv": "FORMAT csv, HEADER true", "json": "FORMAT json", "parquet": "FORMAT parquet"}[fmt]
+    view = f"_result_{os.getpid()}_{time.monotonic_ns()}"
+    rel.create_view(view, replace=True)
+    try:
+        if output:
+            con.execute(f"COPY (SELECT * FROM {view}) TO {_sql_str(str(output))} ({options})")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, f"result.{fmt}")
+                con.execute(f"COPY (SELECT * FROM {view}) TO {_sql_str(path)} ({options})")
+                with open(path, encoding="utf-8") as f:
+                    shutil.copyfileobj(f, sys.stdout)
+    finally:
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+
+
+def _format_for(output: str | None, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if output:
+        ext = Path(output).suffix.lower().lstrip(".")
+        return {"csv": "csv", "json": "json", "jsonl": "json", "ndjson": "json", "parquet": "parquet"}.get(ext, "table")
+    return "table"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+COMMANDS = ("sql", "report", "reports", "export", "render")
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=f"pipeline output folder, shards folder, shard file or glob (default ${ENV_DATA})")
+    p.add_argument("--shards", help="explicit glob of grounding shards (overrides what --data implies)")
+    p.add_argument("--rejects", help="explicit glob of rejects shards")
+    p.add_argument("--threads", type=int, help="DuckDB threads (default: all cores)")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--format", choices=FORMATS, help="table (default), csv, json (NDJSON) or parquet; "
+                   "inferred from --output's extension")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--max-rows", type=int, default=100, help="rows a printed table shows (default 100)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grounding-query", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sql", help="run a SQL query over the shards/rejects views")
+    p.add_argument("query", help='SQL, e.g. "SELECT key, num_boxes FROM shards LIMIT 5"')
+    _source_args(p)
+    _output_args(p)
+
+    p = sub.add_parser("report", help="run a named report")
+    p.add_argument("name", choices=sorted(REPORTS))
+    p.add_argument("--limit", type=int, help="rows of top_heads / top_phrases")
+    p.add_argument("--bins", type=int, help="bins of box_area / scores")
+    p.add_argument("--show-sql", action="store_true", help="print the report's SQL and exit")
+    _source_args(p)
+    _output_args(p)
+
+    sub.add_parser("reports", help="list the named reports")
+
+    p = sub.add_parser("export", help="write a filtered or concept-balanced subset as new shards")
+    p.add_argument("dest", help="output folder: DEST/shards/*.parquet and DEST/export.json")
+    p.add_argument("--where", help='SQL filter over shards, e.g. "num_boxes >= 3"')
+    p.add_argument("--cap", type=int, help="balance: at most this many images chosen per concept")
+    p.add_argument("--min-images", type=int, default=3, help="balance: drop concepts in fewer images (default 3)")
+    p.add_argument("--by", choices=("head", "phrase"), default="head", help="balance concept (default head noun)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    _source_args(p)
+
+    p = sub.add_parser("render", help="contact sheet PNG of images with their boxes and phrases")
+    p.add_argument("output", help="PNG path")
+    p.add_argument("--where", help="SQL filter over shards choosing the candidates")
+    p.add_argument("--sql", help="a query returning a `key` column, in the order to show")
+    p.add_argument("-n", "--count", type=int, default=16, help="images on the sheet (default 16)")
+    p.add_argument("--columns", type=int, default=4)
+    p.add_argument("--cell", type=int, default=320, help="cell size in pixels (default 320)")
+    p.add_argument("--seed", type=int, default=0, help="random sample under this seed (with --where)")
+    _source_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "sql")  # `grounding-query "SELECT ..."`
+    args = build_parser().parse_args(argv)
+
+    if args.command == "reports":
+        for r in REPORTS.values():
+            print(f"{r.name:18s} {r.doc.splitlines()[0]}")
+        return 0
+    if args.command == "report" and args.show_sql:
+        print(REPORTS[args.name].text(), end="")
+        return 0
+
+    con = connect(args.data, shards=args.shards, rejects=args.rejects, threads=args.threads)
+    try:
+        if args.command == "sql":
+            rel = con.sql(args.query)
+            if rel is None:  # a statement without a result (CREATE, COPY ...)
+                return 0
+            write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
+        elif args.command == "report":
+            rel = report(con, args.name, **{k: getattr(args, k) for k in REPORTS[args.name].params})
+            write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
+        elif args.command == "export":
+            from grounding.export import ExportConfig, export_shards
+
+            cfg = ExportConfig(where=args.where, cap=args.cap, min_images=args.min_images, by=args.by,
+                               seed=args.seed, rows_per_shard=args.rows_per_shard)
+            result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+            print(json.dumps(result.summary(), indent=1))
+        elif args.command == "render":
+            from grounding.render import ContactSheetConfig, render_contact_sheet
+
+            cfg = ContactSheetConfig(count=args.count, columns=args.columns, cell=args.cell)
+            sheet = render_contact_sheet(con, where=args.where, sql=args.sql, seed=args.seed, config=cfg)
+            sheet.image.save(args.output)
+            print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}")
+    finally:
+        con.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
