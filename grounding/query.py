@@ -11,7 +11,7 @@ with three views:
 
 The views re-read the glob at every query, so a running pipeline's new shards show up. DuckDB reads
 only the Parquet columns a query names: a query that does not name ``image`` reads no image bytes
-(:func:`measure_read` shows it, from DuckDB's own file-system log).
+(:func:`measure_read` shows it, from DuckDB's own file-system log; see ``prefetch`` in :func:`connect`).
 
 The named reports (:data:`REPORTS`) are plain SQL over those views; ``$name`` marks a parameter
 (``$limit``, ``$bins``) whose default the report carries. Print one to copy it::
@@ -119,17 +119,24 @@ def _sql_str(s: str) -> str:
 
 
 def connect(data: str | os.PathLike | None = None, *, shards: str | None = None, rejects: str | None = None,
-            threads: int | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+            threads: int | None = None, prefetch: bool = False, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with ``shards``, ``rejects`` and ``shard_files`` views (see the module doc).
 
     An output folder whose ``shards/`` or ``rejects/`` holds no files gives an empty view with the
     schema's columns. An explicit shards glob or file that matches nothing raises
     :class:`FileNotFoundError` (most often a typo).
+
+    ``prefetch=False`` turns DuckDB's Parquet prefetching off. With it on, DuckDB reads a fixed
+    ~1 MB past each nested column chunk (``phrases``, ``qa``), which on shards of large images pulls
+    the next row group's image bytes into metadata queries (measured: 28 MB of 32 MB read for the
+    summary report, 0.35 MB with it off; ``benchmarks/bench_query.py``). Turn it on for remote
+    object stores, where fewer, larger reads pay.
     """
     src = resolve_source(data, shards=shards, rejects=rejects)
     con = duckdb.connect(database)
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
+    con.execute(f"SET disable_parquet_prefetching = {'false' if prefetch else 'true'}")
     explicit = shards is not None or (data is not None and not os.path.isdir(str(data)))
     if _matches(src.shards):
         con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")

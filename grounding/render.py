@@ -200,7 +200,7 @@ def sample_keys(con, *, where: str | None = None, sql: str | None = None, count:
         rel = con.sql(sql)
         if rel is None or "key" not in rel.columns:
             raise ValueError(f"the query must return a `key` column, got {None if rel is None else rel.columns}")
-        return [r[0] for r in rel.select("key").fetchmany(count)]
+        return [r[0] for r in rel.select("key").limit(count).fetchall()]
     cond = f"({where})" if where else "true"
     return [r[0] for r in con.sql(f"SELECT key FROM shards WHERE {cond} ORDER BY md5(key || ':' || $seed), key "
                                   f"LIMIT $n", params={"seed": str(seed), "n": count}).fetchall()]
