@@ -1,0 +1,278 @@
+"""The job's stages as plain callables over a ``pyarrow.Table`` batch; no Ray here.
+
+Every stage maps a batch of :data:`WORK_SCHEMA` rows to a batch of the same rows (the last one to
+:data:`OUTPUT_SCHEMA`). A row that fails or is filtered keeps flowing with ``stage``/``reason``/
+``error`` set and is skipped by the later stages, so each input row comes out exactly once:
+
+    admit_downloads (function) -> PhraseStage (class: spaCy once) -> DetectStage (class: detector
+    once) -> assemble (function: REC QA pairs, min-boxes rule)
+
+Each stage adds its busy time, shared out over the batch's rows, to its ``sec_<stage>`` column;
+the driver sums them for per-stage throughput. :mod:`pipeline.job` sets the Ray resources.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from grounding.boxes import normalize_box
+from grounding.records import build_record
+from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
+
+STAGES = ("prefilter", "download", "decode", "phrases", "detect", "filter")
+# Reasons that mean something broke (the rest are decisions: filtered rows).
+FAILURE_REASONS = {"failed_to_download", "failed_to_resize", "decode_error", "phrase_error",
+                   "detect_error", "detector_failed", "image_preprocess_failed", "no_annotations"}
+TIMED = ("decode", "phrases", "detect", "assemble")
+PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
+
+_STATUS = [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("error", pa.string())]
+_SECONDS = [pa.field(f"sec_{s}", pa.float64()) for s in TIMED]
+
+WORK_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("source_shard", pa.string()),
+    pa.field("source_row", pa.int64()),
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),            # the stored image's size: the frame of the boxes
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("phrases", pa.string()),         # JSON list of phrase dicts (PHRASE_TYPE fields + "chunk")
+    *_STATUS, *_SECONDS,
+])
+OUTPUT_SCHEMA = pa.schema([f.with_nullable(True) for f in GROUNDING_SCHEMA] + _STATUS + _SECONDS)
+
+
+def is_failure(reason: str) -> bool:
+    return reason in FAILURE_REASONS
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _charge(rows: list[dict], stage: str, seconds: float) -> None:
+    share = seconds / max(1, len(rows))
+    for r in rows:
+        r[f"sec_{stage}"] = (r.get(f"sec_{stage}") or 0.0) + share
+
+
+def _fail(row: dict, stage: str, reason: str, error: str | None = None) -> dict:
+    row.update(stage=stage, reason=reason, error=(error or None) and str(error)[:500])
+    return row
+
+
+# --- 1. downloads in, cheap image checks --------------------------------------------------------
+
+class ImageTooLarge(ValueError):
+    """The header declares more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` from the encoded header, without decoding pixels.
+
+    Raises :class:`ImageTooLarge` when ``width * height > max_pixels`` (checked before any load;
+    PIL's own bomb check also maps to it) and PIL's errors for bytes that are not an image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from e
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > {max_pixels}")
+    return w, h
+
+
+def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: float = 1 / 6,
+                    max_aspect: float = 6.0) -> pa.Table:
+    """img2dataset rows -> :data:`WORK_SCHEMA`: failed downloads marked, image headers checked."""
+    t0 = time.perf_counter()
+    out = []
+    for d in batch.to_pylist():
+        row = {"key": d["sample_key"], "url": d["url"], "caption": d["caption"], "source_shard": d["source_shard"],
+               "source_row": d["source_row"], "image": d.get("jpg"), "width": None, "height": None,
+               "original_width": d.get("original_width"), "original_height": d.get("original_height"),
+               "phrases": None, "stage": None, "reason": None, "error": None}
+        out.append(row)
+        if d.get("status") != "success" or not row["image"]:
+            _fail(row, "download", d.get("status") or "failed_to_download", d.get("error_message"))
+            row["image"] = None
+            continue
+        try:
+            w, h = image_header(row["image"], max_pixels)
+        except ImageTooLarge as e:
+            _fail(row, "decode", "too_many_pixels", str(e))
+            row["image"] = None
+            continue
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; a bad image is data
+            _fail(row, "decode", "decode_error", f"{type(e).__name__}: {e}")
+            row["image"] = None
+            continue
+        row["width"], row["height"] = w, h
+        if not (min_aspect <= w / h <= max_aspect):
+            _fail(row, "filter", "aspect_ratio", f"{w}x{h}")
+            row["image"] = None
+    _charge(out, "decode", time.perf_counter() - t0)
+    return _table(out, WORK_SCHEMA)
+
+
+# --- 2. noun phrases ------------------------------------------------------------------------------
+
+class PhraseStage:
+    """spaCy noun phrases per caption; the pipeline is loaded once per actor."""
+
+    def __init__(self, config=None):
+        from grounding.phrases import PhraseConfig, PhraseExtractor
+
+        self.extractor = PhraseExtractor(config or PhraseConfig())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["stage"] is None]
+        try:
+            results = self.extractor([r["caption"] for r in todo]) if todo else []
+        except Exception as e:  # noqa: BLE001 - isolate the caption that breaks the batch
+            results = []
+            for r in todo:
+                try:
+                    results.append(self.extractor([r["caption"]])[0])
+                except Exception as e1:  # noqa: BLE001
+                    results.append(e1)
+        for r, res in zip(todo, results):
+            if isinstance(res, Exception):
+                _fail(r, "phrases", "phrase_error", f"{type(res).__name__}: {res}")
+            elif not res.phrases:
+                _fail(r, "phrases", res.reason or "no_phrases")
+            else:
+                phrases = []
+                for span in res.phrases:
+                    p = span.to_dict()
+                    p["chunk"] = getattr(span, "chunk", None)
+                    phrases.append(p)
+                r["phrases"] = json.dumps(phrases)
+        _charge(rows, "phrases", time.perf_counter() - t0)
+        return _table(rows, WORK_SCHEMA)
+
+
+# --- 3. boxes -------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Full decode to RGB, after the header's size was checked against ``max_pixels``."""
+    image_header(data, max_pixels)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def detection_targets(phrases: list[dict]) -> list[int]:
+    """Indices of the phrases the detector is asked about: chunks; an expression inherits its chunk's boxes."""
+    return [i for i, p in enumerate(phrases) if source_chunk(phrases, i) == i]
+
+
+def source_chunk(phrases: list[dict], i: int) -> int:
+    c = phrases[i].get("chunk")
+    if phrases[i].get("kind") == "expression" and isinstance(c, int) and 0 <= c < len(phrases) and c != i:
+        return c
+    return i
+
+
+class DetectStage:
+    """Boxes for each row's phrases; the detector (or annotation index) is loaded once per actor."""
+
+    def __init__(self, config=None, max_pixels: int = 89_478_485):
+        from grounding.detect import BoxDetector
+
+        self.detector = BoxDetector(config)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        todo, images, prompts, targets = [], [], [], []
+        for r in rows:
+            if r["stage"] is not None:
+                continue
+            try:
+                image = decode_image(r["image"], self.max_pixels)
+            except Exception as e:  # noqa: BLE001
+                _fail(r, "decode", "decode_error", f"{type(e).__name__}: {e}")
+                r["image"] = None
+                continue
+            phrases = json.loads(r["phrases"])
+            idx = detection_targets(phrases)
+            todo.append((r, phrases, idx))
+            images.append(image)
+            prompts.append([phrases[i].get("prompt") or phrases[i]["text"] for i in idx])
+        try:
+            results = self.detector(images, prompts, keys=[r["key"] for r, _, _ in todo]) if todo else []
+        except Exception as e:  # noqa: BLE001 - the detector isolates images itself; this is a last guard
+            results = [e] * len(todo)
+        for (r, phrases, idx), image, res in zip(todo, images, results):
+            if isinstance(res, Exception):
+                _fail(r, "detect", "detect_error", f"{type(res).__name__}: {res}")
+                continue
+            err = next((pb.error for pb in res if pb.error and not pb.error.startswith("phrase_")), None)
+            if err is not None:
+                _fail(r, "detect", err.split(":", 1)[0].strip() or "detect_error", err)
+                continue
+            w, h = image.size
+            found = {}
+            for i, pb in zip(idx, res):
+                found[i] = ([list(normalize_box(b, w, h)) for b in pb.boxes], [float(s) for s in pb.scores])
+            for i, p in enumerate(phrases):
+                p["boxes_norm"], p["det_scores"] = found.get(source_chunk(phrases, i), ([], []))
+            r["phrases"] = json.dumps(phrases)
+        _charge(rows, "detect", time.perf_counter() - t0)
+        return _table(rows, WORK_SCHEMA)
+
+
+# --- 4. records -------------------------------------------------------------------------------------
+
+def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
+             caption_template: str = "default") -> pa.Table:
+    """Work rows -> :data:`OUTPUT_SCHEMA`: a grounding row, or a reject (``too_few_boxes`` and earlier ones)."""
+    t0 = time.perf_counter()
+    out = []
+    for r in batch.to_pylist():
+        seconds = {f"sec_{s}": r.get(f"sec_{s}") for s in TIMED}
+        status = {"stage": r["stage"], "reason": r["reason"], "error": r["error"]}
+        if r["stage"] is None:
+            phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in json.loads(r["phrases"])]
+            record, reason = build_record(
+                key=r["key"], caption=r["caption"], image=r["image"], width=r["width"], height=r["height"],
+                phrases=phrases, url=r["url"], min_boxes=min_boxes, rec_template=rec_template,
+                caption_template=caption_template, original_width=r["original_width"],
+                original_height=r["original_height"], source_shard=r["source_shard"], source_row=r["source_row"])
+            if record is not None:
+                out.append({**record, **status, **seconds})
+                continue
+            nboxes = len({tuple(b) for p in phrases for b in p["boxes_norm"]})
+            status = {"stage": "filter", "reason": reason, "error": f"{nboxes} distinct boxes < {min_boxes}"}
+        out.append({"key": r["key"], "url": r["url"], "caption": r["caption"], "source_shard": r["source_shard"],
+                    "source_row": r["source_row"], **status, **seconds})
+    _charge(out, "assemble", time.perf_counter() - t0)
+    return _table(out, OUTPUT_SCHEMA)
+
+
+def split_output(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """An :data:`OUTPUT_SCHEMA` table -> (kept rows as GROUNDING_SCHEMA, rejects as REJECTS_SCHEMA)."""
+    import pyarrow.compute as pc
+
+    ok = pc.is_null(table["stage"])
+    kept = table.filter(ok).select(GROUNDING_SCHEMA.names).cast(GROUNDING_SCHEMA)
+    rejects = table.filter(pc.invert(ok)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
+    return kept, rejects
+
+
+def rejects_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
