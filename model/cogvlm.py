@@ -215,6 +215,7 @@ class Batch:
     split_index: torch.Tensor | None = None  # (B*L,)
     num_text: int = 0                       # rows of the text stream (B*T)
     label_index: torch.Tensor | None = None  # (B*L,) slot -> row of cat(labels, ignore); also when shallow
+    positions: torch.Tensor | None = None    # (B, L) rope position ids
 
     def merge(self, text, vision):  # (B*T, C), (B*N, C) -> (B, L, C)
         if self.merge_index is None:
@@ -625,7 +626,7 @@ class VisualExpertForCausalLM(nn.Module):
             attn_mask = (causal[None] & key_mask[:, None, :]) | (k_idx == q_idx)[None]  # self always: no NaN rows
             attn_mask, is_causal = attn_mask[:, None], False  # (B, 1, L, Lk)
         cos, sin = self.model.rotary_emb(positions, text.dtype)
-        batch = Batch(B, L, cos, sin, attn_mask, is_causal, merge_index, split_index, B * T, label_index)
+        batch = Batch(B, L, cos, sin, attn_mask, is_causal, merge_index, split_index, B * T, label_index, positions)
         next_position = positions.masked_fill(~key_mask_new, -1).max(1).values + 1  # (B,)
         if past is not None and past.next_position is not None:
             next_position = torch.maximum(next_position, past.next_position)
