@@ -1,0 +1,38 @@
+"""Shared pieces of the training/evaluation tests: tiny shards of the synthetic world and the
+debug model config (tiny random Llama + CLIP from model.tiny). Imported by the test modules."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from grounding.world import make_world, write_truth_shards
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_shards(root, n_images: int = 8, rows_per_shard: int = 4, seed: int = 3, **world_kw) -> str:
+    """``root/shards/NNNNN.parquet`` with the true boxes of ``n_images`` world images; returns the folder."""
+    out = os.path.join(str(root), "shards")
+    write_truth_shards(make_world(n_images, seed=seed, **world_kw), out, rows_per_shard=rows_per_shard)
+    return out
+
+
+@pytest.fixture(scope="session")
+def debug_model_config(tmp_path_factory):
+    from model.cogvlm import debug
+
+    return debug(tmp_path_factory.mktemp("debug_model"))
+
+
+@pytest.fixture(scope="session")
+def debug_model(debug_model_config):
+    from model.cogvlm import VisualExpertForCausalLM
+
+    return VisualExpertForCausalLM.from_config(debug_model_config)
+
+
+@pytest.fixture(scope="session")
+def shards8(tmp_path_factory):
+    """8 images in 2 shards of 4 rows."""
+    return make_shards(tmp_path_factory.mktemp("shards8"), 8, 4)

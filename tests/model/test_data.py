@@ -1,0 +1,159 @@
+"""model.data: shard streaming, rank/worker splits, the caption:REC mixture, masking, corrupt rows."""
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+from helpers_train import debug_model, debug_model_config, make_shards, shards8  # noqa: F401
+
+from grounding.boxes import parse_boxes, prompt_and_target
+from grounding.schema import read_shard, write_shard, row_to_dict
+from model.data import (
+    IGNORE_INDEX, DataConfig, GroundingBatches, ImagePreprocessor, collate, encode_qa, make_loader, pad_left,
+    resolve_shards,
+)
+from model.train import image_preprocessor
+
+
+@pytest.fixture(scope="module")
+def tok(debug_model):
+    return debug_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def pre(debug_model):
+    return image_preprocessor(debug_model)
+
+
+def one_epoch(cfg: DataConfig, tok, pre, **kw) -> list[dict]:
+    cfg.repeat = False
+    return list(GroundingBatches(cfg, tok, pre, **kw))
+
+
+def test_rec_sample_masks_bos_and_prompt_and_supervises_answer_and_eos(tok):
+    q, a = "Question: Where is the red ball?", "Answer: [[012,345,678,901]]"
+    ids, labels, truncated = encode_qa(tok, q, a, max_length=64)
+    prompt, target = prompt_and_target(q, a)
+    n_prompt = 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert not truncated and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]                       # same positions: the model shifts
+    assert tok.decode(ids[n_prompt:-1]) == target == " [[012,345,678,901]]"
+    assert tok.decode(ids[1:n_prompt]) == prompt
+    assert parse_boxes(tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)) == [(12, 345, 678, 901)]
+
+
+def test_collate_right_pads_with_mask_and_ignored_labels(tok):
+    a = {"input_ids": [1, 5, 6], "labels": [-100, -100, 6], "pixel_values": torch.zeros(3, 4, 4), "task": "rec", "key": "a"}
+    b = {"input_ids": [1, 7, 8, 9, 2], "labels": [-100, -100, 8, 9, 2], "pixel_values": torch.ones(3, 4, 4), "task": "rec", "key": "b"}
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 0, 0], [1, 7, 8, 9, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, -100, -100], [-100, -100, 8, 9, 2]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    ids, mask = pad_left([[1, 5], [1, 7, 8]], pad_id=0)
+    assert ids.tolist() == [[0, 1, 5], [1, 7, 8]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_batches_hold_the_shards_qa_pairs_with_matching_images(shards8, tok, pre):
+    rows = {r.key: r for p in resolve_shards(shards8) for r in read_shard(p)}
+    batches = one_epoch(DataConfig(shards=[shards8], batch_size=3, shuffle=False), tok, pre)
+    samples = [(b, i) for b in batches for i in range(len(b["keys"]))]
+    assert sorted(b["keys"][i] for b, i in samples) == sorted(rows)   # one REC pair per image, every image once
+    for b, i in samples:
+        row = rows[b["keys"][i]]
+        text = tok.decode(b["input_ids"][i][b["attention_mask"][i].bool()], skip_special_tokens=True)
+        assert text in {"".join(prompt_and_target(q.question, q.answer)) for q in row.qa if q.task == "rec"}
+        want = pre(Image.open(io.BytesIO(row.image)))
+        assert torch.equal(b["pixel_values"][i], want)
+
+
+def test_image_preprocessor_matches_the_model_and_keeps_boxes_valid(debug_model, pre):
+    from grounding.world import make_world
+    ims = [w.render() for w in make_world(3, seed=5)]                # non-square images
+    assert torch.equal(pre.batch(ims), debug_model.preprocess(ims))
+    assert pre.batch(ims).shape == (3, 3, debug_model.vision.image_size, debug_model.vision.image_size)
+    with pytest.raises(ValueError):
+        ImagePreprocessor(0)
+
+
+@pytest.mark.parametrize("n_shards,world,workers", [(4, 2, 1), (2, 2, 2), (1, 1, 3)])
+def test_ranks_and_workers_split_rows_without_overlap(tmp_path, tok, pre, n_shards, world, workers):
+    shards = make_shards(tmp_path, n_images=12, rows_per_shard=12 // n_shards)
+    cfg = DataConfig(shards=[shards])
+    seen = []
+    for rank in range(world):
+        ds = GroundingBatches(cfg, tok, pre, rank=rank, world_size=world, num_workers=workers)
+        for w in range(workers):
+            rows = ds.epoch_order(ds.slot_of(w), epoch=0)
+            assert rows, "every slot gets rows"
+            seen.extend((r.shard, r.group, r.row) for r in rows)
+    assert len(seen) == len(set(seen)) == 12                         # disjoint, and together all rows
+
+
+def test_loader_workers_stream_disjoint_rows(shards8, tok, pre):
+    ds = GroundingBatches(DataConfig(shards=[shards8], batch_size=2, repeat=False), tok, pre, num_workers=2)
+    keys = [k for b in make_loader(ds) for k in b["keys"]]
+    assert sorted(keys) == sorted(r.key for p in resolve_shards(shards8) for r in read_shard(p))
+
+
+def test_mixture_and_qa_per_image(shards8, tok, pre):
+    only_caption = one_epoch(DataConfig(shards=[shards8], batch_size=4, caption_weight=1, rec_weight=0), tok, pre)
+    assert {t for b in only_caption for t in b["tasks"]} == {"caption"}
+    mixed = one_epoch(DataConfig(shards=[shards8], batch_size=4, caption_weight=1, rec_weight=1, qa_per_image=3), tok, pre)
+    tasks = Counter(t for b in mixed for t in b["tasks"])
+    assert sum(tasks.values()) == 8 * 3 and tasks["caption"] <= 8 and tasks["rec"] >= 8   # one caption pair per image
+    per_key = Counter(k for b in mixed for k in b["keys"])
+    assert set(per_key.values()) == {3}
+    texts = Counter((b["keys"][i], tuple(b["input_ids"][i].tolist())) for b in mixed for i in range(len(b["keys"])))
+    assert max(texts.values()) == 1                                  # drawn without replacement within an image
+    with pytest.raises(ValueError):
+        DataConfig(shards=[shards8], caption_weight=0, rec_weight=0)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
+    rows = [row_to_dict(r) for r in read_shard(resolve_shards(shards8)[0])]
+    rows[1]["image"] = b"\xff\xd8\xff\xe0 not a jpeg at all"
+    bad_key = rows[1]["key"]
+    write_shard(rows, str(tmp_path / "bad.parquet"))
+    batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
+    keys = [k for b in batches for k in b["keys"]]
+    assert bad_key not in keys and len(keys) == len(rows) - 1
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["skipped"])
+    assert sum(skipped.values()) == 1 and next(iter(skipped)).startswith("corrupt_image: ")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_cursor_continues_the_stream_exactly(shards8, tok, pre, workers):
+    cfg = DataConfig(shards=[shards8], batch_size=3, qa_per_image=2, caption_weight=1, rec_weight=1)
+    ds = GroundingBatches(cfg, tok, pre, num_workers=workers)
+    it = iter(make_loader(ds))
+    cursors, first = {}, []
+    for _ in range(5):
+        b = next(it)
+        cursors[b["worker"]] = tuple(b["cursor"])
+        first.append(b)
+    straight = [next(it) for _ in range(6)]                          # crosses an epoch boundary (16 samples/epoch)
+    state = ds.state_after(cursors, 5)
+    ds2 = GroundingBatches(cfg, tok, pre, num_workers=workers)
+    ds2.resume(state)
+    resumed = [b for _, b in zip(range(6), make_loader(ds2))]
+    for a, b in zip(straight, resumed):
+        assert a["keys"] == b["keys"] and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    with pytest.raises(ValueError, match="layout"):
+        GroundingBatches(cfg, tok, pre, num_workers=workers + 3).resume(state)
+
+
+def test_resolve_shards_globs_and_folders(shards8, tmp_path):
+    files = resolve_shards(shards8)
+    assert len(files) == 2 and all(f.endswith(".parquet") for f in files)
+    assert resolve_shards(os.path.join(shards8, "*.parquet")) == files == resolve_shards(files)
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(str(tmp_path / "nothing" / "*.parquet"))
