@@ -43,11 +43,12 @@ def world_corpus(n_images: int = 200, seed: int = 0) -> list[str]:
     return texts
 
 
-def write_tokenizer(path: str | os.PathLike, vocab_size: int = 384) -> str:
+def write_tokenizer(path: str | os.PathLike, vocab_size: int = 384, with_bos_and_pad: bool = True) -> str:
     """A byte-level BPE (digits split individually) saved as a PreTrainedTokenizerFast.
 
     ``<pad>`` 0, ``<s>`` 1 (BOS), ``</s>`` 2 (EOS), ``<unk>`` 3. No post-processor: encoding never
     adds BOS/EOS by itself; the model's ``tokenize_prompts`` and the trainer add them.
+    ``with_bos_and_pad=False`` declares neither BOS nor pad token, as Qwen2's tokenizer.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -58,24 +59,26 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int = 384) -> str:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(world_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    specials = dict(pad_token="<pad>", bos_token="<s>") if with_bos_and_pad else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **specials)
     fast.save_pretrained(str(path))
     return str(path)
 
 
-def _lm_kwargs(vocab_size: int, hidden_size: int, num_layers: int, seed: int) -> dict:
+def _lm_kwargs(vocab_size: int, hidden_size: int, num_layers: int, seed: int, intermediate_size: int | None = None,
+               num_heads: int = 4, num_kv_heads: int = 2) -> dict:
     torch.manual_seed(seed)
-    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                 max_position_embeddings=1024, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
                 eos_token_id=EOS_ID, initializer_range=0.1)
 
 
 def write_llama(path: str | os.PathLike, vocab_size: int = 384, hidden_size: int = 64, num_layers: int = 2,
-                rope_parameters: dict | None = None, tie_word_embeddings: bool = False, seed: int = 0) -> str:
-    """A tiny ``LlamaForCausalLM`` (GQA: 4 query heads, 2 KV heads)."""
-    kw = _lm_kwargs(vocab_size, hidden_size, num_layers, seed)
+                rope_parameters: dict | None = None, tie_word_embeddings: bool = False, seed: int = 0,
+                intermediate_size: int | None = None, num_heads: int = 4, num_kv_heads: int = 2) -> str:
+    """A small random ``LlamaForCausalLM`` (default: GQA with 4 query heads, 2 KV heads)."""
+    kw = _lm_kwargs(vocab_size, hidden_size, num_layers, seed, intermediate_size, num_heads, num_kv_heads)
     if rope_parameters is not None:
         kw["rope_parameters"] = rope_parameters
     LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=tie_word_embeddings)).save_pretrained(str(path))

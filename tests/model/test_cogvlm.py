@@ -468,3 +468,34 @@ def test_predict_boxes_after_overfitting_one_example(tmp_path, images):
     assert loss.item() < 0.05
     assert m.predict_boxes(images[:1], ["the red ball"]) == [([box], None)]
     assert m.generate_text(images[:1], [prompt])[0] == target
+
+
+def test_full_clip_checkpoint_loads_its_vision_tower(llama_dir, tmp_path, images):
+    """Hub CLIP ids (openai/clip-vit-large-patch14) are full CLIPModel checkpoints: the tower is taken from them."""
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    tiny_text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tiny_vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8)
+    full = CLIPModel(CLIPConfig(text_config=tiny_text, vision_config=tiny_vision, projection_dim=16)).eval()
+    full.save_pretrained(str(tmp_path / "clip-full"))
+    m = build(llama_dir, str(tmp_path / "clip-full"))
+    pv = m.preprocess(images[:1])
+    with torch.no_grad():
+        ref = full.vision_model(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(m.vision(pv), ref, **TOL)
+
+
+def test_tokenizer_without_bos_starts_sequences_with_eos(llama_dir, clip_dir, tmp_path):
+    """Qwen2's tokenizer has no BOS and no pad token: EOS stands in for both (no new embeddings)."""
+    import shutil
+    from model.tiny import EOS_ID, write_tokenizer
+    lm = tmp_path / "lm-no-bos"
+    shutil.copytree(llama_dir, lm)
+    write_tokenizer(lm, with_bos_and_pad=False)
+    m = build(str(lm), clip_dir)
+    assert (m.bos_token_id, m.pad_token_id, m.tokenizer.bos_token_id) == (EOS_ID, EOS_ID, EOS_ID)
+    ids, mask = m.tokenize_prompts(["Photo of a red ball", "Hi"])
+    assert ids[0, 0] == EOS_ID and mask[1, 0] == 0
+    assert m.generate(ids, mask, max_new_tokens=2, eos_token_id=-1).shape == (2, 2)
