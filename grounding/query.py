@@ -60,10 +60,13 @@ _GLOB_CHARS = set("*?[")
 
 @dataclass(frozen=True)
 class ShardSource:
-    """The globs behind the views. ``rejects`` is None when there are no rejects shards."""
+    """The globs behind the views. ``rejects`` is None when there are no rejects shards;
+    ``output_folder`` is True when both came from a pipeline output folder, whose ``shards/`` or
+    ``rejects/`` may legitimately be empty."""
 
     shards: str
     rejects: str | None = None
+    output_folder: bool = False
 
     def __post_init__(self):
         if not self.shards:
@@ -90,7 +93,7 @@ def resolve_source(data: str | os.PathLike | None = None, *, shards: str | None 
         data = os.environ.get(ENV_DATA)
         if not data:
             raise ValueError(f"no shards given: pass data=/shards= (CLI: --data) or set ${ENV_DATA}")
-    implied_rejects = None
+    implied_rejects, output_folder = None, False
     if shards is None:
         d = str(data)
         if _has_glob(d) or _is_remote(d) or d.endswith(".parquet"):
@@ -99,11 +102,13 @@ def resolve_source(data: str | os.PathLike | None = None, *, shards: str | None 
             if os.path.isdir(os.path.join(d, "shards")) or os.path.isdir(os.path.join(d, "rejects")):
                 shards = os.path.join(d, "shards", "*.parquet")
                 implied_rejects = os.path.join(d, "rejects", "*.parquet")
+                output_folder = True
             else:
                 shards = os.path.join(d, "*.parquet")
         else:
             raise FileNotFoundError(f"{d}: no such folder or shard")
-    return ShardSource(shards=str(shards), rejects=str(rejects) if rejects is not None else implied_rejects)
+    return ShardSource(shards=str(shards), rejects=str(rejects) if rejects is not None else implied_rejects,
+                       output_folder=output_folder)
 
 
 def _matches(pattern: str) -> bool:
@@ -137,18 +142,17 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
     con.execute(f"SET disable_parquet_prefetching = {'false' if prefetch else 'true'}")
-    explicit = shards is not None or (data is not None and not os.path.isdir(str(data)))
     if _matches(src.shards):
         con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")
         con.execute(f"CREATE OR REPLACE VIEW shard_files AS SELECT file FROM glob({_sql_str(src.shards)}) ORDER BY file")
-    elif explicit:
+    elif not src.output_folder:
         raise FileNotFoundError(f"no grounding shards match {src.shards}")
     else:
         _empty_view(con, "shards", GROUNDING_SCHEMA)
         con.execute("CREATE OR REPLACE VIEW shard_files AS SELECT NULL::VARCHAR AS file WHERE false")
     if src.rejects is not None and _matches(src.rejects):
         con.execute(f"CREATE OR REPLACE VIEW rejects AS SELECT * FROM read_parquet({_sql_str(src.rejects)})")
-    elif src.rejects is not None and rejects is not None:
+    elif rejects is not None:
         raise FileNotFoundError(f"no rejects shards match {src.rejects}")
     else:
         _empty_view(con, "rejects", REJECTS_SCHEMA)
@@ -435,6 +439,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grounding-query", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__[__doc__.index("Command line"):],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -476,10 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VALUE_OPTIONS = {"--data", "--shards", "--rejects", "--threads", "-f", "--format", "-o", "--output", "--max-rows"}
+
+
+def _command_first(argv: list[str]) -> list[str]:
+    """Let options come before the command (`--data OUT report summary`), and make a bare SQL
+    string mean the `sql` command (`grounding-query "SELECT ..."`)."""
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("-"):
+            i += 2 if argv[i] in _VALUE_OPTIONS else 1
+            continue
+        if argv[i] in COMMANDS:
+            return [argv[i]] + argv[:i] + argv[i + 1:]
+        return ["sql"] + argv
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
-        argv.insert(0, "sql")  # `grounding-query "SELECT ..."`
+    argv = _command_first(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
 
     if args.command == "reports":
@@ -490,34 +510,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(REPORTS[args.name].text(), end="")
         return 0
 
-    con = connect(args.data, shards=args.shards, rejects=args.rejects, threads=args.threads)
     try:
-        if args.command == "sql":
-            rel = con.sql(args.query)
-            if rel is None:  # a statement without a result (CREATE, COPY ...)
-                return 0
-            write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
-        elif args.command == "report":
-            rel = report(con, args.name, **{k: getattr(args, k) for k in REPORTS[args.name].params})
-            write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
-        elif args.command == "export":
-            from grounding.export import ExportConfig, export_shards
-
-            cfg = ExportConfig(where=args.where, cap=args.cap, min_images=args.min_images, by=args.by,
-                               seed=args.seed, rows_per_shard=args.rows_per_shard)
-            result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
-            print(json.dumps(result.summary(), indent=1))
-        elif args.command == "render":
-            from grounding.render import ContactSheetConfig, render_contact_sheet
-
-            cfg = ContactSheetConfig(count=args.count, columns=args.columns, cell=args.cell)
-            sheet = render_contact_sheet(con, where=args.where, sql=args.sql, seed=args.seed, config=cfg)
-            sheet.image.save(args.output)
-            print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}")
+        con = connect(args.data, shards=args.shards, rejects=args.rejects, threads=args.threads)
+    except (OSError, ValueError) as e:
+        print(f"grounding-query: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(con, args)
+    except (duckdb.Error, OSError, ValueError) as e:  # bad SQL, an existing export, a bad config
+        print(f"grounding-query: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         con.close()
-    return 0
 
+
+def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
+    if args.command == "sql":
+        rel = con.sql(args.query)
+        if rel is not None:  # None: a statement without a result (CREATE, COPY ...)
+            write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
+    elif args.command == "report":
+        rel = report(con, args.name, **{k: getattr(args, k) for k in REPORTS[args.name].params})
+        write_result(con, rel, _format_for(args.output, args.format), args.output, args.max_rows)
+    elif args.command == "export":
+        from grounding.export import ExportConfig, export_shards
+
+        cfg = ExportConfig(where=args.where, cap=args.cap, min_images=args.min_images, by=args.by,
+                           seed=args.seed, rows_per_shard=args.rows_per_shard)
+        result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+        print(json.dumps(result.summary(), indent=1))
+    elif args.command == "render":
+        from grounding.render import ContactSheetConfig, render_contact_sheet
+
+        cfg = ContactSheetConfig(count=args.count, columns=args.columns, cell=args.cell)
+        sheet = render_contact_sheet(con, where=args.where, sql=args.sql, seed=args.seed, config=cfg)
+        sheet.image.save(args.output)
+        print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}"
+              + (f", {len(sheet.errors)} undecodable" if sheet.errors else ""))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -114,6 +114,10 @@ def test_missing_rejects_is_an_empty_view_and_bad_paths_fail(known_out, tmp_path
         connect(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no grounding shards match"):
         connect(shards=str(tmp_path / "run" / "shards" / "*.parquet"))
+    with pytest.raises(FileNotFoundError, match="no grounding shards match"):
+        connect(tmp_path / "run" / "shards")  # a shards folder without shards: most likely the wrong folder
+    with pytest.raises(FileNotFoundError, match="no rejects shards match"):
+        connect(known_out, rejects=str(tmp_path / "nope" / "*.parquet"))
     monkeypatch.delenv("GROUNDING_SHARDS", raising=False)
     with pytest.raises(ValueError, match="GROUNDING_SHARDS"):
         resolve_source()
@@ -363,6 +367,8 @@ def test_cli_reports_export_render(known_out, one_head_out, tmp_path, capsys, mo
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(REPORTS)
     main(["report", "top_heads", "--limit", "2", "-f", "csv", "--data", str(known_out)])
     assert [r[:2] for r in csv.reader(io.StringIO(capsys.readouterr().out))] == [["head", "images"], ["ball", "4"], ["box", "2"]]
+    main(["--data", str(known_out), "-f", "csv", "report", "boxes_per_image"])  # options before the command
+    assert capsys.readouterr().out.splitlines()[:2] == ["num_boxes,images,share", "1,1,0.25"]
     main(["report", "box_area", "--show-sql"])
     assert capsys.readouterr().out == REPORTS["box_area"].text()
     monkeypatch.setenv("GROUNDING_SHARDS", str(one_head_out[0]))  # --data from the environment
@@ -373,6 +379,17 @@ def test_cli_reports_export_render(known_out, one_head_out, tmp_path, capsys, mo
           "--where", "num_boxes >= 2"])
     assert "3 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "s.png").size == (3 * 108 + 8, 100 + 18 * 3 + 8 + 8)
+
+
+def test_cli_errors_are_messages_not_tracebacks(known_out, tmp_path, capsys):
+    assert main(["SELECT no_such_column FROM shards", "--data", str(known_out)]) == 1
+    assert "no_such_column" in capsys.readouterr().err
+    assert main(["report", "summary", "--data", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "sub" / "shards").mkdir(parents=True)
+    (tmp_path / "sub" / "shards" / "00000.parquet").write_bytes(b"")
+    assert main(["export", str(tmp_path / "sub"), "--data", str(known_out)]) == 1
+    assert "FileExistsError" in capsys.readouterr().err
 
 
 def test_module_entry_point(known_out):
