@@ -493,7 +493,16 @@ class JsonlLog:
 
 
 def train(cfg: TrainConfig, model_config=None, on_eval=None) -> dict:
-    """Run (or resume) training; returns a summary. ``model_config`` overrides ``cfg.model``."""
+    """Run (or resume) training; returns a summary (``history``: the logged steps, ``model``: the trained
+    model, unwrapped). ``model_config`` (a VisualExpertConfig) replaces ``cfg.model``."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(cfg, model_config, on_eval)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     dist = init_distributed(cfg.device)
     set_determinism(cfg)
     out = Path(cfg.out_dir)
@@ -615,7 +624,7 @@ def train(cfg: TrainConfig, model_config=None, on_eval=None) -> dict:
     if bar is not None:
         bar.close()
     summary = {"step": step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
-               "out_dir": str(out)}
+               "out_dir": str(out), "model": inner}
     if dist.main:
         log.write({"event": "end", "step": step, "skipped": totals["skipped"]})
     return summary

@@ -1,0 +1,115 @@
+"""model.train: a few steps learn, exact resume, checkpoint files, safe loading, config and CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from helpers_train import debug_model_config, make_shards, shards8  # noqa: F401
+from safetensors.torch import load_file
+
+from model.train import (
+    TrainConfig, config_from_args, debug, find_checkpoint, list_checkpoints, load_checkpoint, lr_factor, main, train,
+)
+
+
+def losses(summary) -> list[float]:
+    return [h["loss"] for h in summary["history"]]
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path, shards8, debug_model_config):
+    s = train(debug(out_dir=str(tmp_path), shards=[shards8], max_steps=24, save_every=0, lr=3e-3, warmup_steps=2),
+              model_config=debug_model_config)
+    ls = losses(s)
+    assert len(ls) == 24 and all(math.isfinite(v) for v in ls)
+    assert sum(ls[-4:]) / 4 < 0.85 * ls[0], ls
+    rec = s["history"][-1]
+    assert rec["tokens_per_s"] > 0 and rec["samples_per_s"] > 0 and rec["lr"] == pytest.approx(3e-3 * lr_factor(23, debug(max_steps=24, lr=3e-3, warmup_steps=2)))
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end" and sum("loss" in r for r in log) == 24
+
+
+def test_resume_is_exact(tmp_path, shards8, debug_model_config):
+    """2N steps straight == N steps, a fresh process state, resume, N steps: identical losses and weights."""
+    kw = dict(shards=[shards8], max_steps=8, save_every=4, deterministic=True, grad_accum=2, ema_decay=0.8,
+              caption_weight=1.0, qa_per_image=2, lr=2e-3)
+    straight = train(debug(out_dir=str(tmp_path / "a"), **kw), model_config=debug_model_config)
+    first = train(debug(out_dir=str(tmp_path / "b"), stop_after=4, **kw), model_config=debug_model_config)
+    torch.manual_seed(12345)                                         # disturb the global RNG: resume must restore it
+    second = train(debug(out_dir=str(tmp_path / "b"), **kw), model_config=debug_model_config)
+    assert len(losses(first)) == 4 and len(losses(second)) == 4
+    assert losses(first) + losses(second) == losses(straight)        # bit-identical floats
+    a, b = find_checkpoint(str(tmp_path / "a")), find_checkpoint(str(tmp_path / "b"))
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((c / "trainer_state.json").read_text()) for c in (a, b))
+    assert sa["data_states"] == sb["data_states"] and sa["step"] == sb["step"] == 8
+
+
+def test_checkpoints_are_complete_atomic_and_pruned(tmp_path, shards8, debug_model_config):
+    s = train(debug(out_dir=str(tmp_path), shards=[shards8], max_steps=6, save_every=2, keep_last=2),
+              model_config=debug_model_config)
+    ckpts = list_checkpoints(str(tmp_path))
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000006"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    c = ckpts[-1]
+    assert {p.name for p in c.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.safetensors", "rng.json",
+                                             "trainer_state.json"}
+    weights = load_file(str(c / "model.safetensors"))
+    trainable = {n for n, p in s["model"].named_parameters() if p.requires_grad}
+    assert set(weights) == trainable and all(torch.equal(weights[n], p.detach()) for n, p in s["model"].named_parameters() if n in trainable)
+    state = json.loads((c / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["config"]["max_steps"] == 6 and state["model_config"]["lm"]
+    optim = torch.load(c / "optimizer.pt", weights_only=True)
+    assert set(optim["state"]) <= trainable and all(len(g["params"]) for g in optim["param_groups"])
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/_cogvlm_pwned_by_checkpoint",))
+
+
+def test_loading_never_unpickles(tmp_path, shards8, debug_model_config):
+    train(debug(out_dir=str(tmp_path), shards=[shards8], max_steps=1, warmup_steps=0), model_config=debug_model_config)
+    ckpt = find_checkpoint(str(tmp_path))
+    torch.save({"state": {}, "param_groups": [], "x": Exploit()}, ckpt / "optimizer.pt")
+    if os.path.exists("/tmp/_cogvlm_pwned_by_checkpoint"):
+        os.remove("/tmp/_cogvlm_pwned_by_checkpoint")
+    with pytest.raises(pickle.UnpicklingError):
+        train(debug(out_dir=str(tmp_path), shards=[shards8], max_steps=2), model_config=debug_model_config)
+    assert not os.path.exists("/tmp/_cogvlm_pwned_by_checkpoint")
+    assert callable(load_checkpoint)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 110))
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(max_steps=0), dict(warmup_steps=500), dict(ema_decay=1.0),
+                                 dict(parallel="tp"), dict(stop_after=1000), dict(eval_every=5),
+                                 dict(caption_weight=0.0, rec_weight=0.0), dict(qa_per_image=0)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_cli_overrides_and_debug_model(tmp_path, shards8):
+    cfg = config_from_args(["--preset", "wiring", "--lr", "0.01", "--shards", shards8, "--stop-after", "3",
+                            "--model-overrides", '{"shallow": true}', "--progress", "false"])
+    assert cfg.lr == 0.01 and cfg.stop_after == 3 and cfg.model_overrides == {"shallow": True}
+    assert cfg.max_steps == 1500 and not cfg.progress
+    out = tmp_path / "run"
+    s = main(["--preset", "debug", "--out-dir", str(out), "--shards", shards8, "--max-steps", "2",
+              "--model-overrides", '{"shallow": true}'])
+    assert s["step"] == 2 and s["model"].config.shallow
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["shallow"] is True and saved["train"]["max_steps"] == 2
+    assert (out / "debug_model" / "tiny-llama" / "config.json").exists()
