@@ -131,11 +131,12 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
     schema's columns. An explicit shards glob or file that matches nothing raises
     :class:`FileNotFoundError` (most often a typo).
 
-    ``prefetch=False`` turns DuckDB's Parquet prefetching off. With it on, DuckDB reads a fixed
-    ~1 MB past each nested column chunk (``phrases``, ``qa``), which on shards of large images pulls
-    the next row group's image bytes into metadata queries (measured: 28 MB of 32 MB read for the
-    summary report, 0.35 MB with it off; ``benchmarks/bench_query.py``). Turn it on for remote
-    object stores, where fewer, larger reads pay.
+    ``prefetch=False`` turns DuckDB's Parquet prefetching off. With it on, DuckDB 2.0 reads a fixed
+    ~1 MB past each nested column chunk (``phrases``, ``qa``), which pulls the next row group's
+    image bytes into metadata queries: on 128 MiB of shards (128 KiB images, row groups of 128)
+    the summary report read 8.4 MiB with it on and 0.25 MiB with it off, equally fast from the page
+    cache (``benchmarks/bench_query.py``). Turn it on for remote object stores, where fewer, larger
+    reads pay.
     """
     src = resolve_source(data, shards=shards, rejects=rejects)
     con = duckdb.connect(database)

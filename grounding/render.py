@@ -124,14 +124,35 @@ def draw_boxes(image: Image.Image, phrases: Sequence[Mapping[str, Any]], *, font
     for text, colour, (x0, y0, x1, y1) in boxes:
         tl, tt, tr, tb = draw.textbbox((0, 0), text, font=font)
         tag_w, tag_h = tr - tl + 2 * pad, tb - tt + 2 * pad
-        tx = int(min(max(x0, 0), max(w - tag_w, 0)))
-        # above the box when there is room, else just inside its top edge
-        ty = int(y0 - tag_h) if y0 - tag_h >= 0 else int(min(y0 + line_width, max(h - tag_h, 0)))
-        tag = (tx, ty, tx + tag_w, ty + tag_h)
+        tag = _place_tag((x0, y0, x1, y1), tag_w, tag_h, (w, h), line_width, [lab.tag for lab in labels])
         draw.rectangle(tag, fill=colour)
-        draw.text((tx + pad - tl, ty + pad - tt), text, fill=text_colour(colour), font=font)
+        draw.text((tag[0] + pad - tl, tag[1] + pad - tt), text, fill=text_colour(colour), font=font)
         labels.append(Label(text, colour, (x0, y0, x1, y1), tag))
     return labels
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _place_tag(box, tag_w: int, tag_h: int, size: tuple[int, int], line_width: int,
+               placed: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """Where a label goes: above the box's top-left corner, else just inside its top edge, below its
+    bottom edge, or just inside it; the first spot that covers no earlier label (else the least covered)."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    tx = int(min(max(x0, 0), max(w - tag_w, 0)))
+    candidates = [y0 - tag_h, y0 + line_width, y1, y1 - tag_h - line_width]
+    best, best_cover = None, None
+    for ty in candidates:
+        ty = int(min(max(ty, 0), max(h - tag_h, 0)))
+        tag = (tx, ty, tx + tag_w, ty + tag_h)
+        cover = sum(_overlap(tag, other) for other in placed)
+        if best_cover is None or cover < best_cover:
+            best, best_cover = tag, cover
+        if cover == 0:
+            break
+    return best
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:

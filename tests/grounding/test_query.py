@@ -320,6 +320,18 @@ def test_boxes_are_drawn_where_they_belong():
     assert img.getpixel((lab.tag[0] + 1, lab.tag[1] + 1)) == c
 
 
+def test_labels_do_not_cover_each_other():
+    img = Image.new("RGB", (200, 200), (255, 255, 255))
+    phrases = [{"text": "a", "prompt": "red ball", "boxes_norm": [[100, 300, 400, 600]], "det_scores": [0.9]},
+               {"text": "b", "prompt": "blue box", "boxes_norm": [[100, 320, 400, 900]], "det_scores": [0.8]},
+               {"text": "c", "prompt": "green kite", "boxes_norm": [[110, 330, 300, 500]], "det_scores": [0.7]}]
+    tags = [lab.tag for lab in draw_boxes(img, phrases, font_size=12)]
+    for i, a in enumerate(tags):
+        assert 0 <= a[0] and 0 <= a[1] and a[2] <= 200 and a[3] <= 200
+        for b in tags[i + 1:]:
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
+
+
 def test_contact_sheet_colours_stable_and_bad_images_are_data(con):
     rows = records(con.sql("SELECT key, caption, image, phrases FROM shards ORDER BY key"))
     rows[2]["image"] = b"not an image"
