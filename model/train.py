@@ -625,9 +625,19 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         bar.close()
     summary = {"step": step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
                "out_dir": str(out), "model": inner}
+    checksums = gather_objects(param_checksum(inner), dist)
+    summary["ranks_in_sync"] = all(c == checksums[0] for c in checksums)
     if dist.main:
-        log.write({"event": "end", "step": step, "skipped": totals["skipped"]})
+        log.write({"event": "end", "step": step, "skipped": totals["skipped"], "ranks_in_sync": summary["ranks_in_sync"],
+                   "rank_checksums": checksums})
     return summary
+
+
+def param_checksum(model) -> list[float]:
+    """Sum and sum of squares of the trainable weights (float64): equal on every rank when in sync."""
+    with torch.no_grad():
+        ps = [p.detach().double() for p in model.parameters() if p.requires_grad]
+        return [float(sum(p.sum() for p in ps)), float(sum((p * p).sum() for p in ps))]
 
 
 def evaluate_during_training(cfg: TrainConfig, model, ema: EMA | None, dist: Dist, step: int, log: JsonlLog) -> dict | None:

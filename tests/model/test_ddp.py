@@ -1,0 +1,31 @@
+"""Distributed data parallel on CPU: two gloo processes under torchrun train and stay in sync."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers_train import make_shards
+
+
+def test_two_process_gloo_ddp_stays_in_sync(tmp_path):
+    shards = make_shards(tmp_path, n_images=8, rows_per_shard=2)      # 4 shards: 2 per rank
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "model.train", "--preset", "debug", "--out-dir", str(out), "--shards", shards,
+           "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    start, end = log[0], log[-1]
+    assert start["world_size"] == 2 and start["parallel"] == "ddp"
+    assert end["event"] == "end" and end["step"] == 4
+    assert end["ranks_in_sync"] is True and end["rank_checksums"][0] == end["rank_checksums"][1]
+    assert sum("loss" in r for r in log) == 4
+    state = json.loads(sorted((out / "checkpoints").iterdir())[-1].joinpath("trainer_state.json").read_text())
+    r0, r1 = state["data_states"]
+    assert r0["num_slots"] == r1["num_slots"] == 2 and r0["batches"] == r1["batches"] == 4
+    # each rank read 4 batches x 2 samples from its own 2 shards (4 rows): epoch 0, then all 4 rows of epoch 1
+    assert r0["cursors"] == r1["cursors"] == {"0": [1, 4, 0]}
