@@ -1,0 +1,165 @@
+"""The whole job on the served test world with a real local Ray, img2dataset and spaCy.
+
+Annotation boxes (the world's truth) make the kept count exact: all 12 images have >= 2 objects;
+the 5 broken URLs fail at download.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+
+from grounding.boxes import normalize_box
+from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA, read_metadata, read_shard, read_table
+from pipeline.build_grounding import config_from_args, main
+from pipeline.job import config_hash, run_job
+
+from pipeline_helpers import kill_tree, python_cmd, wait_for, world_job, world_job_argv
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def output_keys(out) -> collections.Counter:
+    keys = collections.Counter()
+    for sub in ("shards", "rejects"):
+        for name in sorted(os.listdir(os.path.join(out, sub))):
+            if name.endswith(".parquet"):
+                keys.update(read_table(os.path.join(out, sub, name), columns=["key"])["key"].to_pylist())
+    return keys
+
+
+def shard_files(out) -> dict[str, bytes]:
+    files = {}
+    for sub in ("shards", "rejects"):
+        for name in sorted(os.listdir(os.path.join(out, sub))):
+            with open(os.path.join(out, sub, name), "rb") as f:
+                files[f"{sub}/{name}"] = f.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, world_server, local_ray):
+    _, files = world_server
+    out = tmp_path_factory.mktemp("clean") / "out"
+    report = run_job(world_job(files, out, num_blocks=1))
+    return out, report
+
+
+def test_every_row_is_kept_filtered_or_failed_once(clean_run, world_server, world):
+    out, report = clean_run
+    _, files = world_server
+    c = report["counts"]
+    assert (c["input"], c["kept"], c["filtered"], c["failed"], c["adds_up"]) == (17, 12, 0, 5, True)
+    assert report["failed_by_reason"] == {"failed_to_download": 3, "failed_to_resize": 2}  # 404 x2 + slow; corrupt, html
+    assert report["rejects_by_stage"] == {"download": 5}
+    assert report["kept_with_2plus_boxes_share"] == 1.0
+    assert report["shards"]["total"] == 9 and report["shards"]["names"][0] == "laion-00000"
+    keys = output_keys(out)
+    assert sorted(keys) == sorted([im.key for im in world] + list(files.broken_keys)) and set(keys.values()) == {1}
+    # the report on disk, the resolved config beside it
+    assert json.loads((out / "run_report.json").read_text())["counts"] == c
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config_hash"] == report["config_hash"] and cfg["detector"]["backend"] == "annotations"
+    # rows carry the served image, its size and the true boxes
+    by_key = {im.key: im for im in world}
+    rows = [r for name in sorted(os.listdir(out / "shards")) for r in read_shard(str(out / "shards" / name))]
+    assert len(rows) == 12
+    for r in rows:
+        im = by_key[r.key]
+        assert (r.width, r.height) == (im.width, im.height) and r.image == (files.images / f"{im.key}.jpg").read_bytes()
+        truth = {tuple(normalize_box(o.box, im.width, im.height)) for o in im.objects}
+        assert truth <= {tuple(b) for p in r.phrases for b in p.boxes_norm}
+    # rejects are queryable rows with stage and reason
+    rejects = pq.read_table(out / "rejects").to_pylist() if False else [
+        row for name in sorted(os.listdir(out / "rejects")) for row in read_table(str(out / "rejects" / name)).to_pylist()]
+    assert {r["key"]: r["reason"] for r in rejects} == {
+        "broken_missing_0": "failed_to_download", "broken_missing_1": "failed_to_download",
+        "broken_slow_0": "failed_to_download", "broken_corrupt_0": "failed_to_resize", "broken_notimage_0": "failed_to_resize"}
+    meta = read_metadata(str(out / "shards" / "laion-00000.parquet"))["provenance"]
+    assert meta["config_hash"] == report["config_hash"] and meta["source_shard"] == "laion-00000"
+    assert meta["detector"] == "annotations" and meta["detector_weights"].startswith("coco.json@sha256:")
+    assert meta["counts"]["input"] == 2 and meta["package_version"]
+    assert pq.read_schema(out / "shards" / "laion-00000.parquet").remove_metadata().equals(GROUNDING_SCHEMA.remove_metadata())
+    assert pq.read_schema(out / "rejects" / "laion-00000.parquet").remove_metadata().equals(REJECTS_SCHEMA.remove_metadata())
+
+
+def test_rerun_skips_finished_shards_and_refuses_another_config(clean_run, world_server):
+    out, report = clean_run
+    _, files = world_server
+    before = shard_files(out)
+    mtimes = {p: os.stat(out / p).st_mtime_ns for p in before}
+    again = run_job(world_job(files, out, num_blocks=1))
+    assert again["shards"] == {**report["shards"], "written_this_run": 0, "skipped_finished": 9}
+    assert again["counts"] == report["counts"]
+    assert shard_files(out) == before and {p: os.stat(out / p).st_mtime_ns for p in before} == mtimes
+    with pytest.raises(ValueError, match="another config"):
+        run_job(replace(world_job(files, out), min_boxes=3))
+
+
+def test_block_count_does_not_change_names_or_contents(clean_run, world_server, tmp_path):
+    out, report = clean_run
+    _, files = world_server
+    other = tmp_path / "blocks"
+    shutil.copytree(out / "downloads", other / "downloads")  # same downloads: only Ray's layout differs
+    config = world_job(files, other, num_blocks=5, phrase_batch_size=1, detect_batch_size=3)
+    assert config_hash(config) == report["config_hash"]
+    second = run_job(config)
+    assert second["shards"]["written_this_run"] == 9
+    assert shard_files(other) == shard_files(out)  # byte-identical shards and rejects
+
+
+def test_cli_matches_the_config_api(world_server, tmp_path):
+    _, files = world_server
+    argv = world_job_argv(files, tmp_path / "o") + ["--blocks", "5", "--filters-max-punsafe", "0.3"]
+    config = config_from_args(argv)
+    assert config.ray.num_blocks == 5 and config.filters.max_punsafe == 0.3
+    assert config.detector.backend == "annotations" and config.filters.allow_hosts == ["127.0.0.1"]
+    assert config_hash(config_from_args(world_job_argv(files, tmp_path / "o"))) == config_hash(world_job(files, tmp_path / "o"))
+    with pytest.raises(ValueError, match="no input"):
+        config_from_args(["--output", str(tmp_path / "x")])
+
+
+def test_killed_job_resumes_to_the_clean_result(clean_run, world_server, tmp_path):
+    """SIGKILL the driver (and its Ray) mid-run, rerun the same command: same key multiset, no partial files."""
+    out, _ = clean_run
+    _, files = world_server
+    killed = tmp_path / "killed"
+    shutil.copytree(out / "downloads", killed / "downloads")
+    argv = world_job_argv(files, killed) + ["--ray-phrase-batch-size", "1", "--ray-detect-batch-size", "1"]
+    env = dict(os.environ, RAY_ADDRESS="")  # its own embedded Ray, killed with it
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(python_cmd(*argv), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen_partial = []
+
+    def first_shard_written():
+        shards = killed / "shards"
+        names = [n for n in os.listdir(shards) if n.endswith(".parquet")] if shards.exists() else []
+        for n in names:  # anything visible under a shard name must be a complete Parquet file
+            try:
+                pq.read_metadata(shards / n)
+            except Exception as e:  # noqa: BLE001
+                seen_partial.append((n, repr(e)))
+        return names
+
+    try:
+        assert wait_for(first_shard_written, timeout=200, interval=0.01), (tmp_path / "killed.log").read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+        log.close()
+    assert not seen_partial
+    assert not (killed / "run_report.json").exists()  # it died before the end
+    done_at_kill = len(list((killed / "shards").glob("*.parquet")))
+    assert done_at_kill < 9, "the kill came after the last shard; nothing was resumed"
+    for path in (killed / "shards").glob("*.parquet"):
+        pq.read_metadata(path)
+    assert main(world_job_argv(files, killed)) == 0
+    report = json.loads((killed / "run_report.json").read_text())
+    assert report["shards"]["skipped_finished"] >= 1 and report["counts"]["adds_up"]
+    assert output_keys(killed) == output_keys(out)
+    assert not list((killed / "shards").glob(".*.tmp")) and not list((killed / "rejects").glob(".*.tmp"))
