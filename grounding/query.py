@@ -478,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--cell", type=int, default=320, help="cell size in pixels (default 320)")
     p.add_argument("--seed", type=int, default=0, help="random sample under this seed (with --where)")
+    p.add_argument("--min-score", type=float, default=0.0, help="hide boxes scored below this")
     _source_args(p)
     return parser
 
@@ -543,7 +544,7 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
     elif args.command == "render":
         from grounding.render import ContactSheetConfig, render_contact_sheet
 
-        cfg = ContactSheetConfig(count=args.count, columns=args.columns, cell=args.cell)
+        cfg = ContactSheetConfig(count=args.count, columns=args.columns, cell=args.cell, min_score=args.min_score)
         sheet = render_contact_sheet(con, where=args.where, sql=args.sql, seed=args.seed, config=cfg)
         sheet.image.save(args.output)
         print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}"

@@ -41,6 +41,8 @@ class ContactSheetConfig:
     line_width: int = 3
     caption_lines: int = 2          # caption text under each thumbnail
     show_scores: bool = True        # "red ball 0.87" on each label
+    min_score: float = 0.0          # boxes scored below this are not drawn
+    max_label_chars: int = 28       # longer phrases are cut with an ellipsis
     padding: int = 8
     background: RGB = (255, 255, 255)
 
@@ -50,6 +52,10 @@ class ContactSheetConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cell < 4 * self.font_size:
             raise ValueError(f"cell ({self.cell}) must be at least 4x font_size ({self.font_size}) for legible labels")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.max_label_chars < 4:
+            raise ValueError(f"max_label_chars must be >= 4, got {self.max_label_chars}")
         if self.caption_lines < 0 or self.padding < 0:
             raise ValueError("caption_lines and padding must be >= 0")
 
@@ -101,11 +107,13 @@ class Label:
 
 
 def draw_boxes(image: Image.Image, phrases: Sequence[Mapping[str, Any]], *, font_size: int = 14,
-               line_width: int = 3, show_scores: bool = True) -> list[Label]:
+               line_width: int = 3, show_scores: bool = True, min_score: float = 0.0,
+               max_label_chars: int = 28) -> list[Label]:
     """Draw every phrase's boxes (``boxes_norm``, 0..999) and labels on ``image``, in place.
 
     The normalised boxes refer to the stored image's frame, so they are drawn at ``image``'s own
-    size whatever it was scaled to. Returns the labels drawn.
+    size whatever it was scaled to. Boxes scored below ``min_score`` are skipped; phrases longer
+    than ``max_label_chars`` are cut with an ellipsis. Returns the labels drawn.
     """
     draw = ImageDraw.Draw(image)
     font = load_font(font_size)
@@ -114,8 +122,11 @@ def draw_boxes(image: Image.Image, phrases: Sequence[Mapping[str, Any]], *, font
     for p in phrases:
         name = phrase_label(p)
         scores = p.get("det_scores") or []
+        shown = name if len(name) <= max_label_chars else name[: max_label_chars - 1].rstrip() + "…"
         for i, nb in enumerate(p["boxes_norm"]):
-            text = f"{name} {scores[i]:.2f}" if show_scores and i < len(scores) else name
+            if i < len(scores) and scores[i] < min_score:
+                continue
+            text = f"{shown} {scores[i]:.2f}" if show_scores and i < len(scores) else shown
             boxes.append((text, phrase_colour(name), denormalize_box(nb, w, h)))
     for _, colour, box in boxes:
         draw.rectangle(list(box), outline=colour, width=line_width)
@@ -137,21 +148,22 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
 
 def _place_tag(box, tag_w: int, tag_h: int, size: tuple[int, int], line_width: int,
                placed: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-    """Where a label goes: above the box's top-left corner, else just inside its top edge, below its
-    bottom edge, or just inside it; the first spot that covers no earlier label (else the least covered)."""
+    """Where a label goes: above the box, else just inside its top edge, below its bottom edge, or
+    just inside that, left- then right-aligned; the first spot that covers no earlier label, else
+    the least covered."""
     x0, y0, x1, y1 = box
     w, h = size
-    tx = int(min(max(x0, 0), max(w - tag_w, 0)))
-    candidates = [y0 - tag_h, y0 + line_width, y1, y1 - tag_h - line_width]
     best, best_cover = None, None
-    for ty in candidates:
-        ty = int(min(max(ty, 0), max(h - tag_h, 0)))
-        tag = (tx, ty, tx + tag_w, ty + tag_h)
-        cover = sum(_overlap(tag, other) for other in placed)
-        if best_cover is None or cover < best_cover:
-            best, best_cover = tag, cover
-        if cover == 0:
-            break
+    for ty in (y0 - tag_h, y0 + line_width, y1, y1 - tag_h - line_width):
+        for tx in (x0, x1 - tag_w):  # left-aligned, then right-aligned with the box
+            tx = int(min(max(tx, 0), max(w - tag_w, 0)))
+            ty = int(min(max(ty, 0), max(h - tag_h, 0)))
+            tag = (tx, ty, tx + tag_w, ty + tag_h)
+            cover = sum(_overlap(tag, other) for other in placed)
+            if best_cover is None or cover < best_cover:
+                best, best_cover = tag, cover
+            if cover == 0:
+                return tag
     return best
 
 
@@ -204,9 +216,10 @@ def render_rows(rows: Sequence[Mapping[str, Any]], config: ContactSheetConfig | 
         else:
             thumb = _thumbnail(img, cfg.cell)
             result.labels[str(row["key"])] = draw_boxes(thumb, row["phrases"], font_size=cfg.font_size,
-                                                        line_width=cfg.line_width, show_scores=cfg.show_scores)
+                                                        line_width=cfg.line_width, show_scores=cfg.show_scores,
+                                                        min_score=cfg.min_score, max_label_chars=cfg.max_label_chars)
             sheet.paste(thumb, (x, y))
-        draw.text((x, y + cfg.cell + 2), f"{row['key']}  ({len(row['phrases'])} phrases)", fill=BLACK, font=font)
+        draw.text((x, y + cfg.cell + 2), f"{row['key']}  ({len(row['phrases'])} phrases, {row.get('num_boxes', '?')} boxes)", fill=BLACK, font=font)
         for j, line in enumerate(textwrap.wrap(str(row.get("caption") or ""), chars)[: cfg.caption_lines]):
             draw.text((x, y + cfg.cell + 2 + (j + 1) * line_h), line, fill=(60, 60, 60), font=font)
     return result
@@ -231,7 +244,7 @@ def fetch_rows(con, keys: Sequence[str]) -> list[dict[str, Any]]:
     """The rows (with image bytes) of ``keys``, in the order of ``keys``."""
     if not keys:
         return []
-    got = con.sql("SELECT key, caption, width, height, image, phrases FROM shards WHERE key IN (SELECT unnest($keys))",
+    got = con.sql("SELECT key, caption, width, height, num_boxes, image, phrases FROM shards WHERE key IN (SELECT unnest($keys))",
                   params={"keys": list(keys)}).to_arrow_table().to_pylist()
     by_key: dict[str, dict] = {}
     for r in got:

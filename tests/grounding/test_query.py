@@ -318,6 +318,10 @@ def test_boxes_are_drawn_where_they_belong():
     assert img.getpixel((60, 50)) == (255, 255, 255)  # inside stays untouched
     assert lab.tag[3] <= 21 and lab.tag[3] - lab.tag[1] >= 12  # tag sits above the box, at least a font high
     assert img.getpixel((lab.tag[0] + 1, lab.tag[1] + 1)) == c
+    long = [{"text": "x", "prompt": "orange ball on a white background", "boxes_norm": [[0, 0, 9, 9], [500, 500, 600, 600]],
+             "det_scores": [0.2, 0.9]}]
+    (lab,) = draw_boxes(Image.new("RGB", (200, 100)), long, min_score=0.5, max_label_chars=12)
+    assert lab.text == "orange ball… 0.90" and lab.box[0] == pytest.approx(100.1)
 
 
 def test_labels_do_not_cover_each_other():
