@@ -125,6 +125,7 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
     holds shards unless ``overwrite`` (which deletes them first).
     """
     cfg = config or ExportConfig()
+    con.execute(f"SELECT key FROM shards WHERE {_where(cfg)} LIMIT 0")  # a bad filter fails before any write
     out = Path(dest) / "shards"
     existing = sorted(out.glob("*.parquet")) if out.exists() else []
     if existing and not overwrite:

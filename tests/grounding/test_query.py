@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -225,6 +226,9 @@ def test_filter_export_keeps_schema_metadata_order_and_bytes(con, known_out, tmp
     assert meta["images"] == 3 and meta["files"] == ["00000.parquet", "00001.parquet"]
     with pytest.raises(FileExistsError):
         export_shards(con, tmp_path / "sub", ExportConfig(where="num_boxes >= 2"))
+    with pytest.raises(duckdb.Error, match="no_such_column"):
+        export_shards(con, tmp_path / "bad", ExportConfig(where="no_such_column > 1"))
+    assert not (tmp_path / "bad").exists()
     res = export_shards(con, tmp_path / "sub", ExportConfig(where="key = 'k2'"), overwrite=True)
     assert [r[0] for r in connect(tmp_path / "sub").sql("SELECT key FROM shards").fetchall()] == ["k2"]
 
