@@ -27,7 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from grounding.schema import GROUNDING_COLUMNS, read_metadata, write_shard
+from grounding.schema import GROUNDING_COLUMNS, SchemaError, read_metadata, write_shard
 
 CONCEPTS = {
     "head": "p.head",                                  # the phrase's head noun lemma ("ball")
@@ -111,7 +111,7 @@ def _common_provenance(files: list[str]) -> dict[str, Any]:
     for f in files:
         try:
             prov = read_metadata(f)["provenance"]
-        except Exception:  # a shard without our metadata contributes nothing
+        except (SchemaError, OSError, ValueError):  # a shard without our metadata contributes nothing
             prov = {}
         common = dict(prov) if common is None else {k: v for k, v in common.items() if prov.get(k) == v}
     return common or {}
