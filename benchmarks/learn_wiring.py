@@ -88,22 +88,23 @@ def run(args) -> dict:
                       grad_clip=1.0, max_length=48, save_every=0, keep_last=1, eval_shards=[str(shards)],
                       eval_every=args.eval_every, eval_limit=10_000, eval_batch_size=64, seed=args.seed,
                       progress=args.progress, resume="none")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = train(cfg, model_config=mcfg)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     losses, evals = read_curve(out_dir / "log.jsonl")
     final = evals[-1] if evals else {}
     n_params = json.loads((out_dir / "log.jsonl").read_text().splitlines()[0])["total_params"]
     result = {
         "tier": "wiring", "images": args.images, "rec_examples": final.get("n") if evals else None,
         "final_acc@0.5": final.get("acc@0.5"), "pass_mark": args.pass_mark,
-        "passed": final.get("acc@0.5", 0.0) >= args.pass_mark, "wall_s": round(wall, 1),
+        "passed": final.get("acc@0.5", 0.0) >= args.pass_mark, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "steps": summary["step"], "params": n_params, "model": pm.__dict__, "train": {
             k: getattr(cfg, k) for k in ("batch_size", "lr", "warmup_steps", "min_lr_ratio", "max_length")},
         "eval_curve": evals, "loss_curve": losses[:: max(1, len(losses) // 60)] + losses[-1:],
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
-        "note": "CPU shared with other engineers' test runs while measured; wall time is noisy. Eval time "
-                "(greedy generation on all examples every eval_every steps) is included in wall_s.",
+        "note": "CPU shared with five other engineers' runs while measured (load average far above the 2 "
+                "cores): wall_s is noisy, cpu_s is this process's CPU time (all threads). Both include the "
+                "evaluations (greedy generation on every example every eval_every steps).",
         "command": "python benchmarks/learn_wiring.py " + " ".join(sys.argv[1:]),
     }
     return result

@@ -92,6 +92,7 @@ class TrainConfig:
     save_every: int = 100                   # also saved at the last step; 0: only at the end
     keep_last: int = 3
     resume: str = "auto"                    # auto (latest in out_dir) | none | a checkpoint folder
+    init_from: str | None = None            # start from these weights (a checkpoint or run folder), fresh optimizer/data: stage 1 -> stage 2
     progress: bool = True
 
     def __post_init__(self):
@@ -231,6 +232,26 @@ def image_preprocessor(model) -> ImagePreprocessor:
     """The data-side twin of ``model.preprocess`` (picklable for loader workers)."""
     v = model.vision
     return ImagePreprocessor(int(v.image_size), tuple(v.mean.flatten().tolist()), tuple(v.std.flatten().tolist()))
+
+
+def init_weights(model, path: str) -> int:
+    """Copy a checkpoint's weights (EMA when it has them) into ``model``; any parameter, frozen or not.
+
+    Returns how many tensors were loaded; a name the model lacks or a wrong shape is an error.
+    """
+    ckpt = find_checkpoint(path)
+    f = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    weights = load_file(str(f))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise KeyError(f"{f} holds tensors this model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for name, t in weights.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
+            params[name].copy_(t)
+    return len(weights)
 
 
 def unwrap(model):
@@ -514,6 +535,8 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     if model_config is None and dist.enabled:
         mcfg = gather_objects(mcfg, dist)[0]  # rank 0 writes the debug checkpoints once
     model = build_model(mcfg, cfg.seed)
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
     model.to(dist.device)
     model.train()
     preprocess = image_preprocessor(model)

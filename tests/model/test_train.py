@@ -113,3 +113,14 @@ def test_cli_overrides_and_debug_model(tmp_path, shards8):
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["shallow"] is True and saved["train"]["max_steps"] == 2
     assert (out / "debug_model" / "tiny-llama" / "config.json").exists()
+
+
+def test_init_from_copies_weights_with_a_fresh_optimizer(tmp_path, shards8, debug_model_config):
+    first = train(debug(out_dir=str(tmp_path / "s1"), shards=[shards8], max_steps=2, warmup_steps=0),
+                  model_config=debug_model_config)
+    trained = {n: p.detach().clone() for n, p in first["model"].named_parameters() if p.requires_grad}
+    s2 = train(debug(out_dir=str(tmp_path / "s2"), shards=[shards8], max_steps=1, warmup_steps=0, lr=1e-9,
+                     init_from=str(tmp_path / "s1")), model_config=debug_model_config)
+    after = dict(s2["model"].named_parameters())
+    assert all(torch.allclose(after[n], t, atol=1e-6) for n, t in trained.items())   # lr 1e-9: one step moves nothing
+    assert json.loads((tmp_path / "s2" / "log.jsonl").read_text().splitlines()[0])["step"] == 0
