@@ -692,45 +692,45 @@ class PhraseExtractor:
         return None, clean, head
 
     def __call__(self, captions: Sequence[str]) -> list[CaptionPhrases]:
-        prepared = [self.prepare(c) for c in captions]
-        todo = [i for i, (done, _, _) in enumerate(prepared) if done is None]
-        results: list[CaptionPhrases | None] = [done for done, _, _ in prepared]
-        texts = [parse_prefix(prepared[i][1].text) + prepared[i][1].text for i in todo]
+        """Phrases for a batch of captions (one ``nlp.pipe`` pass), in order, one result each."""
         try:
-            docs = list(self.nlp.pipe(texts, batch_size=self.config.batch_size, n_process=self.config.n_process))
-        except Exception:  # one caption broke the batch: parse one by one so only it fails
-            docs = []
-            for t in texts:
-                try:
-                    docs.append(self.nlp(t))
-                except Exception as exc:  # noqa: BLE001 - errors are data
-                    docs.append(exc)
-        for i, doc in zip(todo, docs):
-            caption = captions[i]
-            _, clean, head = prepared[i]
-            truncated = len(head) < len(caption)
-            if isinstance(doc, Exception):
-                results[i] = CaptionPhrases(caption, [], "parse_error", truncated)
-                continue
-            try:
-                results[i] = extract_phrases(doc, caption, clean, self.config, self.lexicon, truncated)
-            except Exception:  # noqa: BLE001 - errors are data
-                results[i] = CaptionPhrases(caption, [], "parse_error", truncated)
-        return results  # type: ignore[return-value]
+            return list(self.stream(captions))
+        except Exception:  # noqa: BLE001 - one caption broke the batch: redo one by one so only it fails
+            return [self.one(c) for c in captions]
+
+    def stream(self, captions: Iterable) -> Iterator[CaptionPhrases]:
+        """Like ``__call__`` over any iterable (a file, a Parquet column), in one ``nlp.pipe`` pass, so
+        ``n_process > 1`` starts its workers once. Captions with nothing to parse go through as ""."""
+        def items():
+            for caption in captions:
+                done, clean, head = self.prepare(caption)
+                text = "" if done is not None else parse_prefix(clean.text) + clean.text
+                yield text, (caption, done, clean, head)
+
+        for doc, (caption, done, clean, head) in self.nlp.pipe(
+                items(), as_tuples=True, batch_size=self.config.batch_size, n_process=self.config.n_process):
+            yield done if done is not None else self._extract(doc, caption, clean, head)
+
+    def one(self, caption) -> CaptionPhrases:
+        """Phrases for a single caption with one ``nlp(text)`` call (the slow path; prefer batches)."""
+        done, clean, head = self.prepare(caption)
+        if done is not None:
+            return done
+        try:
+            doc = self.nlp(parse_prefix(clean.text) + clean.text)
+        except Exception:  # noqa: BLE001 - errors are data
+            return CaptionPhrases(caption, [], "parse_error", len(head) < len(caption))
+        return self._extract(doc, caption, clean, head)
+
+    def _extract(self, doc, caption: str, clean: CleanText, head: str) -> CaptionPhrases:
+        truncated = len(head) < len(caption)
+        try:
+            return extract_phrases(doc, caption, clean, self.config, self.lexicon, truncated)
+        except Exception:  # noqa: BLE001 - errors are data
+            return CaptionPhrases(caption, [], "parse_error", truncated)
 
 
 # --- command line ---------------------------------------------------------------------------------
-
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for x in items:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
 
 def _stdin_captions(stream) -> Iterator[str]:
     for line in stream:
@@ -775,14 +775,12 @@ def main(argv=None) -> int:
     captions = _parquet_captions(args.parquet, args.column) if args.parquet else _stdin_captions(sys.stdin)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for batch in _batched(captions, max(config.batch_size, 1) * 4):
-            for res in extractor(batch):
-                d = res.to_dict()
-                if args.prompts:
-                    for pd, p in zip(d["phrases"], res.phrases):
-                        pd["prompt"], pd["chunk"] = p.prompt, p.chunk
-                out.write(json.dumps(d, ensure_ascii=False) + "\n")
-            out.flush()
+        for res in extractor.stream(captions):
+            d = res.to_dict()
+            if args.prompts:
+                for pd, p in zip(d["phrases"], res.phrases):
+                    pd["prompt"], pd["chunk"] = p.prompt, p.chunk
+            out.write(json.dumps(d, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

@@ -327,3 +327,18 @@ def test_cli_reads_a_parquet_column(tmp_path, capsys):
     assert lines[1] == {"caption": "", "phrases": [], "reason": "empty_caption"}
     with pytest.raises(SystemExit):
         main(["--parquet", str(path), "--column", "CAPTION"])
+
+
+# --- paths agree ------------------------------------------------------------------------------------
+
+def test_single_caption_path_matches_batched(extractor, world):
+    caps = [w.caption for w in world] + ["a dog in a field of flowers", "", "Stock photo", "Salt &amp; pepper"]
+    assert [extractor.one(c).to_dict() for c in caps] == [r.to_dict() for r in extractor(caps)]
+
+
+def test_two_processes_give_the_same_results(world):
+    caps = [w.caption for w in world] + ["a dog in a field of flowers", None, "IMG_1.jpg"]
+    one = PhraseExtractor(PhraseConfig(batch_size=4))(caps)
+    two = PhraseExtractor(PhraseConfig(batch_size=4, n_process=2))(caps)
+    assert [r.to_dict() for r in two] == [r.to_dict() for r in one]
+    assert [[p.chunk for p in r.phrases] for r in two] == [[p.chunk for p in r.phrases] for r in one]
