@@ -228,7 +228,8 @@ class Batch:
         if self.split_index is None:
             return x, None
         x = Permute.apply(x, self.split_index, self.merge_index)
-        return x[:self.num_text], x[self.num_text:]
+        text, vision = x.split([self.num_text, x.shape[0] - self.num_text])  # backward: one cat, no zero-fill
+        return text, vision
 
 
 @dataclass
@@ -669,7 +670,7 @@ class VisualExpertForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
-                 generator: torch.Generator | None = None) -> torch.LongTensor:
+                 generator: torch.Generator | None = None, image_embeds=None) -> torch.LongTensor:
         """New tokens only, (B, new); rows that finished are padded with the pad id. KV cache; the
         prompt may be left- or right-padded (each row continues from its last real token)."""
         if max_new_tokens <= 0:
@@ -681,7 +682,7 @@ class VisualExpertForCausalLM(nn.Module):
         input_ids = input_ids.to(dev)
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.to(dev)
-        out = self(input_ids, mask, pixel_values=pixel_values, use_cache=True)
+        out = self(input_ids, mask, pixel_values=pixel_values, use_cache=True, image_embeds=image_embeds)
         cache = out.past_key_values
         last = (cache.key_mask.long() * torch.arange(cache.key_mask.shape[1], device=dev)).argmax(1)  # (B,)
         logits = out.logits[torch.arange(B, device=dev), last]  # (B, V)
