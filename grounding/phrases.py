@@ -330,6 +330,8 @@ def truncate_caption(caption: str, max_chars: int) -> str:
 # --- extraction over one parsed caption ----------------------------------------------------------
 
 SKIP_EDGE_POS = {"PUNCT", "SPACE", "SYM", "X"}
+AUDIENCE_WORDS = frozenset({"mens", "womens", "men's", "women's", "kids", "kid's", "kids'", "unisex", "boys", "girls",
+                            "ladies", "baby's"})
 PROMPT_STRIP_DEPS = {"det", "predet", "nummod", "quantmod", "preconj"}
 EXPAND_STOP_DEPS = {"conj", "cc", "appos", "parataxis", "dep", "meta", "preconj", "punct", "mark", "discourse"}
 EXPRESSION_TRIM_POS = {"ADP", "DET", "CCONJ", "SCONJ", "PUNCT", "SPACE", "PART", "AUX", "SYM", "PRON"}
@@ -376,6 +378,9 @@ def _strip_prefix(tokens, root) -> int:
             i += 1
             continue
         if t.dep_ == "poss" and t.head.i == root.i:  # "men's leather wallet" -> "leather wallet"
+            i += 1
+            continue
+        if t.lower_ in AUDIENCE_WORDS:  # shop titles: "Mens Running Shoes" -> "Running Shoes"
             i += 1
             continue
         break
@@ -479,7 +484,9 @@ class Lexicon:
 def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
     """A word only English nouns spell that the tagger called an adjective or a verb, and that
     modifies no noun: the small model does this to bare caption nouns."""
-    if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "RB", "NNP"):
+    if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "VBN", "VBD", "RB", "NNP"):
+        return False
+    if t.tag_ in ("VBN", "VBD") and t.lower_.endswith("ed"):
         return False
     if lexicon.noun_lemma(t.lower_) is None:
         return False

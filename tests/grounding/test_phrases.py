@@ -342,3 +342,17 @@ def test_two_processes_give_the_same_results(world):
     two = PhraseExtractor(PhraseConfig(batch_size=4, n_process=2))(caps)
     assert [r.to_dict() for r in two] == [r.to_dict() for r in one]
     assert [[p.chunk for p in r.phrases] for r in two] == [[p.chunk for p in r.phrases] for r in one]
+
+
+def test_ner_option_drops_place_names_the_rules_miss(extractor):
+    caption = "Tourists visiting Paris in 2019"
+    assert [p.prompt for p in chunks(one(extractor, caption))] == ["Tourists", "Paris"]
+    with_ner = PhraseExtractor(PhraseConfig(ner=True))
+    assert "ner" in with_ner.nlp.pipe_names
+    assert [p.prompt for p in chunks(with_ner([caption])[0])] == ["Tourists"]
+
+
+def test_shop_titles_lose_audience_words_in_the_prompt(extractor):
+    res = one(extractor, "Nike Air Max 90 Mens Running Shoes | eBay")
+    assert "Running Shoes" in [p.prompt for p in chunks(res)]
+    assert_consistent(res)
