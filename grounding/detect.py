@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -212,30 +213,44 @@ def _build_pass(phrases: Sequence[str], parts: list[int], tokenizer, max_tokens:
 
 # --- post-processing -------------------------------------------------------------------------
 
-def box_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy -> (N, M)."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)             # (N, M)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+def box_ious(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy ``box`` (4,) with each of ``others`` (M, 4) -> (M,)."""
+    lt = np.maximum(box[:2], others[:, :2])            # (M, 2)
+    rb = np.minimum(box[2:], others[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)      # (M,)
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    union = area(box) + area(others) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def suppress_overlaps(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
-    """Greedy NMS: indices kept, best score first; a box overlapping a kept one by IoU > ``iou`` goes."""
-    if len(boxes) == 0:
-        return []
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    ious = box_iou_matrix(boxes, boxes)
+def suppress_overlaps(boxes, scores, iou: float, groups=None, per_group: int | None = None) -> list[int]:
+    """Greedy NMS: indices kept, best score first; a box overlapping a kept one by IoU > ``iou`` goes.
+
+    With ``groups`` (a phrase index per box) and ``per_group``, stops as soon as every group holds
+    ``per_group`` kept boxes: later boxes could not be output any more (top-k after NMS). Each box
+    is compared with the kept boxes only, so thousands of candidates cost milliseconds.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    kept = np.empty((len(boxes), 4))
     keep: list[int] = []
-    removed = torch.zeros(len(boxes), dtype=torch.bool)
+    need: dict[int, int] = {}
+    if groups is not None and per_group is not None:
+        groups = np.asarray(groups)
+        need = {int(g): per_group for g in np.unique(groups)}
     for i in order:
-        if removed[i]:
+        if iou < 1.0 and keep and (box_ious(boxes[i], kept[:len(keep)]) > iou).any():  # IoU > 1 never happens
             continue
-        keep.append(i)
-        removed |= ious[i] > iou
+        kept[len(keep)] = boxes[i]
+        keep.append(int(i))
+        g = int(groups[i]) if groups is not None else None
+        if g in need:
+            need[g] -= 1
+            if need[g] == 0:
+                del need[g]
+                if not need:
+                    break
     return keep
 
 
@@ -246,25 +261,23 @@ def select_boxes(candidates: list[tuple[int, Box, float]], num_phrases: int, wid
     Clip to the image, drop boxes with a side < ``min_box_size`` or area > ``max_area_fraction``,
     class-agnostic NMS across phrases, then ``top_k`` per phrase (best first).
     """
-    kept: list[tuple[int, Box, float]] = []
-    for p, (x0, y0, x1, y1), s in candidates:
-        x0, x1 = sorted((min(max(x0, 0.0), width), min(max(x1, 0.0), width)))
-        y0, y1 = sorted((min(max(y0, 0.0), height), min(max(y1, 0.0), height)))
-        if x1 - x0 < config.min_box_size or y1 - y0 < config.min_box_size:
-            continue
-        if (x1 - x0) * (y1 - y0) > config.max_area_fraction * width * height:
-            continue
-        kept.append((p, (x0, y0, x1, y1), s))
     out = [PhraseBoxes([], []) for _ in range(num_phrases)]
-    if not kept:
+    if not candidates:
         return out
-    boxes = torch.tensor([b for _, b, _ in kept], dtype=torch.float64)
-    scores = torch.tensor([s for _, _, s in kept], dtype=torch.float64)
-    for i in suppress_overlaps(boxes, scores, config.nms_iou):  # best first
-        p, b, s = kept[i]
+    phrase = np.array([p for p, _, _ in candidates])
+    boxes = np.array([b for _, b, _ in candidates], dtype=np.float64).reshape(-1, 4)  # (N, 4)
+    scores = np.array([s for _, _, s in candidates], dtype=np.float64)
+    x0, x1 = np.sort(np.clip(boxes[:, [0, 2]], 0, width), axis=1).T
+    y0, y1 = np.sort(np.clip(boxes[:, [1, 3]], 0, height), axis=1).T
+    ok = ((x1 - x0 >= config.min_box_size) & (y1 - y0 >= config.min_box_size)
+          & ((x1 - x0) * (y1 - y0) <= config.max_area_fraction * width * height))
+    idx = np.flatnonzero(ok)
+    clipped = np.stack([x0, y0, x1, y1], axis=1)[idx]
+    for i in suppress_overlaps(clipped, scores[idx], config.nms_iou, phrase[idx], config.top_k):  # best first
+        p = int(phrase[idx[i]])
         if len(out[p].boxes) < config.top_k:
-            out[p].boxes.append(tuple(float(v) for v in b))
-            out[p].scores.append(float(s))
+            out[p].boxes.append(tuple(float(v) for v in clipped[i]))
+            out[p].scores.append(float(scores[idx[i]]))
     return out
 
 
@@ -286,11 +299,10 @@ def phrase_candidates(token_probs: torch.Tensor, boxes_cxcywh: torch.Tensor, pro
     cx, cy, w, h = boxes_cxcywh.unbind(-1)
     xyxy = torch.stack([(cx - w / 2) * width, (cy - h / 2) * height,
                         (cx + w / 2) * width, (cy + h / 2) * height], dim=-1)          # (Q, 4)
-    out = []
-    for q in torch.nonzero(box_scores > box_threshold).flatten().tolist():
-        for k in torch.nonzero(phrase_scores[q] > text_threshold).flatten().tolist():
-            out.append((prompt.phrases[k], tuple(xyxy[q].tolist()), float(phrase_scores[q, k])))
-    return out
+    hit = (box_scores > box_threshold)[:, None] & (phrase_scores > text_threshold)     # (Q, P)
+    qs, ks = hit.nonzero(as_tuple=True)
+    boxes, scores = xyxy[qs].tolist(), phrase_scores[qs, ks].tolist()
+    return [(prompt.phrases[k], tuple(b), s) for k, b, s in zip(ks.tolist(), boxes, scores)]
 
 
 # --- the detector ----------------------------------------------------------------------------

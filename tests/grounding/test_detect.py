@@ -160,8 +160,8 @@ def test_split_prompt_equals_running_each_pass_alone(tiny_dir, world):
 # --- thresholds and post-processing -----------------------------------------------------------
 
 def test_thresholds_filter_by_score(tiny_dir, world):
-    images = [im.render() for im in world[:4]]
-    phrases = [[o.phrase for o in im.objects] for im in world[:4]]
+    images = [im.render() for im in world[:2]]
+    phrases = [[o.phrase for o in im.objects] for im in world[:2]]
     loose = BoxDetector(DetectorConfig(model=tiny_dir, box_threshold=0.0, text_threshold=0.3, nms_iou=1.0,
                                        top_k=100, min_box_size=0.0, max_area_fraction=1.0))(images, phrases)
     scores = [s for r in loose for pb in r for s in pb.scores]
@@ -221,6 +221,9 @@ def test_nms_hand_computed():
     assert suppress_overlaps(boxes, scores, 1.0) == [0, 1, 2, 3]
     assert suppress_overlaps(boxes, torch.tensor([0.1, 0.8, 0.7, 0.6], dtype=torch.float64), 0.5) == [1, 2]
     assert suppress_overlaps(torch.zeros((0, 4)), torch.zeros(0), 0.5) == []
+    # with a phrase per box and top-k 1, it stops once every phrase has its box
+    assert suppress_overlaps(boxes, scores, 0.7, groups=[0, 1, 1, 0], per_group=1) == [0, 1]
+    assert suppress_overlaps(boxes, scores, 0.7, groups=[0, 1, 1, 0], per_group=2) == [0, 1, 2]
 
 
 def test_select_boxes_across_phrases_hand_computed():
@@ -335,6 +338,12 @@ def test_cli_prints_boxes_as_json(world_files, world, capsys):
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DetectorConfig(**kwargs)
+
+
+def test_resize_override_reaches_the_processor(tiny_dir):
+    det = BoxDetector(DetectorConfig(model=tiny_dir, shortest_edge=64, longest_edge=96))
+    assert det.model.prepare(Image.new("RGB", (300, 200))).shape == (3, 64, 96)
+    assert BoxDetector(DetectorConfig(model=tiny_dir)).model.prepare(Image.new("RGB", (300, 200))).shape == (3, 213, 320)
 
 
 def test_fp16_on_cpu_is_refused(tiny_dir):
