@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel, SiglipVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -70,6 +71,7 @@ class VisualExpertConfig:
     dtype: str = "float32"             # weights' dtype: float32 / bfloat16 / float16
     adapter_intermediate_size: int | None = None  # None -> the LM's intermediate_size
     seed: int = 0                      # initialisation of the adapter
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (training only)
 
     def __post_init__(self):
         if not isinstance(self.lm, str) or not self.lm:
@@ -157,7 +159,9 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids, dtype):  # (B, L) -> cos, sin (B, 1, L, hd)
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        if self.inv_freq.device != position_ids.device:  # follow the model once, not a copy per call
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
@@ -582,6 +586,7 @@ class VisualExpertForCausalLM(nn.Module):
         merge_index = split_index = label_index = None
         vision = None
         if image_embeds is not None:
+            image_embeds = image_embeds.to(text.dtype)
             N = image_embeds.shape[1]
             L = T + N
             cols = torch.arange(L, device=dev)
@@ -645,7 +650,10 @@ class VisualExpertForCausalLM(nn.Module):
         presents = []
         for i, layer in enumerate(self.model.layers):
             past = None if past_key_values is None or not past_key_values.layers else past_key_values.layers[i]
-            text, vision, present = layer(text, vision, batch, past)
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                text, vision, present = checkpoint(layer, text, vision, batch, past, use_reentrant=False)
+            else:
+                text, vision, present = layer(text, vision, batch, past)
             if use_cache:
                 presents.append(present)
         hidden = batch.merge(self.model.norm(text), None if vision is None else self.model.norm(vision))  # (B, L, D)

@@ -341,7 +341,19 @@ def test_unfrozen_lm_gets_its_lr_multiplier(llama_dir, clip_dir):
     assert by_name["adapter.gate_up_proj.weight"] == pytest.approx((1e-3, 0.05))
     assert not any(n.startswith("vision.") for n in by_name)
     assert sum(len(g["params"]) for g in groups) == len(m.trainable_parameters()) == len(by_name)
-    torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])  # accepted as is
+    torch.optim.AdamW(groups)  # accepted as is (the "names" key rides along)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llama_dir, clip_dir):
+    ids, pv = random_ids(2, 6), torch.randn(2, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        m = build(llama_dir, clip_dir, freeze_lm=False, gradient_checkpointing=ckpt).train()
+        m(ids, pixel_values=pv, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], **TOL)
 
 
 def test_shallow_has_no_experts_and_trains_only_the_adapter(llama_dir, clip_dir):
@@ -457,7 +469,7 @@ def test_predict_boxes_after_overfitting_one_example(tmp_path, images):
     ids = torch.tensor([p_ids + t_ids])
     labels = torch.tensor([[-100] * len(p_ids) + t_ids])
     pv = m.preprocess(images[:1])
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in m.param_groups(1e-2, 0.0)])
+    opt = torch.optim.AdamW(m.param_groups(1e-2, 0.0))
     m.train()
     for _ in range(60):
         loss = m(ids, pixel_values=pv, labels=labels).loss
