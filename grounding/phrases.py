@@ -49,11 +49,12 @@ import json
 import re
 import sys
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Iterable, Iterator, Sequence
 
+# Every CaptionPhrases.reason there is (None when there are phrases).
 REASONS = ("empty_caption", "not_text", "url_only", "boilerplate_only", "no_words", "non_english",
            "no_noun_phrases", "no_visual_nouns", "parse_error")
 
@@ -187,7 +188,7 @@ my your our over under near next behind into onto while who which as or but
 """.split())
 
 
-# --- length-preserving cleaning -----------------------------------------------------------------
+# --- cleaning with an offset map ------------------------------------------------------------------
 
 @dataclass
 class CleanText:
@@ -338,20 +339,10 @@ EXPRESSION_TRIM_POS = {"ADP", "DET", "CCONJ", "SCONJ", "PUNCT", "SPACE", "PART",
 MIN_LETTERS = 2
 MAX_WORD_CHARS = 30  # a longer "word" is a hash, a glued hashtag run or noise, not a noun
 # Captions are mostly verbless fragments ("Lighthouse on a rocky cliff"), which a parser trained on
-# sentences mis-tags (initial "Lighthouse" as a verb). Parsing them inside a sentence frame, with the
-# first letter lower-cased, fixes most of that; offsets are shifted back by the prefix length.
+# sentences mis-tags (initial "Lighthouse" as a verb). Parsing them inside a sentence frame (and with
+# the first word lower-cased, see clean_caption) fixes most of that; token offsets are shifted back by
+# the frame's length, and no phrase is taken from the frame itself.
 PARSE_PREFIX = "There is "
-PARSE_PREFIX_BARE = "There is "
-DETERMINER_STARTS = frozenset("""a an the this that these those my your his her its our their some many several
-few each every all both no one two three four five six seven eight nine ten any another""".split())
-
-
-def parse_prefix(text: str) -> str:
-    """The sentence frame a caption is parsed in (see :data:`PARSE_PREFIX`)."""
-    m = WORD_RE.search(text)
-    if m is None or m.group().lower() in DETERMINER_STARTS or text[: m.start()].strip():
-        return PARSE_PREFIX
-    return PARSE_PREFIX_BARE
 
 
 @dataclass
@@ -546,7 +537,7 @@ def _is_separator(t) -> bool:
 def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int) -> tuple[list[_Chunk], int]:
     """Kept noun chunks (trimmed), and how many chunks the parser found before filtering.
 
-    ``doc`` parses ``parse_prefix(text) + clean.text``: tokens before ``offset`` belong to the prefix.
+    ``doc`` parses ``PARSE_PREFIX + clean.text``: tokens before ``offset`` belong to the frame.
     """
     kept: list[_Chunk] = []
     found = 0
@@ -582,8 +573,7 @@ def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int)
         start, end = tokens[0].idx - offset, tokens[-1].idx + len(tokens[-1]) - offset
         pstart = tokens[p].idx - offset
         prompt = _prompt_text(clean.display, pstart, end)
-        kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, head, prompt,
-                           pstart, root.i))
+        kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, head, prompt, pstart, root.i))
     return kept, found
 
 
@@ -611,8 +601,8 @@ def _expand(doc, chunk: _Chunk, max_tokens: int) -> tuple[int, int] | None:
 
 def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, lexicon: Lexicon,
                     truncated: bool = False) -> CaptionPhrases:
-    """Phrases of one parsed caption (``doc`` parses ``clean.text``, a same-length copy of the caption)."""
-    offset = len(parse_prefix(clean.text))
+    """Phrases of one parsed caption: ``doc`` parses ``PARSE_PREFIX + clean.text``, ``clean`` maps back."""
+    offset = len(PARSE_PREFIX)
     chunks, found = _chunks(doc, clean, lexicon, config.ner, offset)
     if not chunks:
         return CaptionPhrases(caption, [], "no_visual_nouns" if found else "no_noun_phrases", truncated)
@@ -711,7 +701,7 @@ class PhraseExtractor:
         def items():
             for caption in captions:
                 done, clean, head = self.prepare(caption)
-                text = "" if done is not None else parse_prefix(clean.text) + clean.text
+                text = "" if done is not None else PARSE_PREFIX + clean.text
                 yield text, (caption, done, clean, head)
 
         for doc, (caption, done, clean, head) in self.nlp.pipe(
@@ -724,7 +714,7 @@ class PhraseExtractor:
         if done is not None:
             return done
         try:
-            doc = self.nlp(parse_prefix(clean.text) + clean.text)
+            doc = self.nlp(PARSE_PREFIX + clean.text)
         except Exception:  # noqa: BLE001 - errors are data
             return CaptionPhrases(caption, [], "parse_error", len(head) < len(caption))
         return self._extract(doc, caption, clean, head)

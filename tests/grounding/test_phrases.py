@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grounding.phrases import (CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, clean_caption,
+from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, clean_caption, debug,
                                detect_non_english, main, nonvisual_nouns)
 
 DATA = Path(__file__).parent / "data"
@@ -26,7 +26,7 @@ HELDOUT_FLOOR = 0.87
 
 @pytest.fixture(scope="module")
 def extractor() -> PhraseExtractor:
-    return PhraseExtractor(PhraseConfig(batch_size=64))
+    return PhraseExtractor(debug())
 
 
 def one(extractor, caption: str) -> CaptionPhrases:
@@ -211,7 +211,7 @@ def test_duplicates_and_cap(extractor):
 ])
 def test_bad_captions_carry_a_reason(extractor, caption, reason):
     res = extractor(["A dog on a mat", caption, "A cat"])  # the bad row does not disturb its neighbours
-    assert res[1].reason == reason and res[1].phrases == []
+    assert res[1].reason == reason and reason in REASONS and res[1].phrases == []
     assert [p.prompt for p in chunks(res[0])] == ["dog", "mat"] and [p.prompt for p in chunks(res[2])] == ["cat"]
 
 
