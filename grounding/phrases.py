@@ -760,7 +760,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-process", type=int, default=d.n_process)
     ap.add_argument("--max-chars", type=int, default=d.max_chars)
     ap.add_argument("--ner", action="store_true", help="also drop places/dates/events found by NER (slower)")
-    ap.add_argument("--prompts", action="store_true", help="also write each phrase's detector prompt and chunk index")
+    ap.add_argument("--chunk-index", action="store_true",
+                    help="also write each phrase's `chunk`: the index of the chunk whose boxes it inherits")
     args = ap.parse_args(argv)
     try:
         config = PhraseConfig(model=args.model, max_phrases=args.max_phrases, expressions=not args.no_expressions,
@@ -774,9 +775,9 @@ def main(argv=None) -> int:
     try:
         for res in extractor.stream(captions):
             d = res.to_dict()
-            if args.prompts:
+            if args.chunk_index:
                 for pd, p in zip(d["phrases"], res.phrases):
-                    pd["prompt"], pd["chunk"] = p.prompt, p.chunk
+                    pd["chunk"] = p.chunk
             out.write(json.dumps(d, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:

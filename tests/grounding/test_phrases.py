@@ -320,7 +320,7 @@ def test_cli_reads_a_parquet_column(tmp_path, capsys):
     path = tmp_path / "laion.parquet"
     pq.write_table(pa.table({"TEXT": ["Photo of a red ball and a yellow cone", None], "URL": ["u1", "u2"]}), path)
     out = tmp_path / "phrases.jsonl"
-    assert main(["--parquet", str(path), "--column", "TEXT", "--no-expressions", "--prompts", "-o", str(out)]) == 0
+    assert main(["--parquet", str(path), "--column", "TEXT", "--no-expressions", "--chunk-index", "-o", str(out)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["prompt"] for p in lines[0]["phrases"]] == ["red ball", "yellow cone"]
     assert [p["chunk"] for p in lines[0]["phrases"]] == [0, 1]
