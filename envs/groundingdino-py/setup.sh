@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Build the groundingdino-py environment beside the main one:
-#   bash envs/groundingdino-py/setup.sh [VENV_DIR]      (default: .venv-gdpy at the repository root)
+#   bash envs/groundingdino-py/setup.sh [VENV_DIR]      (default: envs/groundingdino-py/.venv, git-ignored)
 # then detect with it:
-#   .venv-gdpy/bin/python -m grounding.detect --backend groundingdino-py \
+#   envs/groundingdino-py/.venv/bin/python -m grounding.detect --backend groundingdino-py \
 #       --model path/GroundingDINO_SwinT_OGC.py::path/groundingdino_swint_ogc.pth \
 #       --text-encoder path/bert-base-uncased IMAGE.jpg --phrases "a dog" "a red shirt"
 # and test it:
-#   .venv-gdpy/bin/python -m pytest -m groundingdino_py tests/grounding/test_detect.py
+#   envs/groundingdino-py/.venv/bin/python -m pytest -m groundingdino_py tests/grounding/test_detect.py
 # A CUDA-free build: set TORCH_INDEX_URL to a CPU wheel index that is reachable from your machine.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-VENV="${1:-$ROOT/.venv-gdpy}"
+VENV="${1:-$HERE/.venv}"
 PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
