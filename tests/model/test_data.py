@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
-from helpers_train import debug_model, debug_model_config, make_shards, shards8  # noqa: F401
+from helpers_train import debug_model, debug_model_config, one_thread, make_shards, shards8  # noqa: F401
 
 from grounding.boxes import parse_boxes, prompt_and_target
 from grounding.schema import read_shard, write_shard, row_to_dict

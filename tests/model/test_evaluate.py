@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_train import debug_model, debug_model_config, shards8  # noqa: F401
+from helpers_train import debug_model, debug_model_config, one_thread, shards8  # noqa: F401
 from PIL import Image
 
 from grounding.boxes import format_answer, normalize_box
