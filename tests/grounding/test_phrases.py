@@ -17,11 +17,15 @@ from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtr
                                detect_non_english, main, nonvisual_nouns)
 
 DATA = Path(__file__).parent / "data"
-# Floors set from what the extractor reaches (README quotes the measured values; the test prints them):
-# dev set (the 128 captions the filters were tuned on): P 0.970, R 0.974; held-out set (42 captions
-# labelled before the extractor ever ran on them): P 0.921, R 0.921.
+# Floors set from what the extractor reaches (the test prints the values; README quotes them):
+# - dev set, labelled_captions.jsonl: 128 captions the filters were tuned on: P 0.970, R 0.974;
+# - held-out set, labelled_captions_heldout.jsonl: 82 captions labelled before the extractor ever ran
+#   on them (42 written mid-way, whose errors were then looked at, and 40 written at the end and
+#   scored once: P 0.987, R 0.974): P 0.954, R 0.948 over all 82.
+# Labels are head-noun lemmas a human would box; "optional" heads (scenes: beach, sky; contents:
+# coffee in a cup) count neither way.
 DEV_FLOOR = 0.93
-HELDOUT_FLOOR = 0.87
+HELDOUT_FLOOR = 0.90
 
 
 @pytest.fixture(scope="module")
