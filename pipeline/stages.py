@@ -7,8 +7,8 @@ Every stage maps a batch of :data:`WORK_SCHEMA` rows to a batch of the same rows
     admit_downloads (function) -> PhraseStage (class: spaCy once) -> DetectStage (class: detector
     once) -> assemble (function: REC QA pairs, min-boxes rule)
 
-Each stage adds its busy time, shared out over the batch's rows, to its ``sec_<stage>`` column;
-the driver sums them for per-stage throughput. :mod:`pipeline.job` sets the Ray resources.
+Each stage adds its busy time, shared out over the rows it worked on, to their ``sec_<stage>``
+column (null for rows it passed through); the driver sums them for per-stage throughput. :mod:`pipeline.job` sets the Ray resources.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class PhraseStage:
                     p["chunk"] = getattr(span, "chunk", None)
                     phrases.append(p)
                 r["phrases"] = json.dumps(phrases)
-        _charge(rows, "phrases", time.perf_counter() - t0)
+        _charge(todo, "phrases", time.perf_counter() - t0)
         return _table(rows, WORK_SCHEMA)
 
 
@@ -198,10 +198,9 @@ class DetectStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.to_pylist()
-        todo, images, prompts, targets = [], [], [], []
-        for r in rows:
-            if r["stage"] is not None:
-                continue
+        attempted = [r for r in rows if r["stage"] is None]
+        todo, images, prompts = [], [], []
+        for r in attempted:
             try:
                 image = decode_image(r["image"], self.max_pixels)
             except Exception as e:  # noqa: BLE001
@@ -232,7 +231,7 @@ class DetectStage:
             for i, p in enumerate(phrases):
                 p["boxes_norm"], p["det_scores"] = found.get(source_chunk(phrases, i), ([], []))
             r["phrases"] = json.dumps(phrases)
-        _charge(rows, "detect", time.perf_counter() - t0)
+        _charge(attempted, "detect", time.perf_counter() - t0)
         return _table(rows, WORK_SCHEMA)
 
 
