@@ -202,7 +202,7 @@ class Permute(torch.autograd.Function):
 
 
 @dataclass
-class Batch:
+class RoutedBatch:
     """Per-forward routing and attention state, computed once (no per-layer work or host sync).
 
     ``merge`` (text (B*T, .), vision (B*N, .)) -> (B, L, .) in sequence order; ``split`` the reverse.
@@ -220,6 +220,7 @@ class Batch:
     num_text: int = 0                       # rows of the text stream (B*T)
     label_index: torch.Tensor | None = None  # (B*L,) slot -> row of cat(labels, ignore); also when shallow
     positions: torch.Tensor | None = None    # (B, L) rope position ids
+    vision_token_mask: torch.Tensor | None = None  # (B, L) bool, True at image tokens (None: no image)
 
     def merge(self, text, vision):  # (B*T, C), (B*N, C) -> (B, L, C)
         if self.merge_index is None:
@@ -267,7 +268,7 @@ class VisualExpertAttention(nn.Module):
             self.vision_expert_query_key_value = nn.Linear(c.hidden_size, qkv_out, bias=qkv_bias)
             self.vision_expert_dense = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=o_bias)
 
-    def forward(self, text, vision, batch: Batch, past: tuple | None):
+    def forward(self, text, vision, batch: RoutedBatch, past: tuple | None):
         # text (B*T, D), vision (B*N, D) | None
         qkv_t = self.language_expert_query_key_value(text)
         qkv_v = None if vision is None else self.vision_expert_query_key_value(vision)
@@ -323,7 +324,7 @@ class VisualExpertDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(lm_config.hidden_size, lm_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(lm_config.hidden_size, lm_config.rms_norm_eps)
 
-    def forward(self, text, vision, batch: Batch, past=None):
+    def forward(self, text, vision, batch: RoutedBatch, past=None):
         # text (B*T, D), vision (B*N, D) | None; the norms are shared (CogVLM keeps the LM's)
         a_t, a_v, present = self.self_attn(self.input_layernorm(text),
                                            None if vision is None else self.input_layernorm(vision), batch, past)
@@ -583,7 +584,7 @@ class VisualExpertForCausalLM(nn.Module):
         text_mask = (torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None
                      else attention_mask[:, -T:].to(device=dev, dtype=torch.bool))
         text = self.model.embed_tokens(input_ids).reshape(B * T, -1)  # (B*T, D)
-        merge_index = split_index = label_index = None
+        merge_index = split_index = label_index = is_image = None
         vision = None
         if image_embeds is not None:
             image_embeds = image_embeds.to(text.dtype)
@@ -632,15 +633,20 @@ class VisualExpertForCausalLM(nn.Module):
             attn_mask = (causal[None] & key_mask[:, None, :]) | (k_idx == q_idx)[None]  # self always: no NaN rows
             attn_mask, is_causal = attn_mask[:, None], False  # (B, 1, L, Lk)
         cos, sin = self.model.rotary_emb(positions, text.dtype)
-        batch = Batch(B, L, cos, sin, attn_mask, is_causal, merge_index, split_index, B * T, label_index, positions)
+        batch = RoutedBatch(B, L, cos, sin, attn_mask, is_causal, merge_index, split_index, num_text=B * T,
+                            label_index=label_index, positions=positions, vision_token_mask=is_image)
         next_position = positions.masked_fill(~key_mask_new, -1).max(1).values + 1  # (B,)
         if past is not None and past.next_position is not None:
             next_position = torch.maximum(next_position, past.next_position)
         return text, vision, batch, key_mask, next_position, key_mask_new
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None,
-                past_key_values: KVCache | None = None, use_cache: bool = False, image_embeds=None):
-        """See the module docstring. ``image_embeds`` (B, N, D) may replace ``pixel_values``."""
+                past_key_values: KVCache | None = None, use_cache: bool = False, image_embeds=None,
+                last_logits_only: bool = False):
+        """See the module docstring. ``image_embeds`` (B, N, D) may replace ``pixel_values``;
+        ``last_logits_only``: logits (B, 1, V) at each row's last real token only (generation's prefill)."""
+        if labels is not None and last_logits_only:
+            raise ValueError("labels need the logits of every position, not last_logits_only")
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         if image_embeds is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -657,15 +663,20 @@ class VisualExpertForCausalLM(nn.Module):
             if use_cache:
                 presents.append(present)
         hidden = batch.merge(self.model.norm(text), None if vision is None else self.model.norm(vision))  # (B, L, D)
+        if last_logits_only:
+            last = (key_mask.long() * torch.arange(key_mask.shape[1], device=key_mask.device)).argmax(1)
+            last = (last - (key_mask.shape[1] - batch.length)).clamp(min=0)  # column among the new tokens
+            hidden = hidden[torch.arange(batch.batch_size, device=hidden.device), last][:, None]  # (B, 1, D)
         logits = self.lm_head(hidden)  # (B, L, V)
         loss = None
         if labels is not None:
-            full = self._full_labels(labels.to(logits.device), batch, image_embeds)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), full[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            full = self._full_labels(labels.to(logits.device), batch, image_embeds)  # (B, L)
+            shifted = F.pad(full[:, 1:], (0, 1), value=IGNORE_INDEX)  # label of each position's next token
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
         cache = KVCache(presents, key_mask, next_position) if use_cache else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
-    def _full_labels(self, labels, batch: Batch, image_embeds):  # (B, T) -> (B, L) with -100 at images
+    def _full_labels(self, labels, batch: RoutedBatch, image_embeds):  # (B, T) -> (B, L) with -100 at images
         if image_embeds is None:
             return labels
         B, T = labels.shape
@@ -690,10 +701,10 @@ class VisualExpertForCausalLM(nn.Module):
         input_ids = input_ids.to(dev)
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.to(dev)
-        out = self(input_ids, mask, pixel_values=pixel_values, use_cache=True, image_embeds=image_embeds)
+        out = self(input_ids, mask, pixel_values=pixel_values, use_cache=True, image_embeds=image_embeds,
+                   last_logits_only=True)
         cache = out.past_key_values
-        last = (cache.key_mask.long() * torch.arange(cache.key_mask.shape[1], device=dev)).argmax(1)  # (B,)
-        logits = out.logits[torch.arange(B, device=dev), last]  # (B, V)
+        logits = out.logits[:, -1]  # (B, V) at each row's last real token
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         new = []
         for step in range(max_new_tokens):

@@ -214,6 +214,7 @@ def test_position_ids_bos_zero_images_one_text_continues(model):
     ids[1, 2] = BOS
     batch = model._prepare(ids, mask, image_embeds(model, 2), None)[2]
     pos = batch.positions
+    assert batch.vision_token_mask.sum(1).tolist() == [N, N] and batch.vision_token_mask[1, 3:3 + N].all()
     assert pos[0, :N + 4].tolist() == [0] + [1] * N + [2, 3, 4]
     assert pos[1, 2:].tolist() == [0] + [1] * N + [2, 3, 4]
     text_only = model._prepare(ids, mask, None, None)[2].positions
