@@ -408,18 +408,27 @@ class BoxDetector:
         return results  # type: ignore[return-value]
 
     def _run(self, work) -> list[tuple[torch.Tensor, torch.Tensor] | str]:
-        """Forward passes in chunks of ``batch_size``; a failing chunk is retried item by item."""
-        out: list = []
-        for s in range(0, len(work), self.config.batch_size):
-            chunk = work[s:s + self.config.batch_size]
+        """Forward passes in chunks of ``batch_size``; a failing chunk is retried item by item.
+
+        Passes are batched in order of resized image shape, so a chunk pads as little as possible
+        (padding costs compute and, through the Swin windows, nudges the outputs); results come
+        back in ``work`` order.
+        """
+        order = sorted(range(len(work)), key=lambda j: tuple(work[j][1].shape[1:]))
+        out: list = [None] * len(work)
+        for s in range(0, len(order), self.config.batch_size):
+            chunk = order[s:s + self.config.batch_size]
             try:
-                out.extend(self._forward(chunk))
+                results = self._forward([work[j] for j in chunk])
             except Exception:  # noqa: BLE001
-                for item in chunk:
+                results = []
+                for j in chunk:
                     try:
-                        out.extend(self._forward([item]))
+                        results.extend(self._forward([work[j]]))
                     except Exception as e:  # noqa: BLE001
-                        out.append(f"detector_failed: {type(e).__name__}: {e}"[:300])
+                        results.append(f"detector_failed: {type(e).__name__}: {e}"[:300])
+            for j, r in zip(chunk, results):
+                out[j] = r
         return out
 
     def _forward(self, chunk) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -622,15 +631,23 @@ def tiny_detector_config(vocab_size: int, max_text_len: int = 256):
         encoder_attention_heads=2, decoder_attention_heads=2, max_text_len=max_text_len)
 
 
-def save_tokenizer_and_processor(path: str, shortest_edge: int = 800, longest_edge: int = 1333):
-    """The offline BERT tokenizer (:func:`tiny_vocab`) and the PIL image processor, saved to ``path``."""
+def save_bert_tokenizer(path: str):
+    """The offline uncased BERT tokenizer over :func:`tiny_vocab`, saved to ``path`` (any transformers)."""
     from transformers import BertTokenizer
-    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil, GroundingDinoProcessor
 
     os.makedirs(path, exist_ok=True)
     vocab_file = os.path.join(path, "vocab.txt")
     Path(vocab_file).write_text("\n".join(tiny_vocab()) + "\n")
     tokenizer = BertTokenizer(vocab_file, do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_tokenizer_and_processor(path: str, shortest_edge: int = 800, longest_edge: int = 1333):
+    """The offline BERT tokenizer and GroundingDINO's PIL image processor, saved to ``path``."""
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil, GroundingDinoProcessor
+
+    tokenizer = save_bert_tokenizer(path)
     processor = GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge}),
         tokenizer=tokenizer)

@@ -383,10 +383,10 @@ def test_groundingdino_py_backend_on_world_images(tmp_path, world):
     from groundingdino.util.slconfig import SLConfig
     from transformers import BertConfig, BertModel
 
-    from grounding.detect import save_tokenizer_and_processor, tiny_vocab
+    from grounding.detect import save_bert_tokenizer, tiny_vocab
 
     bert = tmp_path / "bert"
-    save_tokenizer_and_processor(str(bert))
+    save_bert_tokenizer(str(bert))
     BertModel(BertConfig(vocab_size=len(tiny_vocab()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(bert)
     cfg = tmp_path / "model" / "GroundingDINO_SwinT_OGC.py"
@@ -405,6 +405,17 @@ def test_groundingdino_py_backend_on_world_images(tmp_path, world):
     for image, r, ps in zip(images, results, phrases):
         assert len(r) == len(ps)
         for pb in r:
-            assert pb.error is None and len(pb.boxes) == 900  # every query under OPEN
+            assert pb.error is None and len(pb.boxes) == 100  # top_k of the 900 queries under OPEN
             assert all(0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height for x0, y0, x1, y1 in pb.boxes)
-            assert all(0 < s < 1 and not math.isnan(s) for s in pb.scores)
+            assert all(0 < s <= 1 and not math.isnan(s) for s in pb.scores), pb.scores[:3]
+    # the same positive-map scores as the raw groundingdino forward (one image: batching pads it);
+    # world phrases are 2 tokens each
+    (single,) = det(images[:1], phrases[:1])
+    m = det.model
+    text = " . ".join(phrases[0]) + " ."
+    with torch.no_grad():
+        out = m.model(m.nest([m.prepare(images[0])]), captions=[text])
+    probs = out["pred_logits"][0].sigmoid()  # (900, 256)
+    for k, pb in enumerate(single):
+        expect = probs[:, 1 + 3 * k:3 + 3 * k].mean(dim=1)
+        assert pb.scores == pytest.approx(sorted(expect.tolist(), reverse=True)[:100], abs=1e-5)
