@@ -151,8 +151,13 @@ def main(argv=None) -> int:
     }
     print(json.dumps(result, indent=2))
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    runs = {}
+    if os.path.exists(args.output):  # one entry per detector size, so tiny and small sit side by side
+        with open(args.output) as f:
+            runs = json.load(f)
+    runs["small" if args.small else ("custom" if args.detector_model else "tiny")] = result
     with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(runs, f, indent=2)
     return 0
 
 

@@ -101,6 +101,10 @@ class JobConfig:
                  "phrases": PhraseConfig, "detector": DetectorConfig, "ray": RayConfig}
         d = dict(d)
         d.pop("config_hash", None)
+        det = d.get("detector")
+        if d.get("sample") and isinstance(det, dict) and det.get("backend") == "annotations" and not det.get("annotations"):
+            root = sample_root(d.get("output", "out"))  # the sample's truth, written there at run time
+            d["detector"] = {**det, "annotations": os.path.join(root, "coco.json"), "refs": os.path.join(root, "refs.json")}
         for name, typ in parts.items():
             if name in d and isinstance(d[name], dict):
                 d[name] = typ(**d[name])
@@ -216,6 +220,10 @@ def claim_output(layout: Layout, config: JobConfig, digest: str) -> None:
 
 # --- the bundled sample -------------------------------------------------------------------------
 
+def sample_root(output: str) -> str:
+    return os.path.join(fsspec.core.url_to_fs(output)[1], "sample")
+
+
 SAMPLE_BROKEN = {"missing": 2, "corrupt": 1, "notimage": 1, "slow": 1}
 
 
@@ -240,7 +248,7 @@ def served_sample(config: JobConfig, layout: Layout) -> Iterator[JobConfig]:
     from grounding.detect import save_tiny_detector
     from grounding.world import WorldServer, make_world, write_world
 
-    root = os.path.join(layout.path, "sample")
+    root = sample_root(layout.root)
     world = make_world(config.sample_size, seed=config.sample_seed)
     with WorldServer(root, slow_seconds=config.download.timeout + 2) as server:
         files = write_world(root, world, base_url=server.base_url, broken=SAMPLE_BROKEN)

@@ -20,7 +20,7 @@ import uuid
 import psutil
 import pytest
 
-from pipeline_helpers import REPO, wait_for, world_job_argv
+from pipeline_helpers import REPO, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -43,8 +43,8 @@ def dashboard_up(port: int) -> bool:
         return False
 
 
-def test_ray_job_submit_to_a_local_head(world_server, tmp_path):
-    _, files = world_server
+def test_ray_job_submit_to_a_local_head(tmp_path):
+    """The bundled sample (served by the job itself) through a submitted job: exact counts with true boxes."""
     temp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = free_port()
     ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
@@ -68,14 +68,19 @@ def test_ray_job_submit_to_a_local_head(world_server, tmp_path):
         family = psutil.Process(head.pid).children(recursive=True)
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", REPO, "--",
-             sys.executable, "pipeline/build_grounding.py", *world_job_argv(files, out)],
+             sys.executable, "pipeline/build_grounding.py", "--sample", "--sample-size", "6", "--output", str(out),
+             "--detector", "annotations", "--shard-rows", "6"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=330)
         assert submit.returncode == 0, submit.stdout[-4000:]
         assert "succeeded" in submit.stdout.lower()
         report = json.loads((out / "run_report.json").read_text())
         c = report["counts"]
-        assert (c["input"], c["kept"], c["filtered"], c["failed"]) == (17, 12, 0, 5)
-        assert len(list((out / "shards").glob("*.parquet"))) == 9
+        # 6 images + 5 broken URLs + 6 rows the pre-filters stop (metadata IP, file://, empty caption,
+        # punsafe, aspect ratio, duplicate URL)
+        assert (c["input"], c["kept"], c["filtered"], c["failed"]) == (17, 6, 6, 5)
+        assert report["rejects_by_stage"] == {"download": 5, "prefilter": 6}
+        assert report["filtered_by_reason"]["private_host"] == 1
+        assert len(list((out / "shards").glob("*.parquet"))) == 3
     finally:
         family = family or psutil.Process(head.pid).children(recursive=True) if head.poll() is None else family
         head.send_signal(signal.SIGTERM)  # `ray start --block` shuts down what it started

@@ -123,6 +123,9 @@ def test_cli_matches_the_config_api(world_server, tmp_path):
     assert config_hash(config_from_args(world_job_argv(files, tmp_path / "o"))) == config_hash(world_job(files, tmp_path / "o"))
     with pytest.raises(ValueError, match="no input"):
         config_from_args(["--output", str(tmp_path / "x")])
+    sample = config_from_args(["--sample", "--detector", "annotations", "--output", str(tmp_path / "s")])
+    assert sample.detector.annotations == str(tmp_path / "s" / "sample" / "coco.json")
+    assert sample.source.shard_rows == 16 and sample.ray.detect_cpus == 0.5
 
 
 def test_killed_job_resumes_to_the_clean_result(clean_run, world_server, tmp_path):
