@@ -179,7 +179,7 @@ def plan_prompts(phrases: Sequence[str], tokenizer, max_tokens: int) -> tuple[li
     parts: list[int] = []
     used = 2  # [CLS] ... [SEP]
     for i, (p, ids) in enumerate(zip(phrases, counts)):
-        if not p:
+        if not p or not ids:  # nothing left, or only characters the tokenizer drops
             errors[i] = "phrase_empty"
             continue
         need = len(ids) + 1  # the phrase and its '.'
@@ -376,9 +376,13 @@ class BoxDetector:
             except Exception as e:  # noqa: BLE001 - a bad image is data, not a crash
                 results[i] = [PhraseBoxes([], [], f"image_preprocess_failed: {type(e).__name__}: {e}"[:300]) for _ in ps]
                 continue
-            cleaned = [clean_phrase(p) for p in ps]
-            distinct = list(dict.fromkeys(cleaned))  # a repeated phrase is detected once
-            passes, errors = plan_prompts(distinct, self.model.tokenizer, self.max_tokens)
+            try:
+                cleaned = [clean_phrase(str(p)) for p in ps]
+                distinct = list(dict.fromkeys(cleaned))  # a repeated phrase is detected once
+                passes, errors = plan_prompts(distinct, self.model.tokenizer, self.max_tokens)
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer whose pieces do not add up
+                results[i] = [PhraseBoxes([], [], f"prompt_failed: {type(e).__name__}: {e}"[:300]) for _ in ps]
+                continue
             plans[i] = (cleaned, distinct, errors)
             work.extend((i, pixels, p) for p in passes)
         outputs = self._run(work)

@@ -105,8 +105,9 @@ def test_long_prompts_are_split_never_truncated(open_detector):
         for k, (s, e) in zip(p.phrases, p.token_spans):
             assert tok.decode(ids[s:e]) == phrases[k]
     long_phrase = "a very big red ball on the left of a small blue box near a green kite"
-    passes, errors = plan_prompts(["red ball", long_phrase, ""], tok, 12)
-    assert set(errors) == {1, 2} and errors[1].startswith("phrase_too_long") and errors[2] == "phrase_empty"
+    passes, errors = plan_prompts(["red ball", long_phrase, "", "\u200b"], tok, 12)
+    assert set(errors) == {1, 2, 3} and errors[1].startswith("phrase_too_long")
+    assert errors[2] == errors[3] == "phrase_empty"  # U+200B: a character the tokenizer drops
     assert [p.phrases for p in passes] == [[0]]
 
 
@@ -269,6 +270,10 @@ def test_a_bad_image_is_an_error_marker_not_a_crash(open_detector, world):
     assert image_error(res[2]).startswith("image_preprocess_failed")
     assert image_error(res[1]) is None and res[1] == open_detector([good], [["red ball"]])[0]
     assert image_error(res[3]) is None
+    odd, = open_detector([good], [["red ball", "\u200b", "??", "a " * 300]])
+    assert [pb.error.split(":")[0] if pb.error else None for pb in odd] == [None, "phrase_empty", "phrase_empty",
+                                                                             "phrase_too_long"]
+    assert odd[0] == res[1][0] and image_error(odd) is None  # phrase errors are not image errors
 
 
 def test_caller_bugs_raise(open_detector):
