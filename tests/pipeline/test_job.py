@@ -166,3 +166,30 @@ def test_killed_job_resumes_to_the_clean_result(clean_run, world_server, tmp_pat
     assert report["shards"]["skipped_finished"] >= 1 and report["counts"]["adds_up"]
     assert output_keys(killed) == output_keys(out)
     assert not list((killed / "shards").glob(".*.tmp")) and not list((killed / "rejects").glob(".*.tmp"))
+
+
+def test_limit_and_fraction_plan_and_a_fully_filtered_run(tmp_path):
+    """Planning is deterministic; a run whose rows all fail the pre-filters needs neither img2dataset nor Ray."""
+    import pyarrow as pa
+
+    from grounding.source import FilterConfig, SourceConfig
+    from pipeline.job import JobConfig, plan_shards
+
+    rows = [{"URL": f"http://169.254.169.254/{i}.jpg", "TEXT": f"a red ball and a blue box {i}", "key": f"k{i:02d}"}
+            for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "b.parquet")
+    source = SourceConfig(paths=[str(tmp_path / "*.parquet")], shard_rows=4, limit=23)
+    config = JobConfig(output=str(tmp_path / "out"), source=source, filters=FilterConfig())
+    shards = plan_shards(config)
+    assert [s.name for s in shards] == [f"a-{i:05d}" for i in range(5)] + ["b-00000"]
+    assert sum(s.input_rows for s in shards) == 23 and [s.input_rows for s in shards][-1] == 3
+    half = plan_shards(replace(config, source=replace(source, limit=None, sample_fraction=0.5)))
+    again = plan_shards(replace(config, source=replace(source, limit=None, sample_fraction=0.5)))
+    keys = [r["key"] for s in half for r in s.prefilter_rejects]
+    assert keys == [r["key"] for s in again for r in s.prefilter_rejects] and 5 <= len(keys) <= 25
+    report = run_job(config)
+    assert report["counts"] == {"input": 23, "kept": 0, "filtered": 23, "failed": 0, "adds_up": True}
+    assert report["filtered_by_reason"] == {"private_host": 23}
+    assert not (tmp_path / "out" / "downloads").exists()
+    assert sorted(os.listdir(tmp_path / "out" / "rejects")) == [f"{s.name}.parquet" for s in shards]
