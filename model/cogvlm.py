@@ -107,20 +107,29 @@ def resolve_dir(name_or_path: str) -> Path:
     return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
-def load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards named in ``model.safetensors.index.json``."""
-    from safetensors.torch import load_file
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(directory / f)))
-    return state
+class SafetensorsCheckpoint:
+    """Read-on-demand view of ``model.safetensors`` or of the shards named in
+    ``model.safetensors.index.json``: ``ckpt[key]`` reads one tensor, so loading a large LM never
+    holds a second full copy of it in memory."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / "model.safetensors").exists():
+            with safe_open(str(directory / "model.safetensors"), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        self.weight_map = weight_map
+        self.handles = {name: safe_open(str(directory / name), "pt") for name in sorted(set(weight_map.values()))}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.handles[self.weight_map[key]].get_tensor(key)
 
 
 # --- LM building blocks (structure of HF's modeling_llama) --------------------------------------
@@ -444,11 +453,11 @@ class VisualExpertForCausalLM(nn.Module):
         vision = VisionTower(config.vision, config.image_size, config.drop_last_vision_layer, dtype)
         model = cls(config, lm_config, vision, tokenizer, device="meta")  # no random init of LM-sized weights
         for module in (model.adapter, model.model, model.lm_head):
-            module.to_empty(device="cpu")
+            module.to(dtype).to_empty(device="cpu")  # storage allocated once, in the target dtype
         model.model.rotary_emb = RotaryEmbedding(lm_config)
         if getattr(lm_config, "tie_word_embeddings", False):
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.load_lm_state_dict(load_safetensors(lm_dir))
+        model.load_lm_state_dict(SafetensorsCheckpoint(lm_dir))
         torch.manual_seed(config.seed)
         model._init_adapter()
         model.to(dtype)
@@ -463,7 +472,7 @@ class VisualExpertForCausalLM(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     @torch.no_grad()
-    def load_lm_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_lm_state_dict(self, sd) -> None:
         """HF Llama/Qwen2/Mistral keys -> ours (q/k/v fused, gate/up fused), experts as copies."""
         def take(key):
             if key not in sd:
