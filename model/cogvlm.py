@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -551,8 +552,12 @@ class VisualExpertForCausalLM(nn.Module):
         return {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """``strict``: the keys must be exactly the trainable set; otherwise any subset of the model's
+        parameters (e.g. a checkpoint trained with the LM unfrozen, loaded for inference)."""
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        if not strict:
+            expected = set(sd) & {n for n, _ in self.named_parameters()} or expected
         missing, unexpected = expected - set(sd), set(sd) - expected
         if missing or unexpected:
             raise KeyError(f"trainable state dict mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -760,3 +765,46 @@ class VisualExpertForCausalLM(nn.Module):
             raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
         prompts = [prompt_and_target(format_question(p, template), "")[0] for p in phrases]
         return [try_parse_boxes(t) for t in self.generate_text(images, prompts, max_new_tokens, **kw)]
+
+
+def main(argv=None) -> list[dict]:
+    """``python -m model.cogvlm --lm DIR_OR_ID --vision DIR_OR_ID [--trainable ckpt.safetensors]
+    --image a.jpg --phrase "red ball" [--phrase ...]``: REC boxes as JSON lines (0-999 and pixels)."""
+    import argparse
+    import sys
+    from grounding.boxes import denormalize_box
+
+    p = argparse.ArgumentParser(description="Ground phrases in an image with a visual-expert model.")
+    p.add_argument("--lm", help="LM hub id or directory (or --debug-root)")
+    p.add_argument("--vision", help="CLIP/SigLIP hub id or directory")
+    p.add_argument("--debug-root", help="use the tiny debug checkpoints under this directory")
+    p.add_argument("--trainable", help="safetensors file from trainable_state_dict() (adapter + experts)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--shallow", action="store_true")
+    p.add_argument("--image", required=True)
+    p.add_argument("--phrase", action="append", required=True)
+    p.add_argument("--template", default="default")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.debug_root:
+        config = dataclasses.replace(debug(args.debug_root), shallow=args.shallow, image_size=args.image_size)
+    elif args.lm and args.vision:
+        config = VisualExpertConfig(lm=args.lm, vision=args.vision, image_size=args.image_size, shallow=args.shallow)
+    else:
+        p.error("give --lm and --vision, or --debug-root")
+    model = VisualExpertForCausalLM.from_config(config).eval()
+    if args.trainable:
+        from safetensors.torch import load_file
+        model.load_trainable_state_dict(load_file(args.trainable), strict=False)
+    image = Image.open(args.image).convert("RGB")
+    rows = []
+    answers = model.predict_boxes([image] * len(args.phrase), args.phrase, args.template, args.max_new_tokens)
+    for phrase, (boxes, reason) in zip(args.phrase, answers):
+        rows.append({"phrase": phrase, "boxes_norm": boxes, "error": reason,
+                     "boxes_px": None if boxes is None else [denormalize_box(b, *image.size) for b in boxes]})
+        sys.stdout.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

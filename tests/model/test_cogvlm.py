@@ -377,6 +377,8 @@ def test_trainable_state_dict_round_trips_through_safetensors(llama_dir, clip_di
         assert torch.equal(a(ids, pixel_values=emb_pixels).logits, b(ids, pixel_values=emb_pixels).logits)
     with pytest.raises(KeyError):
         b.load_trainable_state_dict({"adapter.down_proj.weight": torch.zeros(1)})
+    with pytest.raises(KeyError):
+        b.load_trainable_state_dict({"no.such.weight": torch.zeros(1)}, strict=False)
 
 
 # --- vision tower -------------------------------------------------------------------------------
@@ -481,6 +483,14 @@ def test_predict_boxes_after_overfitting_one_example(tmp_path, images):
     assert loss.item() < 0.05
     assert m.predict_boxes(images[:1], ["the red ball"]) == [([box], None)]
     assert m.generate_text(images[:1], [prompt])[0] == target
+    save_file(m.trainable_state_dict(), str(tmp_path / "trained.safetensors"))  # LM included: it was unfrozen
+    images[0].save(tmp_path / "img.png")
+    from model.cogvlm import main
+    rows = main(["--debug-root", str(tmp_path), "--trainable", str(tmp_path / "trained.safetensors"),
+                 "--image", str(tmp_path / "img.png"), "--phrase", "red ball"])
+    assert rows[0]["boxes_norm"] == [box] and rows[0]["error"] is None
+    w, h = images[0].size
+    assert rows[0]["boxes_px"][0] == pytest.approx(((120.5) * w / 1000, 345.5 * h / 1000, 678.5 * w / 1000, 901.5 * h / 1000))
 
 
 def test_full_clip_checkpoint_loads_its_vision_tower(llama_dir, tmp_path, images):
@@ -512,3 +522,29 @@ def test_tokenizer_without_bos_starts_sequences_with_eos(llama_dir, clip_dir, tm
     ids, mask = m.tokenize_prompts(["Photo of a red ball", "Hi"])
     assert ids[0, 0] == EOS_ID and mask[1, 0] == 0
     assert m.generate(ids, mask, max_new_tokens=2, eos_token_id=-1).shape == (2, 2)
+
+
+def test_predict_boxes_reports_why_an_answer_does_not_parse(model, images):
+    out = model.predict_boxes(images[:2], ["red ball", "the blue box"], max_new_tokens=4)
+    assert len(out) == 2 and all(boxes is None and isinstance(reason, str) and reason for boxes, reason in out)
+    with pytest.raises(ValueError):
+        model.predict_boxes(images[:2], ["red ball"])
+
+
+def test_bfloat16_weights_keep_fp32_rope_and_track_the_fp32_model(llama_dir, clip_dir, model, images):
+    m16 = build(llama_dir, clip_dir, dtype="bfloat16")
+    assert m16.model.embed_tokens.weight.dtype == torch.bfloat16 and m16.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids, pv = random_ids(1, 8), model.preprocess(images[:1])
+    with torch.no_grad():
+        lo, hi = m16(ids, pixel_values=pv).logits.float(), model(ids, pixel_values=pv).logits
+    assert lo.dtype == torch.float32 and (lo - hi).abs().max() < 0.1 * hi.abs().max()
+
+
+def test_cli_prints_one_json_row_per_phrase(tmp_path, images, capsys):
+    from model.cogvlm import main
+    images[0].save(tmp_path / "img.png")
+    rows = main(["--debug-root", str(tmp_path / "ckpt"), "--image", str(tmp_path / "img.png"),
+                 "--phrase", "red ball", "--phrase", "blue box", "--max-new-tokens", "3"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert [r["phrase"] for r in rows] == ["red ball", "blue box"] and len(printed) == 2
+    assert all(r["boxes_norm"] is None and r["error"] for r in rows)  # untrained: reasons, not crashes
