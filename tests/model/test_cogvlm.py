@@ -20,6 +20,15 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 BOS = 1
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices run fastest on one thread, and a shared CI box then suffers no thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(lm, vision, **kw) -> VisualExpertForCausalLM:
     return VisualExpertForCausalLM.from_config(VisualExpertConfig(lm=lm, vision=vision, **kw)).eval()
 
