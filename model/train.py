@@ -266,11 +266,10 @@ def wrap_parallel(model, cfg: TrainConfig, dist: Dist):
     if mode == "auto":
         mode = "ddp"
     if mode == "fsdp":
-        if dist.device.type != "cuda":
-            raise ValueError("--parallel fsdp needs GPUs; use ddp on CPU")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
+        gpu_bf16 = cfg.bf16 and dist.device.type == "cuda"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu_bf16 else None
         layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
         for layer in layers:
             fully_shard(layer, **({"mp_policy": mp} if mp else {}))
@@ -659,7 +658,8 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
 def param_checksum(model) -> list[float]:
     """Sum and sum of squares of the trainable weights (float64): equal on every rank when in sync."""
     with torch.no_grad():
-        ps = [p.detach().double() for p in model.parameters() if p.requires_grad]
+        ps = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()  # FSDP: DTensor shards
+              for p in model.parameters() if p.requires_grad]
         return [float(sum(p.sum() for p in ps)), float(sum((p * p).sum() for p in ps))]
 
 
