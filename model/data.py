@@ -137,6 +137,22 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def pack_samples(samples: Sequence[dict], max_length: int) -> dict:
+    """Several QA samples of one image as one sequence ``BOS p1 t1 EOS p2 t2 EOS ...`` (BOS kept once).
+
+    Each target and its EOS stay supervised, every prompt masked; pairs that would pass
+    ``max_length`` are left out whole (the first is always kept).
+    """
+    ids, labels, tasks = list(samples[0]["input_ids"]), list(samples[0]["labels"]), [samples[0]["task"]]
+    for s in samples[1:]:
+        if len(ids) + len(s["input_ids"]) - 1 > max_length:
+            break
+        ids += s["input_ids"][1:]
+        labels += s["labels"][1:]
+        tasks.append(s["task"])
+    return {**samples[0], "input_ids": ids, "labels": labels, "task": "+".join(tasks)}
+
+
 def collate(samples: Sequence[dict], pad_id: int) -> dict[str, Any]:
     """Right-pad to the longest sample: ``input_ids``/``attention_mask``/``labels`` (B, T), images (B, 3, S, S)."""
     if not samples:
@@ -181,7 +197,8 @@ class DataConfig:
     batch_size: int = 8                 # per rank, per micro-step
     caption_weight: float = 0.0         # caption:REC mixture, as relative weights
     rec_weight: float = 1.0
-    qa_per_image: int = 1               # QA pairs drawn from one image (each its own sample)
+    qa_per_image: int = 1               # QA pairs drawn from one image (each its own sample ...)
+    pack_qa: bool = False               # ... or all in one sequence: BOS p1 t1 EOS p2 t2 EOS ... (one image pass)
     max_length: int = 64                # tokens of BOS + prompt + target + EOS, truncated beyond
     shuffle: bool = True
     seed: int = 0
@@ -305,6 +322,8 @@ class GroundingBatches(IterableDataset):
             if truncated:
                 skipped["truncated (kept)"] += 1
             samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "task": task, "key": row["key"]})
+        if cfg.pack_qa and len(samples) > 1:
+            samples = [pack_samples(samples, cfg.max_length)]
         return samples
 
     def resume(self, state: dict) -> None:

@@ -75,6 +75,7 @@ class TrainConfig:
     caption_weight: float = 0.0
     rec_weight: float = 1.0
     qa_per_image: int = 1
+    pack_qa: bool = False                   # the image's QA pairs in one sequence (one image pass for several answers)
     max_length: int = 64
     num_workers: int = 0
     # evaluation during training (REC Acc@0.5 on held-out shards, rank 0)
@@ -122,7 +123,8 @@ class TrainConfig:
 
     def data_config(self) -> DataConfig:
         return DataConfig(shards=list(self.shards), batch_size=self.batch_size, caption_weight=self.caption_weight,
-                          rec_weight=self.rec_weight, qa_per_image=self.qa_per_image, max_length=self.max_length,
+                          rec_weight=self.rec_weight, qa_per_image=self.qa_per_image, pack_qa=self.pack_qa,
+                          max_length=self.max_length,
                           seed=self.seed)
 
     def to_dict(self) -> dict:

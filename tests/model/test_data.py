@@ -157,3 +157,17 @@ def test_resolve_shards_globs_and_folders(shards8, tmp_path):
     assert resolve_shards(os.path.join(shards8, "*.parquet")) == files == resolve_shards(files)
     with pytest.raises(FileNotFoundError):
         resolve_shards(str(tmp_path / "nothing" / "*.parquet"))
+
+
+def test_packed_qa_pairs_share_one_image_pass_and_keep_their_masks(shards8, tok, pre):
+    cfg = DataConfig(shards=[shards8], batch_size=8, qa_per_image=3, pack_qa=True, max_length=200, shuffle=False)
+    batch = one_epoch(cfg, tok, pre)[0]
+    assert len(batch["keys"]) == 8 and len(set(batch["keys"])) == 8          # one sequence per image
+    row = next(r for p in resolve_shards(shards8) for r in read_shard(p) if r.key == batch["keys"][0])
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    labels = batch["labels"][0][: len(ids)].tolist()
+    n_pairs = min(3, sum(q.task == "rec" for q in row.qa))
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and ids.count(tok.eos_token_id) == n_pairs
+    answers = tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
+    truth = {prompt_and_target(q.question, q.answer)[1] for q in row.qa if q.task == "rec"}
+    assert answers.count("[[") == n_pairs and all(a in truth for a in answers.replace("]] [[", "]]| [[").split("|"))
