@@ -656,11 +656,18 @@ class VisualExpertForCausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None,
                 past_key_values: KVCache | None = None, use_cache: bool = False, image_embeds=None,
-                last_logits_only: bool = False):
-        """See the module docstring. ``image_embeds`` (B, N, D) may replace ``pixel_values``;
-        ``last_logits_only``: logits (B, 1, V) at each row's last real token only (generation's prefill)."""
-        if labels is not None and last_logits_only:
-            raise ValueError("labels need the logits of every position, not last_logits_only")
+                logits_to_keep: str = "all"):
+        """See the module docstring. ``image_embeds`` (B, N, D) may replace ``pixel_values``.
+
+        ``logits_to_keep``: "all" -> logits (B, L, V); "last" -> (B, 1, V) at each row's last real token
+        (generation's prefill); "labels" -> (M, V) only at the M positions that have a next-token label,
+        the same loss without the LM head's work on image and prompt positions (one host sync).
+        """
+        if logits_to_keep not in ("all", "last", "labels"):
+            raise ValueError(f"logits_to_keep must be 'all', 'last' or 'labels', got {logits_to_keep!r}")
+        if (labels is None) == (logits_to_keep == "labels") and logits_to_keep != "all":
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} " + ("needs labels" if labels is None else
+                                                                     "cannot give a loss"))
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         if image_embeds is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -677,16 +684,21 @@ class VisualExpertForCausalLM(nn.Module):
             if use_cache:
                 presents.append(present)
         hidden = batch.merge(self.model.norm(text), None if vision is None else self.model.norm(vision))  # (B, L, D)
-        if last_logits_only:
-            last = (key_mask.long() * torch.arange(key_mask.shape[1], device=key_mask.device)).argmax(1)
-            last = (last - (key_mask.shape[1] - batch.length)).clamp(min=0)  # column among the new tokens
-            hidden = hidden[torch.arange(batch.batch_size, device=hidden.device), last][:, None]  # (B, 1, D)
-        logits = self.lm_head(hidden)  # (B, L, V)
         loss = None
         if labels is not None:
-            full = self._full_labels(labels.to(logits.device), batch, image_embeds)  # (B, L)
-            shifted = F.pad(full[:, 1:], (0, 1), value=IGNORE_INDEX)  # label of each position's next token
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX)
+            full = self._full_labels(labels.to(hidden.device), batch, image_embeds)  # (B, L)
+            shifted = F.pad(full[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # label of each position's next token
+            if logits_to_keep == "labels":
+                keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+                hidden, shifted = hidden.flatten(0, 1).index_select(0, keep), shifted.index_select(0, keep)
+            logits = self.lm_head(hidden)  # (B, L, V) or (M, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX)
+        else:
+            if logits_to_keep == "last":
+                last = (key_mask.long() * torch.arange(key_mask.shape[1], device=key_mask.device)).argmax(1)
+                last = (last - (key_mask.shape[1] - batch.length)).clamp(min=0)  # column among the new tokens
+                hidden = hidden[torch.arange(batch.batch_size, device=hidden.device), last][:, None]  # (B, 1, D)
+            logits = self.lm_head(hidden)  # (B, L, V) or (B, 1, V)
         cache = KVCache(presents, key_mask, next_position) if use_cache else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
@@ -716,7 +728,7 @@ class VisualExpertForCausalLM(nn.Module):
         B, T = input_ids.shape
         mask = torch.ones(B, T, dtype=torch.long, device=dev) if attention_mask is None else attention_mask.to(dev)
         out = self(input_ids, mask, pixel_values=pixel_values, use_cache=True, image_embeds=image_embeds,
-                   last_logits_only=True)
+                   logits_to_keep="last")
         cache = out.past_key_values
         logits = out.logits[:, -1]  # (B, V) at each row's last real token
         done = torch.zeros(B, dtype=torch.bool, device=dev)

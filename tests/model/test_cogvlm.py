@@ -278,6 +278,26 @@ def test_loss_is_next_token_loss_with_images_ignored(model, images):
     assert 0 < out.loss.item() < 20
 
 
+def test_loss_from_labelled_logits_only_equals_the_full_loss(llama_dir, clip_dir):
+    m = build(llama_dir, clip_dir, freeze_lm=False)
+    ids, pv = random_ids(2, 9, seed=12), torch.randn(2, 3, 32, 32)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    losses, grads = [], []
+    for keep in ("all", "labels"):
+        m.zero_grad(set_to_none=True)
+        out = m(ids, pixel_values=pv, labels=labels, logits_to_keep=keep)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(m.lm_head.weight.grad.clone())
+        if keep == "labels":
+            assert out.logits.shape == (2 * 4, m.lm_config.vocab_size)  # 4 labelled next tokens per row
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+    with pytest.raises(ValueError):
+        m(ids, logits_to_keep="labels")
+
+
 def test_kv_cache_chunks_equal_one_forward(model):
     ids, emb = random_ids(2, 10, seed=8), image_embeds(model, 2, seed=8)
     mask = torch.ones_like(ids)
