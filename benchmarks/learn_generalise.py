@@ -113,11 +113,8 @@ def run(args) -> dict:
         write_truth_shards(make_world(args.heldout_images, seed=8000 + args.seed, min_objects=1, max_objects=1),
                            data["heldout_single"], 256)
     result = {"tier": "generalise", "baselines": baselines(data["multi"], data["heldout"]),
-              "baselines_single_object": baselines(data["single"], data["heldout_single"]), "variants": []}
-    for name, shallow in (("visual_expert", False), ("shallow", True)):
-        if name in args.variants:
-            result["variants"].append(train_variant(name, shallow, args, data, work))
-            print(json.dumps({k: v for k, v in result["variants"][-1].items() if not k.endswith("curve")}), flush=True)
+              "baselines_single_object": baselines(data["single"], data["heldout_single"]), "variants": [],
+              "complete": False}
     result.update({
         "train_images": args.train_images, "heldout_images": args.heldout_images,
         "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
@@ -126,12 +123,23 @@ def run(args) -> dict:
         "stage_eval": "stage-1 points of eval_curve are on held-out ONE-object images, stage-2 points on 2-4-object ones",
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
-        "note": "CPU shared with five other engineers' test runs (load average far above the 2 cores) while "
+        "note": "CPU shared with five other engineers' test runs (load average often above the 2 cores) while "
                 "measured: wall time is noisy, cpu_s is this process's CPU time. Held-out Acc@0.5 is on "
                 f"the first {args.eval_limit} REC pairs of the held-out images.",
         "command": "python benchmarks/learn_generalise.py " + " ".join(sys.argv[1:]),
     })
+    for name, shallow in (("visual_expert", False), ("shallow", True)):
+        if name in args.variants:
+            result["variants"].append(train_variant(name, shallow, args, data, work))
+            print(json.dumps({k: v for k, v in result["variants"][-1].items() if not k.endswith("curve")}), flush=True)
+            write_json(args.out, result)  # a partial result survives a later timeout
+    result["complete"] = True
     return result
+
+
+def write_json(path: str, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
     return result
 

@@ -388,7 +388,3 @@ def make_loader(dataset: GroundingBatches, seed: int = 0) -> torch.utils.data.Da
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers,
                                        generator=g, persistent_workers=False,
                                        prefetch_factor=2 if dataset.num_workers else None)
-
-
-def count_rows(paths: Sequence[str]) -> int:
-    return sum(sum(row_group_sizes(p)) for p in resolve_shards(paths))

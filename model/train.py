@@ -151,7 +151,12 @@ def wiring(**overrides) -> TrainConfig:
 
 
 def stage2(**overrides) -> TrainConfig:
-    """CogVLM's second stage as the paper sets it (per-GPU batch; scale with ranks and grad_accum)."""
+    """CogVLM's second stage as the paper sets it (per-GPU batch; scale with ranks and grad_accum).
+
+    Needs ``model``: a JSON file of VisualExpertConfig fields (the real LM and ViT), not the debug one.
+    """
+    if overrides.get("model", "debug") == "debug":
+        raise ValueError("the stage2 preset needs --model CONFIG.json (VisualExpertConfig fields: lm, vision, ...)")
     base = dict(max_steps=60_000, batch_size=16, grad_accum=1, lr=1e-5, warmup_steps=500, min_lr_ratio=0.1,
                 weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999, caption_weight=1.0, rec_weight=1.0,
                 max_length=256, num_workers=4, save_every=1000, keep_last=3, parallel="auto", progress=True)

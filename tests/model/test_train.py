@@ -12,7 +12,8 @@ from helpers_train import debug_model_config, make_shards, one_thread, shards8  
 from safetensors.torch import load_file
 
 from model.train import (
-    TrainConfig, config_from_args, debug, find_checkpoint, list_checkpoints, load_checkpoint, lr_factor, main, train,
+    TrainConfig, config_from_args, debug, find_checkpoint, list_checkpoints, load_checkpoint, lr_factor, main, stage2,
+    train,
 )
 
 
@@ -99,6 +100,13 @@ def test_lr_schedule_warmup_then_cosine():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_stage2_preset_needs_a_real_model_config():
+    with pytest.raises(ValueError, match="--model"):
+        stage2()
+    cfg = stage2(model="configs/cogvlm.json")
+    assert cfg.ema_decay == 0.9999 and cfg.caption_weight == cfg.rec_weight == 1.0 and cfg.lr == 1e-5
 
 
 def test_cli_overrides_and_debug_model(tmp_path, shards8):
