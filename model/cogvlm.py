@@ -14,11 +14,14 @@ Routing. The residual stream is kept as two flat streams for the whole forward p
 own weights (so FLOPs equal the plain LM's). Only attention needs the sequence order: per layer one
 permutation gather merges the two streams' QKV into ``(B, L, ...)`` and one splits the attention
 output back. The permutation is computed once per batch from the attention mask, on device, with
-no host sync. ``shallow=True`` (the BLIP-2/LLaVA-style ablation) has no experts: image tokens go
+no host sync (the one sync per forward call asks whether the batch has padding at all, to use SDPA's
+causal fast path when it has none). ``forward(..., logits_to_keep="labels")`` runs the LM head only
+where a next-token label exists (not on the image tokens): same loss, less work. ``shallow=True`` (the BLIP-2/LLaVA-style ablation) has no experts: image tokens go
 through the LM's weights and no routing is done at all.
 
 Supported LMs: Llama, Qwen2 (q/k/v biases, tied embeddings), Mistral (explicit ``head_dim``); rope
-types default/linear/llama3/yarn (``dynamic`` and ``longrope`` raise). Mistral's sliding window is
+types default/linear/llama3 (tested) and yarn (the same transformers function, untested);
+``dynamic`` and ``longrope`` raise. Mistral's sliding window is
 not implemented: a sequence longer than the LM's ``sliding_window`` raises instead of silently
 differing from the LM. Tokenizer: the LM's own; no image tokens are added to the vocabulary (the
 image embeddings are spliced in after BOS). A tokenizer without a BOS token (Qwen2) uses its EOS
