@@ -1,6 +1,8 @@
 """Tiny random-init checkpoints saved with save_pretrained into a session tmp dir (nothing from the hub)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from model import tiny
@@ -19,7 +21,6 @@ def tokenizer_dir(ckpt_root):
 def _lm_dir(ckpt_root, tokenizer_dir, name, write, **kw):
     path = ckpt_root / name
     write(path, **kw)
-    import shutil
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{tokenizer_dir}/{f}", path / f)
     return str(path)
