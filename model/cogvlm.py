@@ -20,8 +20,7 @@ where a next-token label exists (not on the image tokens): same loss, less work.
 through the LM's weights and no routing is done at all.
 
 Supported LMs: Llama, Qwen2 (q/k/v biases, tied embeddings), Mistral (explicit ``head_dim``); rope
-types default/linear/llama3 (tested) and yarn (the same transformers function, untested);
-``dynamic`` and ``longrope`` raise. Mistral's sliding window is
+types default, linear, llama3 and yarn (each tested against HF); ``dynamic`` and ``longrope`` raise. Mistral's sliding window is
 not implemented: a sequence longer than the LM's ``sliding_window`` raises instead of silently
 differing from the LM. Tokenizer: the LM's own; no image tokens are added to the vocabulary (the
 image embeddings are spliced in after BOS). A tokenizer without a BOS token (Qwen2) uses its EOS

@@ -42,6 +42,9 @@ def lm_dirs(ckpt_root, tokenizer_dir, llama_dir):
                                     rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                      "original_max_position_embeddings": 64}),
+        "llama-yarn-rope": _lm_dir(ckpt_root, tokenizer_dir, "llama_yarn", tiny.write_llama,
+                                   rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 256}),
         "qwen2": _lm_dir(ckpt_root, tokenizer_dir, "qwen2", tiny.write_qwen2),
         "mistral": _lm_dir(ckpt_root, tokenizer_dir, "mistral", tiny.write_mistral),
     }

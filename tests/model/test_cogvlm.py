@@ -115,7 +115,8 @@ def test_debug_preset_writes_loadable_checkpoints(tmp_path, images):
 
 # --- text-only: exactly the LM -----------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "llama-linear-rope", "llama3-rope-tied", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama-linear-rope", "llama3-rope-tied", "llama-yarn-rope", "qwen2",
+                                    "mistral"])
 def test_text_only_logits_equal_hf(family, lm_dirs, clip_dir):
     ours = build(lm_dirs[family], clip_dir)
     hf = AutoModelForCausalLM.from_pretrained(lm_dirs[family]).eval()
