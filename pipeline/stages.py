@@ -141,7 +141,7 @@ class PhraseStage:
         todo = [r for r in rows if r["stage"] is None]
         try:
             results = self.extractor([r["caption"] for r in todo]) if todo else []
-        except Exception as e:  # noqa: BLE001 - isolate the caption that breaks the batch
+        except Exception:  # noqa: BLE001 - isolate the caption that breaks the batch
             results = []
             for r in todo:
                 try:

@@ -76,8 +76,7 @@ def test_every_row_is_kept_filtered_or_failed_once(clean_run, world_server, worl
         truth = {tuple(normalize_box(o.box, im.width, im.height)) for o in im.objects}
         assert truth <= {tuple(b) for p in r.phrases for b in p.boxes_norm}
     # rejects are queryable rows with stage and reason
-    rejects = pq.read_table(out / "rejects").to_pylist() if False else [
-        row for name in sorted(os.listdir(out / "rejects")) for row in read_table(str(out / "rejects" / name)).to_pylist()]
+    rejects = [row for name in sorted(os.listdir(out / "rejects")) for row in read_table(str(out / "rejects" / name)).to_pylist()]
     assert {r["key"]: r["reason"] for r in rejects} == {
         "broken_missing_0": "failed_to_download", "broken_missing_1": "failed_to_download",
         "broken_slow_0": "failed_to_download", "broken_corrupt_0": "failed_to_resize", "broken_notimage_0": "failed_to_resize"}
