@@ -53,9 +53,10 @@ def _add(ap: argparse.ArgumentParser, flag: str, f: dataclasses.Field, dest: str
     if typ is bool and not is_list:
         ap.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None)
     elif is_list:
-        ap.add_argument(f"--{flag}", dest=dest, nargs="+", type=typ, default=None)
+        ap.add_argument(f"--{flag}", dest=dest, nargs="+", type=typ, default=None, metavar=f.name.upper())
     else:
-        ap.add_argument(f"--{flag}", dest=dest, type=lambda v, typ=typ: None if v.lower() == "none" else typ(v), default=None)
+        ap.add_argument(f"--{flag}", dest=dest, type=lambda v, typ=typ: None if v.lower() == "none" else typ(v),
+                        default=None, metavar=f.name.upper())
 
 
 def parser() -> argparse.ArgumentParser:
