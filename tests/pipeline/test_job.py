@@ -97,6 +97,9 @@ def test_rerun_skips_finished_shards_and_refuses_another_config(clean_run, world
     assert again["shards"] == {**report["shards"], "written_this_run": 0, "skipped_finished": 9}
     assert again["counts"] == report["counts"]
     assert shard_files(out) == before and {p: os.stat(out / p).st_mtime_ns for p in before} == mtimes
+    assert main(["--config", str(out / "config.json")]) == 0  # the resolved config replays the run
+    assert json.loads((out / "run_report.json").read_text())["shards"]["skipped_finished"] == 9
+    assert shard_files(out) == before
     with pytest.raises(ValueError, match="another config"):
         run_job(replace(world_job(files, out), min_boxes=3))
 
