@@ -71,6 +71,23 @@ def baselines(train_dir: str, heldout_dir: str, limit: int | None = None) -> dic
                                       "random_object_acc@0.5": rand_lim}}
 
 
+def caption_probe(checkpoint: str, heldout_single: str, n: int = 60) -> dict:
+    """Does the vision path generalise *what* is in an image? Caption held-out one-object images and
+    count how often the object's colour, shape and both appear (chance: 1/6, 1/4, 1/24)."""
+    from model.data import encode_prompt, pad_left
+    from model.train import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(checkpoint)
+    ex = shard_examples([heldout_single], limit=n)
+    tok = model.tokenizer
+    ids, mask = pad_left([encode_prompt(tok, "Question: Describe the image.") for _ in ex], tok.pad_token_id)
+    new = model.generate(ids, mask, model.preprocess([e.load_image() for e in ex]), max_new_tokens=30)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in new.tolist()]
+    hit = lambda f: round(sum(f(e) in t for e, t in zip(ex, texts)) / len(ex), 3)  # noqa: E731
+    return {"n": len(ex), "colour": hit(lambda e: e.phrase.split()[0]), "shape": hit(lambda e: e.phrase.split()[1]),
+            "colour_and_shape": hit(lambda e: e.phrase), "chance": {"colour": 1 / 6, "shape": 1 / 4, "colour_and_shape": 1 / 24}}
+
+
 def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dict:
     pm = ProofModel(image_size=args.image_size, patch_size=args.patch_size, lm_hidden=args.lm_hidden,
                     lm_layers=args.lm_layers, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
@@ -82,7 +99,7 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
                   resume="none")
     t0, c0 = time.perf_counter(), time.process_time()
     stages = []
-    init = None
+    init, probe = None, None
     if args.stage1_steps:
         out1 = work / f"{name}-stage1"
         cfg1 = TrainConfig(out_dir=str(out1), shards=[data["single"]], max_steps=args.stage1_steps,
@@ -90,6 +107,7 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
                            eval_shards=[data["heldout_single"]], eval_every=args.eval_every, **common)
         train(cfg1, model_config=mcfg)
         stages.append(("stage1", out1, args.stage1_steps))
+        probe = caption_probe(str(out1), data["heldout_single"])
         init = str(out1)
     out2 = work / f"{name}-stage2"
     cfg2 = TrainConfig(out_dir=str(out2), shards=[data["multi"]], max_steps=args.stage2_steps,
@@ -108,7 +126,8 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
     return {"variant": name, "shallow": shallow, "final_heldout_acc@0.5": summary["last_eval"]["acc@0.5"],
             "final_heldout_mean_iou": summary["last_eval"]["mean_iou"],
             "parse_failures": summary["last_eval"]["parse_failures"], "wall_s": round(wall, 1),
-            "cpu_s": round(cpu, 1), "eval_curve": evals, "loss_curve": losses, "model": pm.__dict__}
+            "cpu_s": round(cpu, 1), "stage1_caption_probe": probe, "eval_curve": evals, "loss_curve": losses,
+            "model": pm.__dict__}
 
 
 def run(args) -> dict:
