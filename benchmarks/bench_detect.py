@@ -3,8 +3,8 @@
 No weights can be downloaded here, so the model is the default ``GroundingDinoConfig`` (Swin-T +
 BERT-base, ~172 M parameters) with random init, saved with ``save_pretrained`` and loaded through
 ``BoxDetector`` like real weights: the forward cost is the same as the released checkpoint's.
-Every batch size runs on the same images in one process, interleaved over ``--repeats`` rounds,
-so the ratios are measured side by side. Speed depends on the resize (``--shortest-edge``,
+Every batch size runs on the same images in one process, interleaved over ``--repeats`` rounds
+(order reversed every other round; the best round counts), so the ratios are measured side by side. Speed depends on the resize (``--shortest-edge``,
 default 800 as GroundingDINO): a 2-core CPU takes ~10 s per image at 800.
 
     python benchmarks/bench_detect.py                          # default shape, CPU, batch 1/2/4
@@ -80,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next(iter(detectors.values()))
         first(images[:1], phrases[:1])  # warm-up (allocator, lazy init)
         seconds: dict[tuple[str, int], list[float]] = {k: [] for k in detectors}
-        for _ in range(args.repeats):
-            for key, det in detectors.items():
+        for round_ in range(args.repeats):
+            # alternate the order every round, so a drifting machine load favours no batch size
+            for key, det in (list(detectors.items()) if round_ % 2 == 0 else list(detectors.items())[::-1]):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
