@@ -91,7 +91,7 @@ def caption_probe(checkpoint: str, heldout_single: str, n: int = 60) -> dict:
 def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dict:
     pm = ProofModel(image_size=args.image_size, patch_size=args.patch_size, lm_hidden=args.lm_hidden,
                     lm_layers=args.lm_layers, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
-                    shallow=shallow)
+                    shallow=shallow, sincos_positions=args.sincos_positions)
     mcfg = pm.write(work / "models", seed=args.seed)
     common = dict(batch_size=args.batch_size, lr=args.lr, min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0,
                   max_length=args.max_length, qa_per_image=args.qa_per_image, pack_qa=args.pack_qa, save_every=0,
@@ -149,7 +149,7 @@ def run(args) -> dict:
         "train_images": args.train_images, "heldout_images": args.heldout_images,
         "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
         "lr": args.lr, "caption_weight": args.caption_weight, "eval_limit": args.eval_limit,
-        "qa_per_image": args.qa_per_image, "pack_qa": args.pack_qa,
+        "qa_per_image": args.qa_per_image, "pack_qa": args.pack_qa, "sincos_positions": args.sincos_positions,
         "stage_eval": "stage-1 points of eval_curve are on held-out ONE-object images, stage-2 points on 2-4-object ones",
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-qa", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="the image's QA pairs in one sequence (default true)")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--sincos-positions", action="store_true",
+                   help="ViT position embeddings = 2-D sin/cos at unit scale (a pretrained tower's positional knowledge)")
     p.add_argument("--variants", nargs="*", default=["visual_expert", "shallow"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -45,20 +45,47 @@ class ProofModel:
     lm_hidden: int = 128
     lm_layers: int = 2
     shallow: bool = False
+    sincos_positions: bool = False  # ViT position embeddings = 2-D sin/cos at unit scale (see below)
 
     def write(self, root: str | os.PathLike, seed: int = 0) -> VisualExpertConfig:
-        """Write the random LM (+ world tokenizer) and ViT under ``root``; everything trainable."""
+        """Write the random LM (+ world tokenizer) and ViT under ``root``; everything trainable.
+
+        ``sincos_positions``: a random ViT's position embeddings (std 0.02) are drowned by the patch
+        content, while a pretrained tower (EVA-CLIP in CogVLM) arrives knowing where each patch is. Setting
+        them to a 2-D sin/cos table at unit scale stands in for that positional knowledge.
+        """
         root = Path(root)
         lm = root / f"lm-{self.lm_hidden}x{self.lm_layers}"
-        vis = root / f"vit-{self.image_size}p{self.patch_size}-{self.vision_hidden}x{self.vision_layers}"
+        vis = root / (f"vit-{self.image_size}p{self.patch_size}-{self.vision_hidden}x{self.vision_layers}"
+                      + ("-sincos" if self.sincos_positions else ""))
         if not (lm / "model.safetensors").exists():
             write_tokenizer(lm)
             write_llama(lm, hidden_size=self.lm_hidden, num_layers=self.lm_layers, seed=seed)
         if not (vis / "model.safetensors").exists():
             write_clip_vision(vis, image_size=self.image_size, patch_size=self.patch_size,
                               hidden_size=self.vision_hidden, num_layers=self.vision_layers, seed=seed)
+            if self.sincos_positions:
+                set_sincos_positions(vis / "model.safetensors", self.image_size // self.patch_size)
         return VisualExpertConfig(lm=str(lm), vision=str(vis), shallow=self.shallow, freeze_lm=False,
                                   freeze_vision=False, lm_lr_mult=1.0, seed=seed)
+
+
+def set_sincos_positions(path: Path, grid: int) -> None:
+    """Overwrite a CLIP tower's position embeddings (CLS + grid x grid patches) with 2-D sin/cos, std ~1."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    key = next(k for k in sd if k.endswith("position_embedding.weight"))
+    n, dim = sd[key].shape
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    table = [f(c.reshape(-1, 1) * freqs) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    pos = torch.cat(table, dim=1) * (2 ** 0.5)                    # (grid*grid, 4*quarter), unit variance
+    full = torch.zeros(n, dim)
+    full[1:, : pos.shape[1]] = pos
+    sd[key] = full.contiguous()
+    save_file(sd, str(path), metadata={"format": "pt"})
 
 
 def read_curve(log_path: Path) -> tuple[list[dict], list[dict]]:
