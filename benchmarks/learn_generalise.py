@@ -103,11 +103,11 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
     if args.stage1_steps:
         out1 = work / f"{name}-stage1"
         cfg1 = TrainConfig(out_dir=str(out1), shards=[data["single"]], max_steps=args.stage1_steps,
-                           warmup_steps=min(100, args.stage1_steps // 10), caption_weight=1.0, rec_weight=1.0,
+                           warmup_steps=min(100, args.stage1_steps // 10), caption_weight=args.stage1_caption_weight, rec_weight=1.0,
                            eval_shards=[data["heldout_single"]], eval_every=args.eval_every, **common)
         train(cfg1, model_config=mcfg)
         stages.append(("stage1", out1, args.stage1_steps))
-        probe = caption_probe(str(out1), data["heldout_single"])
+        probe = caption_probe(str(out1), data["heldout_single"]) if args.stage1_caption_weight > 0 else None
         init = str(out1)
     out2 = work / f"{name}-stage2"
     cfg2 = TrainConfig(out_dir=str(out2), shards=[data["multi"]], max_steps=args.stage2_steps,
@@ -147,7 +147,7 @@ def run(args) -> dict:
               "complete": False}
     result.update({
         "train_images": args.train_images, "heldout_images": args.heldout_images,
-        "stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
+        "stage1_steps": args.stage1_steps, "stage1_caption_weight": args.stage1_caption_weight, "stage2_steps": args.stage2_steps, "batch_size": args.batch_size,
         "lr": args.lr, "caption_weight": args.caption_weight, "eval_limit": args.eval_limit,
         "qa_per_image": args.qa_per_image, "pack_qa": args.pack_qa, "sincos_positions": args.sincos_positions,
         "stage_eval": "stage-1 points of eval_curve are on held-out ONE-object images, stage-2 points on 2-4-object ones",
@@ -158,13 +158,31 @@ def run(args) -> dict:
                 f"the first {args.eval_limit} REC pairs of the held-out images.",
         "command": "python benchmarks/learn_generalise.py " + " ".join(sys.argv[1:]),
     })
+    if args.jobs > 1 and len(args.variants) > 1:  # one process per variant, side by side (same data, same budget)
+        result["variants"] = run_parallel(args, work)
     for name, shallow in (("visual_expert", False), ("shallow", True)):
-        if name in args.variants:
+        if name in args.variants and args.jobs <= 1:
             result["variants"].append(train_variant(name, shallow, args, data, work))
             print(json.dumps({k: v for k, v in result["variants"][-1].items() if not k.endswith("curve")}), flush=True)
             write_json(args.out, result)  # a partial result survives a later timeout
     result["complete"] = True
     return result
+
+
+def run_parallel(args, work: Path) -> list[dict]:
+    import subprocess
+
+    procs = []
+    for name in args.variants:
+        out = work / f"{name}.json"
+        argv = [sys.executable, __file__, *sys.argv[1:], "--variants", name, "--jobs", "1", "--out", str(out)]
+        procs.append((out, subprocess.Popen(argv, stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)))
+    variants = []
+    for out, proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"variant run failed ({proc.returncode}); see {out.with_suffix('.log')}")
+        variants += json.loads(out.read_text())["variants"]
+    return variants
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -174,12 +192,14 @@ def write_json(path: str, obj: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--train-images", type=int, default=6000)
     p.add_argument("--heldout-images", type=int, default=100)
-    p.add_argument("--stage1-steps", type=int, default=400)
-    p.add_argument("--stage2-steps", type=int, default=800)
+    p.add_argument("--stage1-steps", type=int, default=3000)
+    p.add_argument("--stage1-caption-weight", type=float, default=0.0,
+                   help="captions in stage 1 (default 0: stage 1 is REC of the only object)")
+    p.add_argument("--stage2-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--caption-weight", type=float, default=0.25)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
@@ -187,17 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-layers", type=int, default=2)
     p.add_argument("--vision-hidden", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-limit", type=int, default=96)
     p.add_argument("--qa-per-image", type=int, default=4)
     p.add_argument("--pack-qa", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="the image's QA pairs in one sequence (default true)")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--sincos-positions", action="store_true",
+    p.add_argument("--sincos-positions", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="ViT position embeddings = 2-D sin/cos at unit scale (a pretrained tower's positional knowledge)")
     p.add_argument("--variants", nargs="*", default=["visual_expert", "shallow"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel processes (one thread each)")
     p.add_argument("--work", default="/tmp/learn_generalise")
     p.add_argument("--out", default=str(RESULTS / "learn_generalise.json"))
     p.add_argument("--progress", action="store_true")
