@@ -58,6 +58,11 @@ class WorldObject:
     def phrase(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def named(self) -> str:
+        """How the caption names it: "a red ball", "an orange box"."""
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.phrase}"
+
 
 @dataclass
 class WorldImage:
@@ -120,15 +125,15 @@ def make_image(rng: random.Random, key: str, size: tuple[int, int] | None = None
                 objects.append(WorldObject(shape, colour, box))
                 break
     # The caption names every object: "a red ball, a blue box and a green kite".
-    names = [f"a {o.colour} {o.shape}" for o in objects]
+    names = [o.named for o in objects]
     objs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     template = rng.choice(CAPTION_TEMPLATES)
     caption = template.format(objs=objs, bg=bg)
     caption = caption[0].upper() + caption[1:]
     pos = 0
     for o in objects:
-        i = caption.lower().index(f"a {o.colour} {o.shape}", pos)
-        o.start, o.end = i, i + len(f"a {o.colour} {o.shape}")
+        i = caption.lower().index(o.named, pos)
+        o.start, o.end = i, i + len(o.named)
         pos = o.end
     return WorldImage(key, w, h, bg, caption, objects)
 

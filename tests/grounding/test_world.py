@@ -16,9 +16,16 @@ def test_world_is_deterministic_and_spans_match(world):
     for im in world:
         assert 2 <= len(im.objects) <= 4
         for o in im.objects:
-            assert im.caption[o.start:o.end].lower() == f"a {o.colour} {o.shape}"
+            assert im.caption[o.start:o.end].lower() == o.named
             x0, y0, x1, y1 = o.box
             assert 0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height
+
+
+def test_captions_use_the_right_article():
+    objs = [o for im in make_world(40, seed=1) for o in im.objects]
+    oranges = [o for o in objs if o.colour == "orange"]
+    assert oranges and all(o.named == f"an orange {o.shape}" for o in oranges)
+    assert all(o.named.startswith("a ") for o in objs if o.colour != "orange")
 
 
 def test_rendered_pixels_follow_the_boxes(world):
