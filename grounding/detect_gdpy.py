@@ -14,6 +14,7 @@ bert-base-uncased directory (the hub is not reachable from the workers).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
@@ -67,7 +68,10 @@ class GroundingDinoPyModel:
         if config.text_encoder:
             args.text_encoder_type = config.text_encoder
         self.model = build_model(args)
-        checkpoint = torch.load(str(weights_path), map_location="cpu", weights_only=False)
+        # IDEA's released .pth files carry their argparse.Namespace beside the weights: allow that
+        # one type and nothing else to be unpickled.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(str(weights_path), map_location="cpu", weights_only=True)
         state = checkpoint.get("model", checkpoint)
         state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
         self.model.load_state_dict(state, strict=False)

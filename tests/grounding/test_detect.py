@@ -1,6 +1,7 @@
 """grounding.detect: a tiny random-init GroundingDINO saved to disk and loaded back, on world images."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -400,7 +401,9 @@ def test_groundingdino_py_backend_on_world_images(tmp_path, world):
     args = SLConfig.fromfile(str(cfg))
     args.device, args.text_encoder_type = "cpu", str(bert)
     torch.manual_seed(0)
-    torch.save({"model": build_model(args).state_dict()}, cfg.parent / "random.pth")
+    # like IDEA's released checkpoints: the weights plus the training args (an argparse.Namespace)
+    torch.save({"model": build_model(args).state_dict(), "args": argparse.Namespace(lr=1e-4)},
+               cfg.parent / "random.pth")
     det = BoxDetector(DetectorConfig(backend="groundingdino-py", model=str(cfg.parent), text_encoder=str(bert),
                                      shortest_edge=224, longest_edge=320, device="cpu", **OPEN))
     images = [im.render() for im in world[:2]]
