@@ -127,6 +127,9 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
     cfg = config or ExportConfig()
     con.execute(f"SELECT key FROM shards WHERE {_where(cfg)} LIMIT 0")  # a bad filter fails before any write
     out = Path(dest) / "shards"
+    files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
+    if any(Path(f).resolve().parent == out.resolve() for f in files):
+        raise ValueError(f"{out} holds the shards being exported: choose another destination")
     existing = sorted(out.glob("*.parquet")) if out.exists() else []
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {len(existing)} shards; pass overwrite=True (--overwrite)")
@@ -134,7 +137,6 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
         f.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
-    files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
     concepts: dict[str, int] = {}
     if cfg.balanced:
         params = {"cap": cfg.cap, "min_images": cfg.min_images, "seed": str(cfg.seed)}

@@ -233,6 +233,15 @@ def test_filter_export_keeps_schema_metadata_order_and_bytes(con, known_out, tmp
     assert [r[0] for r in connect(tmp_path / "sub").sql("SELECT key FROM shards").fetchall()] == ["k2"]
 
 
+def test_export_onto_its_own_source_is_refused_and_deletes_nothing(known_out):
+    before = sorted(p.name for p in (known_out / "shards").glob("*.parquet"))
+    con = connect(known_out)
+    with pytest.raises(ValueError, match="holds the shards being exported"):
+        export_shards(con, known_out, ExportConfig(where="num_boxes >= 2"), overwrite=True)
+    assert sorted(p.name for p in (known_out / "shards").glob("*.parquet")) == before
+    assert connect(known_out).sql("SELECT count(*) FROM shards").fetchall() == [(4,)]
+
+
 def _md5_order(keys, seed):
     return sorted(keys, key=lambda k: (hashlib.md5(f"{k}:{seed}".encode()).hexdigest(), k))
 
