@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from grounding.boxes import CAPTION_TEMPLATES, REC_TEMPLATES, format_boxes, grounded_caption, strip_article
+from grounding.boxes import CAPTION_TEMPLATES, format_answer, format_question, grounded_caption
 
 REASON_TOO_FEW_BOXES = "too_few_boxes"
 
@@ -27,11 +27,11 @@ def build_record(*, key: str, caption: str, image: bytes, width: int, height: in
     distinct = {tuple(b) for p in kept for b in p["boxes_norm"]}
     if len(distinct) < min_boxes:
         return None, REASON_TOO_FEW_BOXES
-    rec, cap = REC_TEMPLATES[rec_template], CAPTION_TEMPLATES[caption_template]
+    cap = CAPTION_TEMPLATES[caption_template]
     qa = [{"task": "caption", "question": cap.question, "answer": cap.answer.format(caption=caption), "phrase_index": None}]
     for i, p in enumerate(kept):
-        qa.append({"task": "rec", "question": rec.question.format(phrase=strip_article(p.get("prompt") or p["text"])),
-                   "answer": rec.answer.format(boxes=format_boxes(p["boxes_norm"])), "phrase_index": i})
+        qa.append({"task": "rec", "question": format_question(p.get("prompt") or p["text"], rec_template),
+                   "answer": format_answer(p["boxes_norm"], rec_template), "phrase_index": i})
     chunks = [(p["start"], p["end"], p["boxes_norm"]) for p in kept if p["kind"] == "chunk"]
     row = {"key": key, "url": url, "caption": caption, "width": width, "height": height,
            "original_width": original_width, "original_height": original_height, "image": image,
