@@ -16,11 +16,11 @@ are split over ``(rank, loader worker)`` slots without overlap: by shard when th
 many shards as slots, else by row group, else by row. Every batch carries the slot's cursor
 (``epoch``, row index, sample offset) so a trainer can save the exact data position and resume
 from it (:meth:`GroundingBatches.resume`). A row whose image does not decode, or that has no QA
-pair of the wanted task, is skipped and counted (``batch["skipped"]``), never fatal.
+pair of the wanted task, is skipped and counted (``batch["skipped"]``), never fatal. Samples longer
+than ``max_length`` are kept, cut, and counted apart (``batch["truncated"]``, samples in the batch).
 """
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from grounding.boxes import prompt_and_target
+from grounding.render import decode_image as render_decode_image
 
 IGNORE_INDEX = -100
 READ_COLUMNS = ["key", "image", "width", "height", "qa"]
@@ -109,13 +110,10 @@ class ImagePreprocessor:
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``(image, None)`` or ``(None, reason)`` for bytes that are not a decodable image."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB"), None
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ValueError, ...)
-        return None, f"corrupt_image: {type(e).__name__}"
+    """``(RGB image, None)`` or ``(None, "corrupt_image: <ExceptionType>")``: :func:`grounding.render.decode_image`
+    with the reason cut to the exception type, so skip counts keep a few keys (PIL messages hold object addresses)."""
+    image, reason = render_decode_image(data)
+    return (image, None) if image is not None else (None, f"corrupt_image: {reason.split(':', 1)[0]}")
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -319,9 +317,8 @@ class GroundingBatches(IterableDataset):
         samples = []
         for task, q in picks:
             ids, labels, truncated = encode_qa(self.tokenizer, q["question"], q["answer"], cfg.max_length)
-            if truncated:
-                skipped["truncated (kept)"] += 1
-            samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "task": task, "key": row["key"]})
+            samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "task": task, "key": row["key"],
+                            "truncated": truncated})
         if cfg.pack_qa and len(samples) > 1:
             samples = [pack_samples(samples, cfg.max_length)]
         return samples
@@ -351,6 +348,7 @@ class GroundingBatches(IterableDataset):
         cache: dict[tuple[int, int], list[dict]] = {}
         pending: list[dict] = []
         skipped: Counter = Counter()
+        truncated = 0                                         # kept samples cut at max_length (not skipped)
         while True:
             order = self.epoch_order(slot, epoch)
             if not order:
@@ -364,19 +362,21 @@ class GroundingBatches(IterableDataset):
                 samples = self.row_samples(row, ref, epoch, skipped)[offset:]
                 for k, s in enumerate(samples):
                     pending.append(s)
+                    truncated += bool(s.get("truncated"))
                     if len(pending) == self.config.batch_size:
                         nxt = (epoch, pos, offset + k + 1) if k + 1 < len(samples) else (epoch, pos + 1, 0)
                         batch = collate(pending, self.pad_id)
                         batch["worker"], batch["cursor"] = worker, nxt
-                        batch["skipped"] = dict(skipped)
+                        batch["skipped"], batch["truncated"] = dict(skipped), truncated
                         yield batch
-                        pending, skipped = [], Counter()
+                        pending, skipped, truncated = [], Counter(), 0
                 pos, offset = pos + 1, 0
             epoch, pos = epoch + 1, 0
             if not self.config.repeat:
                 if pending:
                     batch = collate(pending, self.pad_id)
                     batch["worker"], batch["cursor"], batch["skipped"] = worker, (epoch, 0, 0), dict(skipped)
+                    batch["truncated"] = truncated
                     yield batch
                 return
 

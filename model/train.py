@@ -11,7 +11,8 @@ What one run does: AdamW over the model's parameter groups (the LM's at ``lm_lr_
 learning rate when it is unfrozen), linear warmup then cosine decay to ``min_lr_ratio``, gradient
 clipping, gradient accumulation, bf16 autocast on GPU, an optional EMA of the trainable weights
 (the paper used one). Logs go to the console (a progress bar) and to ``out_dir/log.jsonl``: loss,
-learning rate, gradient norm, tokens/s, samples/s and the data rows skipped (corrupt images...).
+learning rate, gradient norm, tokens/s, samples/s and the data rows skipped (corrupt images...) and the
+samples truncated to ``max_length`` (kept, counted apart).
 
 Checkpoints (``out_dir/checkpoints/step_NNNNNNNN/``) hold the trainable weights and the EMA in
 safetensors, the optimizer state (``torch.save``; read back with ``weights_only=True``), every
@@ -559,7 +560,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
 
     dataset = GroundingBatches(cfg.data_config(), tokenizer, preprocess, dist.rank, dist.world_size, cfg.num_workers)
     step, batches, cursors = 0, 0, {}
-    totals = {"samples": 0, "tokens": 0, "skipped": {}}
+    totals = {"samples": 0, "tokens": 0, "skipped": {}, "truncated": 0}
     ckpt_path = None
     if cfg.resume == "auto":
         found = list_checkpoints(cfg.out_dir)
@@ -574,7 +575,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         ds = st["data_states"][dist.rank]
         dataset.resume(ds)
         batches, cursors = ds["batches"], {int(k): tuple(v) for k, v in ds["cursors"].items()}
-        totals = st.get("totals", totals)
+        totals = {**totals, **st.get("totals", {})}   # older checkpoints lack "truncated"
     log = JsonlLog(out / "log.jsonl" if dist.main else None)
     if dist.main:
         (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": _config_dict(mcfg)}, indent=1))
@@ -592,6 +593,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     history: list[dict] = []
     data_iter = iter(make_loader(dataset, cfg.seed))
     window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
+    paused = 0.0                                     # eval/save seconds inside the window: not training time
     last_eval = None
     while step < stop:
         factor = lr_factor(step, cfg)
@@ -604,6 +606,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
             cursors[batch["worker"]] = tuple(batch["cursor"])
             for k, v in batch["skipped"].items():
                 totals["skipped"][k] = totals["skipped"].get(k, 0) + v
+            totals["truncated"] += batch.get("truncated", 0)
             sync = micro == cfg.grad_accum - 1 or mode != "ddp"
             with (nullcontext() if sync else model.no_sync()), autocast:
                 out_ = model(input_ids=batch["input_ids"].to(dist.device),
@@ -617,6 +620,8 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
             n_tokens = int(batch["attention_mask"].sum())
             window_samples += n_samples
             window_tokens += n_tokens
+            totals["samples"] += n_samples * dist.world_size   # every step, so a checkpoint's totals are exact
+            totals["tokens"] += n_tokens * dist.world_size
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
                      else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
@@ -627,38 +632,39 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         step += 1
         loss_val = mean_across(loss_sum, dist)
         if step % cfg.log_every == 0 or step == stop:
-            dt = max(time.perf_counter() - window_t, 1e-9)
+            dt = max(time.perf_counter() - window_t - paused, 1e-9)
             rec = {"step": step, "loss": loss_val, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
                    "samples_per_s": window_samples * dist.world_size / dt,
-                   "tokens_per_s": window_tokens * dist.world_size / dt, "skipped": dict(totals["skipped"])}
-            totals["samples"] += window_samples * dist.world_size
-            totals["tokens"] += window_tokens * dist.world_size
-            window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
+                   "tokens_per_s": window_tokens * dist.world_size / dt, "skipped": dict(totals["skipped"]),
+                   "truncated": totals["truncated"]}
+            window_t, window_samples, window_tokens, paused = time.perf_counter(), 0, 0, 0.0
             history.append(rec)
             log.write(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
+        pause_t = time.perf_counter()                # throughput counts training time only
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == stop):
             last_eval = evaluate_during_training(cfg, inner, ema, dist, step, log)
             if on_eval is not None and last_eval is not None:
                 on_eval(step, last_eval)
-            window_t = time.perf_counter()
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
             local = dataset.state_after(cursors, batches)
             save_checkpoint(cfg.out_dir, step, model, optimizer, ema,
                             {"data_state_local": local, "totals": totals, "config": cfg.to_dict(),
                              "model_config": _config_dict(mcfg)}, cfg.keep_last, dist, mode)
-            window_t = time.perf_counter()  # throughput counts training time only
+        paused += time.perf_counter() - pause_t
     if bar is not None:
         bar.close()
     summary = {"step": step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
+               "truncated": totals["truncated"], "totals": totals,
                "out_dir": str(out), "model": inner}
     checksums = gather_objects(param_checksum(inner), dist)
     summary["ranks_in_sync"] = all(c == checksums[0] for c in checksums)
     if dist.main:
-        log.write({"event": "end", "step": step, "skipped": totals["skipped"], "ranks_in_sync": summary["ranks_in_sync"],
+        log.write({"event": "end", "step": step, "skipped": totals["skipped"], "truncated": totals["truncated"],
+                   "ranks_in_sync": summary["ranks_in_sync"],
                    "rank_checksums": checksums})
     return summary
 

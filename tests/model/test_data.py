@@ -118,15 +118,25 @@ def test_mixture_and_qa_per_image(shards8, tok, pre):
 def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
     rows = [row_to_dict(r) for r in read_shard(resolve_shards(shards8)[0])]
     rows[1]["image"] = b"\xff\xd8\xff\xe0 not a jpeg at all"
-    bad_key = rows[1]["key"]
+    rows[2]["image"] = rows[3]["image"] = b"not an image"            # PIL's messages differ (object address)
+    bad_keys = {rows[i]["key"] for i in (1, 2, 3)}
     write_shard(rows, str(tmp_path / "bad.parquet"))
     batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
     keys = [k for b in batches for k in b["keys"]]
-    assert bad_key not in keys and len(keys) == len(rows) - 1
+    assert not bad_keys & set(keys) and len(keys) == len(rows) - 3
     skipped = Counter()
     for b in batches:
         skipped.update(b["skipped"])
-    assert sum(skipped.values()) == 1 and next(iter(skipped)).startswith("corrupt_image: ")
+    assert skipped == {"corrupt_image: OSError": 1, "corrupt_image: UnidentifiedImageError": 2}  # one key per kind
+
+
+def test_long_samples_are_kept_truncated_and_not_counted_as_skipped(shards8, tok, pre):
+    full = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=64), tok, pre)
+    assert sum(b["truncated"] for b in full) == 0 and max(b["input_ids"].shape[1] for b in full) > 8
+    cut = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
+    assert sorted(k for b in cut for k in b["keys"]) == sorted(k for b in full for k in b["keys"])   # all 8 kept
+    assert all(b["input_ids"].shape[1] == 8 for b in cut)
+    assert sum(b["truncated"] for b in cut) == 8 and all(b["skipped"] == {} for b in cut)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

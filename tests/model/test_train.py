@@ -34,21 +34,27 @@ def test_a_few_steps_reduce_the_loss(tmp_path, shards8, debug_model_config):
 
 
 def test_resume_is_exact(tmp_path, shards8, debug_model_config):
-    """2N steps straight == N steps, a fresh process state, resume, N steps: identical losses and weights."""
-    kw = dict(shards=[shards8], max_steps=8, save_every=4, deterministic=True, grad_accum=2, ema_decay=0.8,
-              caption_weight=1.0, qa_per_image=2, lr=2e-3)
+    """2N steps straight == N steps, a fresh process state, resume, N steps: identical losses and weights.
+    Also resumed from a checkpoint saved between log steps (save_every 3, log_every 2): same totals."""
+    kw = dict(shards=[shards8], max_steps=8, save_every=3, log_every=2, deterministic=True, grad_accum=2,
+              ema_decay=0.8, caption_weight=1.0, qa_per_image=2, lr=2e-3)
     straight = train(debug(out_dir=str(tmp_path / "a"), **kw), model_config=debug_model_config)
     first = train(debug(out_dir=str(tmp_path / "b"), stop_after=4, **kw), model_config=debug_model_config)
+    mid = train(debug(out_dir=str(tmp_path / "c"), resume=str(tmp_path / "b" / "checkpoints" / "step_00000003"), **kw),
+                model_config=debug_model_config)
     torch.manual_seed(12345)                                         # disturb the global RNG: resume must restore it
     second = train(debug(out_dir=str(tmp_path / "b"), **kw), model_config=debug_model_config)
-    assert len(losses(first)) == 4 and len(losses(second)) == 4
+    assert len(losses(first)) == 2 and len(losses(second)) == 2      # logged at steps 2, 4 | 6, 8
     assert losses(first) + losses(second) == losses(straight)        # bit-identical floats
-    a, b = find_checkpoint(str(tmp_path / "a")), find_checkpoint(str(tmp_path / "b"))
+    assert losses(mid) == losses(straight)[1:]                       # steps 4, 6, 8
+    a, b, c = (find_checkpoint(str(tmp_path / d)) for d in "abc")
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = (json.loads((c / "trainer_state.json").read_text()) for c in (a, b))
-    assert sa["data_states"] == sb["data_states"] and sa["step"] == sb["step"] == 8
+    sa, sb, sc = (json.loads((d / "trainer_state.json").read_text()) for d in (a, b, c))
+    assert sa["data_states"] == sb["data_states"] == sc["data_states"] and sa["step"] == sb["step"] == sc["step"] == 8
+    assert sa["totals"]["samples"] == 8 * 2 * 4                      # steps x grad_accum x batch_size
+    assert sb["totals"] == sa["totals"] and sc["totals"] == sa["totals"] and mid["totals"] == sa["totals"]
 
 
 def test_checkpoints_are_complete_atomic_and_pruned(tmp_path, shards8, debug_model_config):
