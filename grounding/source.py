@@ -229,7 +229,7 @@ def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: I
     if not host:
         return "bad_url", "no host"
     host = host.lower()
-    if allow_private_hosts or host in set(allow_hosts):
+    if allow_private_hosts or host in {h.lower().strip("[]") for h in allow_hosts}:
         return None, None
     try:
         literal = ipaddress.ip_address(host)

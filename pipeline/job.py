@@ -5,7 +5,7 @@
 
     config.json            the resolved config (+ its content hash)
     run_report.json        counts per reason, per-stage time and throughput, versions, config
-    downloads/             img2dataset's own shards (NNNNN.parquet + NNNNN_stats.json), _input/
+    downloads/             img2dataset's own shards (NNNNN.parquet + NNNNN_stats.json), _input/ (+ ids.json)
     shards/<name>.parquet  grounding shards (GROUNDING_SCHEMA), <name> = <input-stem>-<NNNNN>
     rejects/<name>.parquet every filtered or failed input row (REJECTS_SCHEMA), same <name>
 
@@ -36,7 +36,8 @@ from grounding.detect import DetectorConfig
 from grounding.phrases import PhraseConfig
 from grounding.schema import REJECTS_SCHEMA, read_metadata, read_table, write_shard
 from grounding.source import FilterConfig, SourceConfig, list_sources, prefilter, read_source, sample_rows, source_stem, split_shards
-from pipeline.download import DownloadConfig, download_ids, download_path, is_downloaded, run_download, write_inputs
+from pipeline.download import (DownloadConfig, discard_download, download_ids, download_path, is_downloaded, run_download,
+                               write_inputs)
 from pipeline.stages import OUTPUT_SCHEMA, TIMED, is_failure, split_output
 
 DOWNLOAD_COLUMNS = ["sample_key", "source_shard", "source_row", "url", "caption", "status", "error_message",
@@ -521,14 +522,21 @@ def run_job(config: JobConfig) -> dict:
         print(f"{len(shards)} shards, {len(skipped)} already finished, {len(pending)} to do", flush=True)
 
         with_rows = [s for s in shards if s.rows.num_rows]
-        ids = download_ids([s.name for s in with_rows])
-        need = [s for s in pending if s.rows.num_rows and not is_downloaded(layout.downloads, ids[s.name])]
+        ids = download_ids(layout.downloads, [s.name for s in with_rows])
+
+        def downloaded(s: WorkShard) -> bool:
+            return is_downloaded(layout.downloads, ids[s.name], s.name, s.rows["source_row"].to_pylist())
+
+        need = [s for s in pending if s.rows.num_rows and not downloaded(s)]
         t0 = time.perf_counter()
         if need:
-            write_inputs([(s.name, s.rows) for s in with_rows], layout.downloads)
+            for s in need:  # a stale shard under this id (another shard's rows, or other rows) is redone
+                discard_download(layout.downloads, ids[s.name])
+            write_inputs([(s.name, s.rows) for s in with_rows], layout.downloads, ids)
             print(f"downloading {sum(s.rows.num_rows for s in need)} rows with img2dataset ...", flush=True)
-            run_download(config.download, layout.downloads, config.source.shard_rows)
-            lost = [s.name for s in need if not is_downloaded(layout.downloads, ids[s.name])]
+            run_download(config.download, layout.downloads, config.source.shard_rows,
+                         config.filters.allow_private_hosts, config.filters.allow_hosts)
+            lost = [s.name for s in need if not downloaded(s)]
             if lost:
                 raise RuntimeError(f"img2dataset did not finish shards {lost}; rerun the same command to retry")
         timings["download"] = time.perf_counter() - t0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any
 
 import pyarrow as pa
 from PIL import Image
@@ -271,7 +270,3 @@ def split_output(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     kept = table.filter(ok).select(GROUNDING_SCHEMA.names).cast(GROUNDING_SCHEMA)
     rejects = table.filter(pc.invert(ok)).select(REJECTS_SCHEMA.names).cast(REJECTS_SCHEMA)
     return kept, rejects
-
-
-def rejects_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)

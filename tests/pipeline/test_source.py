@@ -90,6 +90,7 @@ def test_url_guard(url, reason):
 
 def test_url_guard_allow_options():
     assert check_url("http://127.0.0.1:9/a.jpg", allow_hosts=["127.0.0.1"]) == (None, None)
+    assert check_url("http://Images.Example.TEST/a.jpg", allow_hosts=["IMAGES.example.test"]) == (None, None)  # case-blind
     assert check_url("http://localhost:9/a.jpg", allow_hosts=["127.0.0.1"])[0] == "private_host"  # exact hosts only
     assert check_url("http://169.254.169.254/", allow_private_hosts=True) == (None, None)
     assert check_url("file:///etc/passwd", allow_private_hosts=True)[0] == "unsafe_scheme"  # scheme still checked
