@@ -198,8 +198,24 @@ def run(args) -> dict:
             result["variants"].append(train_variant(name, shallow, args, data, work))
             print(json.dumps({k: v for k, v in result["variants"][-1].items() if not k.endswith("curve")}), flush=True)
             write_json(args.out, result)  # a partial result survives a later timeout
+    result["table"] = side_by_side(result)
     result["complete"] = True
     return result
+
+
+def side_by_side(result: dict) -> list[dict]:
+    """The README table: held-out Acc@0.5 of each variant (and of the baselines) on the same REC pairs."""
+    base = result["baselines"]["on_evaluated_examples"]
+    rows = [{"method": v["variant"], "heldout_acc@0.5": round(v["final_heldout_acc@0.5"], 3),
+             "heldout_mean_iou": round(v["final_heldout_mean_iou"], 3),
+             "stage1_one_object_acc@0.5": next((round(e["acc@0.5"], 3) for e in reversed(v["eval_curve"])
+                                                if e["stage"] == "stage1"), None),
+             "wall_s": v["wall_s"], "cpu_s": v["cpu_s"]} for v in result["variants"]]
+    rows.append({"method": "mean_box", "heldout_acc@0.5": round(base["mean_box_acc@0.5"], 3)})
+    rows.append({"method": "random_object", "heldout_acc@0.5": round(base["random_object_acc@0.5"], 3)})
+    for r in rows:
+        r["n"] = base["n"]
+    return rows
 
 
 def run_parallel(args, work: Path) -> list[dict]:
