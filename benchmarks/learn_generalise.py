@@ -64,7 +64,7 @@ DIAGNOSIS = [
     "2-D sin/cos position embeddings at unit scale (a pretrained tower's positional knowledge): r = 0.97 at init, but "
     "at lr 3e-3 training erased it (adapter token r 0.97 -> 0.2 after 1500 steps) and REC stayed at chance.",
     "lr 1e-3 (not 3e-3) keeps it: single-object REC only, sin/cos, 1200 steps -> held-out one-object Acc@0.5 "
-    "0.02 (lr 3e-3) vs 0.36 (lr 1e-3), rising late (0.08 at 600 steps, 0.32 at 1000). Both levers are needed: "
+    "0.04 (lr 3e-3) vs 0.36 (lr 1e-3), rising late (0.08 at 600 steps, 0.32 at 1000). Both levers are needed: "
     "lr 1e-3 with the default positions gives 0.06 at 1200 steps.",
 ]
 TRIED = [
