@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from grounding.boxes import box_iou  # noqa: E402
 from grounding.world import make_world, write_truth_shards  # noqa: E402
-from learn_wiring import ProofModel, read_curve  # noqa: E402
+from learn_wiring import ProofModel, read_curve, write_json  # noqa: E402
 from model.evaluate import score_box, shard_examples, summarize  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
 
@@ -233,11 +233,6 @@ def run_parallel(args, work: Path) -> list[dict]:
             raise RuntimeError(f"variant run failed ({proc.returncode}); see {out.with_suffix('.log')}")
         variants += json.loads(out.read_text())["variants"]
     return variants
-
-
-def write_json(path: str, obj: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:

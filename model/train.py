@@ -421,25 +421,24 @@ def trainable_and_optimizer_state(model, optimizer, mode: str) -> tuple[dict, di
     return inner.trainable_state_dict(), optimizer_state_by_name(inner, optimizer)
 
 
+def _param_index_names(model, optimizer, sd: dict) -> dict[int, str]:
+    """Optimizer state-dict parameter index -> the parameter's name in ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {i: names[id(p)] for group, sd_group in zip(optimizer.param_groups, sd["param_groups"])
+            for p, i in zip(group["params"], sd_group["params"])}
+
+
 def optimizer_state_by_name(model, optimizer) -> dict:
     """The optimizer state with parameter names instead of positions (robust to group order)."""
-    names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
-        for p, i in zip(group["params"], sd_group["params"]):
-            index_to_name[i] = names[id(p)]
+    index_to_name = _param_index_names(model, optimizer, sd)
     return {"state": {index_to_name[i]: s for i, s in sd["state"].items()},
             "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def load_optimizer_state_by_name(model, optimizer, saved: dict) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
-    name_of = {}
-    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
-        for p, i in zip(group["params"], sd_group["params"]):
-            name_of[i] = names[id(p)]
+    name_of = _param_index_names(model, optimizer, sd)
     index_of = {n: i for i, n in name_of.items()}
     if len(saved["param_groups"]) != len(sd["param_groups"]):
         raise ValueError("checkpoint optimizer has a different number of parameter groups")
