@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher,
 
 from detector.data import Collator, load_examples
 from detector.loss import FixedImageLoss, detection_loss
-from detector.train import DataConfig, ModelConfig, TrainConfig, build_model
+from detector.train import DataConfig, TrainConfig, build_model
 
 
 def one_hot_case():
@@ -53,7 +54,6 @@ def tiny_batch(small_world, tmp_path_factory):
     cfg = TrainConfig(output=str(tmp_path_factory.mktemp("loss-run")), data=DataConfig(
         coco=str(train.coco), refs=str(train.refs), images=str(train.images), shortest_edge=96, longest_edge=96))
     examples, _ = load_examples(cfg.data.coco, cfg.data.images, cfg.data.refs)
-    from pathlib import Path
     model, tok, proc = build_model(cfg, Path(cfg.output))
     batch = Collator(proc, tok, model.config.max_text_len)(examples[:3], random.Random(0))
     return cfg, batch
@@ -75,7 +75,6 @@ def encoder_grads(model) -> dict[str, float]:
 
 def test_defect2_upstream_leaves_encoder_proposals_untrained(tiny_batch):
     cfg, batch = tiny_batch
-    from pathlib import Path
     model, _, _ = build_model(cfg, Path(cfg.output))
     out = model(**{k: v for k, v in batch.items()})     # transformers' own loss
     out.loss.backward()
@@ -85,7 +84,6 @@ def test_defect2_upstream_leaves_encoder_proposals_untrained(tiny_batch):
 
 def test_defect2_fixed_encoder_proposals_get_gradient(tiny_batch):
     cfg, batch = tiny_batch
-    from pathlib import Path
     model, _, _ = build_model(cfg, Path(cfg.output))
     loss, parts = detection_loss(model, batch)
     loss.backward()
