@@ -312,10 +312,10 @@ def _flags(ap: argparse.ArgumentParser, cls, prefix: str = "", dest_prefix: str 
         if isinstance(default, bool):
             ap.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=None)
         elif isinstance(default, list):
-            ap.add_argument(name, dest=dest, nargs="*", default=None)
+            ap.add_argument(name, dest=dest, nargs="*", default=None, metavar=f.name.upper())
         else:
             kind = {"max_minutes": float, "max_wall_minutes": float}.get(f.name, type(default) if default is not None else str)
-            ap.add_argument(name, dest=dest, type=kind, default=None)
+            ap.add_argument(name, dest=dest, type=kind, default=None, metavar=f.name.upper())
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
