@@ -47,9 +47,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from grounding.boxes import strip_article
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -694,9 +695,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save_tiny:
         print(save_tiny_detector(args.save_tiny))
         return 0
-    config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    detector = BoxDetector(config)
-    images = [Image.open(p) for p in args.images]
+    try:
+        config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as e:
+        raise UsageError(flag_hint(str(e), field_flags(list(asdict(defaults))))) from e
+    if not args.images or not args.phrases:
+        raise UsageError("give image files and --phrases to box in them (or --save-tiny DIR)")
+    images = []
+    for p in args.images:
+        try:
+            images.append(Image.open(p))
+        except (OSError, UnidentifiedImageError) as e:
+            raise UsageError(f"{p}: not a readable image ({type(e).__name__}); check the image arguments") from e
+    try:
+        detector = BoxDetector(config)
+    except (OSError, ValueError) as e:  # no such folder, not a GroundingDINO checkpoint, offline hub name
+        raise UsageError(f"--model {config.model}: cannot load the detector ({str(e).splitlines()[0]})") from e
     keys = [Path(p).stem for p in args.images]
     results = detector(images, [args.phrases] * len(images), keys=keys)
     json.dump({"detector": detector.name, "weights_id": detector.weights_id, "config": asdict(config),
@@ -707,4 +721,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

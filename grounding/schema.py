@@ -220,6 +220,18 @@ def _compatible(actual: pa.DataType, wanted: pa.DataType) -> bool:
     return actual.equals(wanted)
 
 
+def read_footer(path: str, flag: str = "--shards") -> pq.FileMetaData:
+    """The Parquet footer of ``path``, or :class:`ShardError` naming the file when it is truncated, not
+    Parquet at all, or unreadable (``flag``: the option that named it)."""
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (OSError, pa.ArrowException) as e:  # ArrowInvalid: truncated or not Parquet at all
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"{path}: not a readable Parquet file ({detail}); remove it from {flag}") from e
+
+
 def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterable[str] | None = None,
                 flag: str = "--shards") -> pq.FileMetaData:
     """Check one file before any row is read; return its Parquet footer (row group sizes, ...).
@@ -229,14 +241,8 @@ def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterab
     lacks a column of ``columns`` (default: every column of ``schema``) or holds one of the wrong
     type, or carries a ``schema_version`` newer than :data:`SCHEMA_VERSION`. Only the footer is read.
     """
-    try:
-        fs, p = fsspec.core.url_to_fs(path)
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            meta, arrow = pf.metadata, pf.schema_arrow
-    except (OSError, pa.ArrowException) as e:  # ArrowInvalid: truncated or not Parquet at all
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ShardError(f"{path}: not a readable Parquet file ({detail}); remove it from {flag}") from e
+    meta = read_footer(path, flag)
+    arrow = meta.schema.to_arrow_schema()
     names = set(arrow.names)
     wanted = list(columns) if columns is not None else schema.names
     if schema is not REJECTS_SCHEMA and {"stage", "reason"} <= names and not {"qa", "image"} & names:
@@ -250,7 +256,7 @@ def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterab
         if not _compatible(arrow.field(c).type, schema.field(c).type):
             raise ShardError(f"{path}: column {c!r} is {arrow.field(c).type}, the shard schema has "
                              f"{schema.field(c).type}; check {flag}")
-    version = (arrow.metadata or {}).get(META_VERSION)
+    version = (meta.metadata or {}).get(META_VERSION)
     if version is not None:
         v = version.decode(errors="replace")
         if not v.isdigit() or int(v) > int(SCHEMA_VERSION):

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grounding.cli import UsageError
+
 STAGE_PREFILTER = "prefilter"
 
 SOURCE_SCHEMA = pa.schema([
@@ -153,7 +155,7 @@ def read_source(path: str, config: SourceConfig) -> pa.Table:
         found = {k: resolve_column(names, v) for k, v in wanted.items()}
         for k in ("url", "caption"):
             if found[k] is None:
-                raise ValueError(f"{path}: no {wanted[k]!r} column (has {names}); set SourceConfig.{k if k == 'url' else 'text'}_col")
+                raise UsageError(f"{path}: no {wanted[k]!r} column (has {names}); set --source-{k if k == 'url' else 'text'}-col")
         raw = pf.read(columns=sorted({c for c in found.values() if c is not None}))
     n = raw.num_rows
     cols = {}
