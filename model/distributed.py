@@ -7,6 +7,7 @@ with ``torch.distributed.fsdp.fully_shard`` (FSDP2, torch >= 2.6). A single proc
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,10 @@ def wrap_parallel(model, parallel: str, dist: Dist, autocast_dtype: torch.dtype 
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        start = gather_objects(weights_digest(model), dist)
+        if len(set(start)) > 1:
+            raise RuntimeError(f"ranks built different weights before sharding (digests {start}): FSDP would "
+                               "keep a slice of each rank's own model; build every rank with the same seed and weights")
         kw = {}
         if autocast_dtype is not None and dist.device.type == "cuda":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
@@ -96,10 +101,54 @@ def wrap_parallel(model, parallel: str, dist: Dist, autocast_dtype: torch.dtype 
 
 
 # --- are the ranks still in sync? --------------------------------------------------------------
+# Each rank hashes what it holds itself (no collective touches the tensors), then the short digests are
+# gathered and compared. Under DDP every rank holds every trainable weight, so all of them must agree.
+# Under FSDP each shard has one owner (nothing to compare it with: its digest is reported, and differs
+# by rank); what must agree there is the replicated state: unsharded parameters, buffers, the optimizer's
+# step counts and learning rates. FSDP2 never broadcasts weights, so wrap_parallel also checks that every
+# rank built the same weights before they are sharded (else each rank would keep a slice of its own model).
 
-def param_checksum(model) -> list[float]:
-    """Sum and sum of squares of the trainable weights (float64): equal on every rank when in sync."""
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.to_local() if hasattr(t, "to_local") else t                 # DTensor: this rank's shard, no gather
+    h.update(name.encode())
+    h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+
+
+def weights_digest(model) -> str:
+    """sha256 of this rank's trainable weights (its shards under FSDP)."""
+    h = hashlib.sha256()
     with torch.no_grad():
-        ps = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()  # FSDP: DTensor shards
-              for p in model.parameters() if p.requires_grad]
-        return [float(sum(p.sum() for p in ps)), float(sum((p * p).sum() for p in ps))]
+        for name, p in unwrap(model).named_parameters():
+            if p.requires_grad:
+                _hash_tensor(h, name, p)
+    return h.hexdigest()
+
+
+def replica_digest(model, optimizer) -> str:
+    """sha256 of the state every rank must hold identically: trainable weights that are not sharded (all
+    of them under DDP), buffers, and the optimizer's step count and learning rate per parameter."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            if p.requires_grad and not hasattr(p, "to_local"):
+                _hash_tensor(h, name, p)
+        for name, b in unwrap(model).named_buffers():
+            _hash_tensor(h, name, b)
+    for g in optimizer.param_groups:
+        h.update(repr(g["lr"]).encode())
+        for p in g["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if step is not None:
+                _hash_tensor(h, "step", torch.as_tensor(step))
+    return h.hexdigest()
+
+
+def ranks_in_sync(model, optimizer, dist: Dist) -> dict:
+    """``{"ranks_in_sync": bool, "rank_digests": [...], "rank_weight_digests": [...]}``, the same on every rank.
+
+    ``rank_digests`` (compared): :func:`replica_digest` per rank. ``rank_weight_digests`` (reported):
+    :func:`weights_digest` per rank: equal under DDP, one per shard under FSDP.
+    """
+    digests = gather_objects(replica_digest(model, optimizer), dist)
+    return {"ranks_in_sync": all(d == digests[0] for d in digests), "rank_digests": digests,
+            "rank_weight_digests": gather_objects(weights_digest(model), dist)}

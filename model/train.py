@@ -42,7 +42,7 @@ from model.checkpoint import init_weights, load_checkpoint, resume_path, save_ch
 from model.checkpoint import load_model_from_checkpoint  # noqa: F401  (re-export: benchmarks import it from here)
 from model.data import GroundingBatches, ImagePreprocessor, make_loader
 from model.distributed import (
-    Dist, gather_objects, init_distributed, mean_across, param_checksum, unwrap, wrap_parallel,
+    Dist, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
 )
 from model.optim import EMA, build_optimizer, clip_gradients, set_lr
 from model.train_config import PRESETS, TrainConfig, debug, flat_fields, stage2, wiring  # noqa: F401  (presets)
@@ -251,13 +251,12 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         bar.close()
 
     totals = progress.totals
-    checksums = gather_objects(param_checksum(inner), dist)
+    in_sync = ranks_in_sync(model, optimizer, dist)
     summary = {"step": progress.step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
-               "truncated": totals["truncated"], "totals": totals, "out_dir": str(out), "model": inner,
-               "ranks_in_sync": all(c == checksums[0] for c in checksums)}
+               "truncated": totals["truncated"], "totals": totals, "out_dir": str(out), "model": inner, **in_sync}
     if dist.main:
         log.write({"event": "end", "step": progress.step, "skipped": totals["skipped"], "truncated": totals["truncated"],
-                   "ranks_in_sync": summary["ranks_in_sync"], "rank_checksums": checksums})
+                   **in_sync})
     return summary
 
 
