@@ -24,9 +24,13 @@ def losses(summary) -> list[float]:
 def test_a_few_steps_reduce_the_loss(tmp_path, shards8, debug_model_config):
     s = train(debug(out_dir=str(tmp_path), shards=[shards8], max_steps=24, save_every=0, lr=3e-3, warmup_steps=2),
               model_config=debug_model_config)
-    ls = losses(s)
+    frozen = train(debug(out_dir=str(tmp_path / "control"), shards=[shards8], max_steps=24, save_every=0, lr=1e-9,
+                         warmup_steps=2), model_config=debug_model_config)        # same batches, weights barely move
+    ls, control = losses(s), losses(frozen)
     assert len(ls) == 24 and all(math.isfinite(v) for v in ls)
-    assert sum(ls[-4:]) / 4 < 0.85 * ls[0], ls
+    # measured (seeds 0-2): the last 4 steps average 0.75-0.79 x the first step's loss; the control stays at ~1.0
+    assert sum(ls[-4:]) / 4 < 0.82 * ls[0], ls
+    assert sum(ls[-4:]) / 4 < 0.85 * sum(control[-4:]) / 4, (ls, control)
     rec = s["history"][-1]
     assert rec["tokens_per_s"] > 0 and rec["samples_per_s"] > 0 and rec["lr"] == pytest.approx(3e-3 * lr_factor(23, OptimConfig(max_steps=24, lr=3e-3, warmup_steps=2)))
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
