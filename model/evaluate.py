@@ -330,7 +330,7 @@ def _cuda() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from model.train import load_model_from_checkpoint
+    from model.checkpoint import load_model_from_checkpoint
 
     examples: list[RecExample] = []
     skipped: Counter = Counter()
