@@ -284,7 +284,7 @@ class GroundingBatches(IterableDataset):
         self.cursors: dict[int, tuple[int, int, int]] = {}   # logical worker -> (epoch, row, offset)
         self.worker_offset = 0                                # which logical worker physical worker 0 plays
         if sum(map(sum, self.group_sizes)) == 0:
-            raise ValueError(f"shards {self.paths} hold no rows")
+            raise DataError(f"shards {self.paths} hold no rows: check --shards")
 
     # -- splitting --
     @property
