@@ -418,6 +418,7 @@ class GroundingBatches(IterableDataset):
         guard = SkipGuard(self.config, slot, self.num_slots)
         while True:
             order = self.epoch_order(slot, epoch)
+            guard.start_pass(whole=pos == 0)
             if not order:
                 raise ValueError(f"slot {slot} of {self.num_slots} got no rows: fewer rows than ranks x workers")
             while pos < len(order):
@@ -446,6 +447,7 @@ class GroundingBatches(IterableDataset):
                         yield batch
                         pending, skipped, truncated = [], Counter(), 0
                 pos, offset = pos + 1, 0
+            guard.end_pass(len(order))
             epoch, pos = epoch + 1, 0
             if not self.config.repeat:
                 if pending:
@@ -458,28 +460,35 @@ class GroundingBatches(IterableDataset):
 
 class SkipGuard:
     """Counts the rows of one loader slot that gave no sample and stops a run that would spin on them:
-    a whole pass of unusable rows, or more than ``max_skip_fraction`` of the rows read (checked from
-    ``skip_check_rows`` rows on, and whenever a pass's worth of rows has been read)."""
+    a whole pass without a usable row, or more than ``max_skip_fraction`` of the rows read (checked
+    from ``skip_check_rows`` rows on, or from a pass's worth of rows when a pass is shorter)."""
 
     def __init__(self, config: DataConfig, slot: int, num_slots: int):
         self.config, self.where = config, f"loader slot {slot} of {num_slots}" if num_slots > 1 else "the loader"
-        self.seen = self.unusable = self.consecutive = 0
+        self.seen = self.unusable = self.pass_usable = 0
+        self.whole = False
         self.reasons: Counter = Counter()
+        self.shards = ", ".join(config.shards[:3]) + (" ..." if len(config.shards) > 3 else "")
+
+    def start_pass(self, whole: bool) -> None:
+        """A pass begins: ``whole`` unless it resumes in the middle of one."""
+        self.whole, self.pass_usable = whole, 0
 
     def count(self, usable: bool, row_skips: Counter, pass_rows: int) -> None:
         """One row read: ``usable`` when it gave a sample; ``row_skips`` its skip reasons."""
         self.seen += 1
         self.unusable += not usable
-        self.consecutive = 0 if usable else self.consecutive + 1
+        self.pass_usable += usable
         self.reasons.update(row_skips)
-        shards = ", ".join(self.config.shards[:3]) + (" ..." if len(self.config.shards) > 3 else "")
-        if self.consecutive >= pass_rows:
-            raise DataError(f"{shards}: a whole pass over {pass_rows} rows gave no usable sample ({self.where}); "
-                            f"skipped: {describe_skips(self.reasons)}")
         checked = self.seen >= min(self.config.skip_check_rows, pass_rows)
         if checked and self.unusable > self.config.max_skip_fraction * self.seen:
-            raise DataError(f"{shards}: {self.unusable} of the first {self.seen} rows gave no usable sample, more than "
-                            f"--max-skip-fraction {self.config.max_skip_fraction:g} ({self.where}); "
+            raise DataError(f"{self.shards}: {self.unusable} of the first {self.seen} rows gave no usable sample, more "
+                            f"than --max-skip-fraction {self.config.max_skip_fraction:g} ({self.where}); "
+                            f"skipped: {describe_skips(self.reasons)}")
+
+    def end_pass(self, pass_rows: int) -> None:
+        if self.whole and not self.pass_usable:
+            raise DataError(f"{self.shards}: a whole pass over {pass_rows} rows gave no usable sample ({self.where}); "
                             f"skipped: {describe_skips(self.reasons)}")
 
 

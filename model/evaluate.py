@@ -133,7 +133,8 @@ def shard_examples(shards: Sequence[str], split: str = "held_out", limit: int | 
     skipped = Counter() if skipped is None else skipped
     columns = READ_COLUMNS + ["phrases"]
     footers, bad = check_shards(resolve_shards(list(shards)), columns=columns, skip_bad=skip_bad_shards)
-    skipped["bad_shard"] += len(bad)
+    if bad:
+        skipped["bad_shard"] += len(bad)
     out: list[RecExample] = []
     for path, footer in footers.items():
         for g in range(footer.num_row_groups):
@@ -344,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UsageError("--refs needs --instances and --images")
         examples += refcoco_examples(args.refs, args.instances, args.images, args.splits, limit=args.limit)
     if not examples:
-        raise UsageError("nothing to evaluate: give --shards or --refs/--instances/--images"
-                         + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        if skipped:
+            raise UsageError(f"nothing to evaluate: every REC pair of --shards was skipped ("
+                             + ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) + ")")
+        raise UsageError("nothing to evaluate: give --shards or --refs/--instances/--images")
     try:
         model, info = load_model_from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
     except FileNotFoundError as e:

@@ -150,7 +150,7 @@ def test_long_samples_are_kept_truncated_and_not_counted_as_skipped(shards8, tok
 
 
 def test_samples_cut_before_their_answer_are_skipped_as_too_long(tmp_path, shards8, tok, pre):
-    with pytest.raises(DataError, match=r"whole pass over 8 rows gave no usable sample.*8 too_long .*--max-length"):
+    with pytest.raises(DataError, match=r"8 of the first 8 rows gave no usable sample.*8 too_long .*--max-length"):
         one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
     rows = read_rows(shards8)[:4]
     for r in rows[:2]:                                               # a huge caption's phrase fills the prompt
