@@ -373,11 +373,15 @@ def check_inputs(cfg: TrainConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = config_from_args(argv)
     check_inputs(cfg)
+    finished = False
     try:
-        return train(cfg)
+        summary = train(cfg)
+        finished = True
+        return summary
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears down while another still talks to it
+            if finished:  # a rank that failed (bad data in its slot) must exit, not wait in a barrier for the others:
+                torch.distributed.barrier()  # torchrun then stops them; no rank tears down while another talks to it
             torch.distributed.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,20 @@ from grounding.world import make_world, truth_rows
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
+
+
+def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command line in its own process group; past ``timeout`` the whole group is killed (torchrun's
+    workers too) and the test fails as a hang."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... still running after {timeout} s: a hang")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # --- the corpus ------------------------------------------------------------------------------
@@ -168,10 +183,8 @@ def test_train_skips_bad_files_when_asked_and_counts_them(corpus, model_json, tm
 
 def test_corrupt_images_stop_a_loader_worker_with_one_line(corpus, model_json, tmp_path):
     """Through a DataLoader worker process and the real entry point: the worker's error, not its traceback."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "model.train",
-                           *train_args([corpus["corrupt_images"]], tmp_path / "run", model_json, "--num-workers", "1")],
-                          capture_output=True, text=True, env=env, timeout=100)
+    proc = run_bounded([sys.executable, "-m", "model.train",
+                        *train_args([corpus["corrupt_images"]], tmp_path / "run", model_json, "--num-workers", "1")], 100)
     assert proc.returncode == 2, proc.stderr[-2000:]
     one_error_line(proc.stderr, "4 of the first 4 rows gave no usable sample")
     assert "4 corrupt_image: UnidentifiedImageError (the image bytes do not decode)" in proc.stderr
@@ -265,9 +278,8 @@ def test_query_wants_rejects_under_rejects(corpus, capsys):
 
 def test_build_grounding_names_the_bad_input_file(corpus, tmp_path):
     """The real script, as a user runs it: a text file named .parquet is one line, exit 2, before Ray starts."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "build_grounding.py"), "--input", corpus["text"],
-                           "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=100)
+    proc = run_bounded([sys.executable, str(REPO / "pipeline" / "build_grounding.py"), "--input", corpus["text"],
+                        "--output", str(tmp_path / "out")], 100)
     assert proc.returncode == 2, proc.stderr[-2000:]
     one_error_line(proc.stderr, "not a readable Parquet file", corpus["text"])
     assert "remove it from --input" in proc.stderr
@@ -315,3 +327,16 @@ def test_phrases_names_the_missing_column(corpus, capsys):
 
     assert run_cli(main, ["--parquet", corpus["good"], "--column", "TEXT"]) == 2
     one_error_line(capsys.readouterr().err, "column 'TEXT' not in")
+
+
+@pytest.mark.timeout(240)
+def test_a_rank_with_unusable_data_stops_the_whole_torchrun_job(corpus, model_json, tmp_path):
+    """Two DDP ranks, one shard each; rank 0's is all corrupt images. Rank 0 stops with the error line and
+    exits (it does not wait in a barrier for rank 1), and torchrun then ends rank 1: nothing hangs (with the
+    barrier on the failing rank, this job hung until killed)."""
+    shards = [corpus["corrupt_images"], corpus["good"]]               # sorted: rank 0 gets the corrupt shard
+    proc = run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "model.train", *train_args(shards, tmp_path / "run", model_json, "--max-steps", "50"),
+                        "--device", "cpu"], 180)
+    assert proc.returncode != 0
+    assert "error: " in proc.stderr and "4 of the first 4 rows gave no usable sample" in proc.stderr, proc.stderr[-3000:]
