@@ -11,8 +11,8 @@ returns the same ``boxes_norm``.
   ``DEST/images``, ``width``, ``height``), ``categories`` (one per distinct phrase prompt, lower
   case, ids from 1 in first-seen order, ``supercategory`` the head noun) and ``annotations``, one
   per box, ``bbox`` pixel ``[x, y, w, h]``, ``area``, ``iscrowd`` 0. Extra fields keep what a
-  grounding trainer needs and what makes the way back possible: the image's ``key`` and
-  ``caption``, the annotation's detector ``score`` and ``tokens_positive`` (``[[start, end]]``
+  grounding trainer needs and what makes the way back possible: the image's ``key``,
+  ``caption`` and ``caption_raw``, the annotation's detector ``score`` and ``tokens_positive`` (``[[start, end]]``
   char span in the caption, as MDETR's / GLIP's COCO-style grounding annotations carry it).
   :func:`read_coco` rebuilds shard rows.
 - ``odvg``: ``DEST/odvg.jsonl`` plus ``DEST/label_map.json``, the ODVG layout Open-GroundingDino
@@ -27,7 +27,7 @@ returns the same ``boxes_norm``.
   ``url``, ``caption``, ``width``, ``height``, ``noun_chunks`` and ``ref_exps``, each a list of
   ``[start, end, x0, y0, x1, y1, score]`` (char span in the caption, box normalised to 0..1, one
   entry per box). Our ``chunk`` phrases go to ``noun_chunks``, ``expression`` phrases to
-  ``ref_exps``; ``file_name`` (under ``DEST/images``) is added. :func:`read_grit` rebuilds rows.
+  ``ref_exps``; ``file_name`` (under ``DEST/images``) and ``caption_raw`` are added. :func:`read_grit` rebuilds rows.
 
 A row whose image bytes no image library can name a format for is skipped, and listed with its
 reason in ``DEST/export.json`` (``skipped``) and in :class:`ConvertResult`.
@@ -159,7 +159,7 @@ def write_coco(rows: Iterable[Mapping[str, Any]], dest: str | os.PathLike, *, ov
         image_id = len(images) + 1
         w, h = row["width"], row["height"]
         images.append({"id": image_id, "file_name": name, "width": w, "height": h, "key": row["key"],
-                       "caption": row["caption"], "url": row.get("url")})
+                       "caption": row["caption"], "caption_raw": row.get("caption_raw"), "url": row.get("url")})
         for p in row["phrases"]:
             cname = phrase_name(p)
             if cname not in categories:
@@ -209,12 +209,12 @@ def read_coco(path: str | os.PathLike, images: str | os.PathLike | None = None) 
             p["boxes_norm"].append(list(normalize_box((x, y, x + bw, y + bh), w, h)))
             p["det_scores"].append(float(a.get("score", 1.0)))
         yield _row(im.get("key") or Path(im["file_name"]).stem, caption, (image_dir / im["file_name"]).read_bytes(),
-                   w, h, list(phrases.values()), im.get("url"))
+                   w, h, list(phrases.values()), im.get("url"), im.get("caption_raw"))
 
 
-def _row(key, caption, image, width, height, phrases, url) -> dict:
+def _row(key, caption, image, width, height, phrases, url, caption_raw) -> dict:
     row, reason = build_record(key=str(key), caption=caption, image=image, width=width, height=height,
-                               phrases=phrases, url=url, min_boxes=1)
+                               phrases=phrases, url=url, min_boxes=1, caption_raw=caption_raw)
     if row is None:
         raise ValueError(f"{key}: cannot rebuild a shard row ({reason})")
     return row
@@ -271,7 +271,7 @@ def write_grit(rows: Iterable[Mapping[str, Any]], dest: str | os.PathLike, *, ov
                     spans[p["kind"]].append([p["start"], p["end"], *_grit_box(box), float(score)])
             result.boxes += len(spans["chunk"]) + len(spans["expression"])
             f.write(json.dumps({"key": row["key"], "url": row.get("url"), "caption": row["caption"],
-                                "width": row["width"], "height": row["height"], "file_name": name,
+                                "caption_raw": row.get("caption_raw"), "width": row["width"], "height": row["height"], "file_name": name,
                                 "noun_chunks": spans["chunk"], "ref_exps": spans["expression"]}) + "\n")
 
     _atomic_text(dest / ANNOTATION_FILES["grit"], write)
@@ -304,7 +304,7 @@ def read_grit(path: str | os.PathLike, images: str | os.PathLike | None = None) 
                     p["det_scores"].append(float(e[6]) if len(e) > 6 else 1.0)
             name = d.get("file_name") or f"{d['key']}.jpg"
             yield _row(d["key"], caption, (image_dir / name).read_bytes(), d["width"], d["height"],
-                       list(phrases.values()), d.get("url"))
+                       list(phrases.values()), d.get("url"), d.get("caption_raw"))
 
 
 WRITERS: dict[str, Callable[..., ConvertResult]] = {"coco": write_coco, "odvg": write_odvg, "grit": write_grit}

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
-from grounding.schema import GROUNDING_COLUMNS, SchemaError, read_metadata, write_shard
+from grounding.schema import SchemaError, read_metadata, shard_columns_sql, write_shard
 
 CONCEPTS = {
     "head": "p.head",                                  # the phrase's head noun lemma ("ball")
@@ -101,11 +101,12 @@ def _keep(con: duckdb.DuckDBPyConnection, cfg: ExportConfig) -> str:
 
 
 def _batches(con: duckdb.DuckDBPyConnection, files: list[str], keep: str, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """The rows passing ``keep``, a source file at a time in file order, every column of the schema."""
-    columns = ", ".join(GROUNDING_COLUMNS)
+    """The rows passing ``keep``, a source file at a time in file order, every column of the schema
+    (a column an older schema version lacks comes as NULL)."""
     for f in files:
-        sql = (f"SELECT {columns} FROM read_parquet(?, file_row_number = true) AS shards "
-               f"WHERE {keep} ORDER BY file_row_number")
+        columns = shard_columns_sql(con.sql("SELECT * FROM read_parquet(?) LIMIT 0", params=[f]).columns)
+        sql = (f"SELECT * EXCLUDE (file_row_number) FROM (SELECT {columns}, file_row_number "
+               f"FROM read_parquet(?, file_row_number = true)) AS shards WHERE {keep} ORDER BY file_row_number")
         for batch in con.sql(sql, params=[f]).to_arrow_reader(batch_size=batch_size):
             if batch.num_rows:
                 yield batch

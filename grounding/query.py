@@ -145,7 +145,7 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
         con.execute(f"SET threads = {int(threads)}")
     con.execute(f"SET disable_parquet_prefetching = {'false' if prefetch else 'true'}")
     if _matches(src.shards):
-        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")
+        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)}, union_by_name = true)")
         con.execute(f"CREATE OR REPLACE VIEW shard_files AS SELECT file FROM glob({_sql_str(src.shards)}) ORDER BY file")
     elif not src.output_folder:
         raise FileNotFoundError(f"no grounding shards match {src.shards}")

@@ -15,7 +15,7 @@ from grounding.query import main
 from grounding.schema import read_shard, row_to_dict, write_shard
 from grounding.world import make_world, truth_rows, write_truth_shards
 
-FIELDS = ("key", "url", "caption", "width", "height", "image", "qa", "grounded_caption", "num_boxes")
+FIELDS = ("key", "url", "caption", "caption_raw", "width", "height", "image", "qa", "grounded_caption", "num_boxes")
 PHRASE_FIELDS = ("text", "start", "end", "kind", "boxes_norm", "det_scores")
 
 
