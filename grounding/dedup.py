@@ -52,6 +52,10 @@ row is looked up in ``b`` dicts and compared with the few hashes it meets. A row
 ``threshold`` bits of any evaluation image gets reason ``eval_overlap`` naming the set.
 ``python -m grounding.dedup hash-folder DIR OUT.parquet --name coco_val2014`` precomputes a set's
 hash file (:func:`hash_folder`).
+
+**Wired today**: :func:`filter_shards` (``python -m grounding.dedup filter OUT DEST --eval
+coco_val2014=coco.parquet``) applies all of this, in one process, to a finished run's shards. The
+streaming pipeline job calls the three steps itself once wired (``pipeline/``).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ import json
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -384,7 +388,89 @@ def count_eval_overlaps(flags: Iterable[Mapping[str, Any] | None]) -> dict[str, 
     return dict(sorted(Counter(f["eval_set"] for f in flags if f is not None).items()))
 
 
+# --- a finished run's shards, in one process ----------------------------------------------------
+
+def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: DedupConfig = DedupConfig(),
+                  eval_sources: Mapping[str, str | os.PathLike] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """Drop duplicates, near-duplicates and evaluation overlaps from finished grounding shards.
+
+    Reads ``data`` (anything :func:`grounding.query.connect` opens) a shard file at a time in file
+    order, hashes every image, applies the rule above (duplicates first, then ``eval_overlap`` on
+    the rows left), and writes ``dest/shards/<same name>`` (kept rows) and ``dest/rejects/<same
+    name>`` (stage ``dedup``, the reason, the earlier row or evaluation image in ``error``), plus
+    ``dest/dedup.json`` with counts per reason and per evaluation set (the input run's own rejects
+    stay where they are). One process, hashes of every
+    row in memory (a few hundred bytes each): for a run's output, not for LAION (the streaming job).
+    """
+    from grounding.export import file_batches
+    from grounding.query import connect
+    from grounding.schema import REJECTS_SCHEMA, read_metadata, write_shard
+
+    dest = Path(dest)
+    old = [f for sub in ("shards", "rejects") for f in (dest / sub).glob("*.parquet")]
+    if old and not overwrite:
+        raise FileExistsError(f"{dest} already holds shards; pass overwrite=True (--overwrite)")
+    index = EvalIndex(eval_sources, config) if eval_sources else None
+    con = connect(data)
+    try:
+        files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
+        if any(Path(f).resolve().parent == (dest / "shards").resolve() for f in files):
+            raise ValueError(f"{dest} holds the shards being filtered: choose another destination")
+        for f in old:
+            f.unlink()
+        records, undecodable = [], 0
+        for s, f in enumerate(files):
+            sql = "SELECT key, image FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number"
+            for r, (key, image) in enumerate(con.execute(sql, [f]).fetchall()):
+                rec = {"order": order_of(s, r), "key": key, "sha256": sha256_hex(image), "phash": None}
+                try:
+                    rec["phash"] = phash_hex(image, config.hash_size)
+                except ValueError:
+                    undecodable += 1  # exact matching only
+                records.append(rec)
+        sizes = Counter(shard_row(r["order"])[0] for r in records)
+        masks = drop_masks(find_duplicates(records, config).values(), {s: sizes.get(s, 0) for s in range(len(files))})
+        if index is not None:
+            survivors = [r for r in records if masks[shard_row(r["order"])[0]][shard_row(r["order"])[1]] is None]
+            for r, flag in zip(survivors, index.flag(survivors)):
+                if flag is not None:
+                    s, row = shard_row(r["order"])
+                    masks[s][row] = flag
+        counts: Counter = Counter()
+        for s, f in enumerate(files):
+            batches = list(file_batches(con, [f], "true", 1024))
+            if not batches:
+                continue
+            table = pa.Table.from_batches(batches)
+            mask = masks[s]
+            keep = pa.array([m is None for m in mask])
+            prov = {**read_metadata(f)["provenance"], "dedup": {**asdict(config), "eval_sets": sorted(eval_sources or {})}}
+            name = Path(f).name
+            write_shard(table.filter(keep), str(dest / "shards" / name), provenance=prov)
+            meta = table.select(["key", "url", "caption", "source_shard", "source_row"]).to_pylist()
+            rejects = [{**meta[i], "stage": "dedup", "reason": m["reason"], "error": m["error"]}
+                       for i, m in enumerate(mask) if m is not None]
+            counts.update(m["reason"] for m in mask if m is not None)
+            write_shard(rejects, str(dest / "rejects" / name), provenance=prov, schema=REJECTS_SCHEMA)
+    finally:
+        con.close()
+    report = {"rows": len(records), "kept": len(records) - sum(counts.values()), "undecodable": undecodable,
+              "reasons": dict(sorted(counts.items())),
+              "eval_overlap_by_set": count_eval_overlaps(m for ms in masks.values() for m in ms
+                                                         if m is not None and m["reason"] == REASON_EVAL_OVERLAP),
+              "config": asdict(config), "eval_sets": {k: str(v) for k, v in (eval_sources or {}).items()},
+              "source": str(data), "files": len(files)}
+    (dest / "dedup.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 # --- command line ------------------------------------------------------------------------------
+
+def _eval_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--eval takes NAME=PATH (a hash Parquet or an image folder), got {text!r}")
+    return name, path
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grounding.dedup", description=__doc__.split("\n\n")[0])
@@ -394,9 +480,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out", help="output .parquet")
     p.add_argument("--name", help="evaluation set name (default: the folder's name)")
     p.add_argument("--hash-size", type=int, default=DedupConfig.hash_size, help="phash side (bits = side²; default 8)")
+    p = sub.add_parser("filter", help="drop duplicates and evaluation overlaps from a finished run's shards")
+    p.add_argument("data", help="pipeline output folder, shards folder or glob")
+    p.add_argument("dest", help="output folder: DEST/shards, DEST/rejects, DEST/dedup.json")
+    p.add_argument("--eval", type=_eval_arg, action="append", default=[], metavar="NAME=PATH",
+                   help="an evaluation set: its hash Parquet (hash-folder) or an image folder; repeatable")
+    p.add_argument("--hash-size", type=int, default=DedupConfig.hash_size, help="phash side (bits = side²; default 8)")
+    p.add_argument("--threshold", type=int, default=DedupConfig.threshold, help="max differing phash bits (default 4)")
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        summary = hash_folder(args.folder, args.out, args.name, DedupConfig(hash_size=args.hash_size))
+        if args.command == "hash-folder":
+            summary = hash_folder(args.folder, args.out, args.name, DedupConfig(hash_size=args.hash_size))
+        else:
+            summary = filter_shards(args.data, args.dest, DedupConfig(hash_size=args.hash_size, threshold=args.threshold),
+                                    dict(args.eval), overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         print(f"grounding.dedup: {e}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ def _keep(con: duckdb.DuckDBPyConnection, cfg: ExportConfig) -> str:
     return f"{_where(cfg)} AND key IN (SELECT key FROM _export_keys)"
 
 
-def _batches(con: duckdb.DuckDBPyConnection, files: list[str], keep: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+def file_batches(con: duckdb.DuckDBPyConnection, files: list[str], keep: str, batch_size: int) -> Iterator[pa.RecordBatch]:
     """The rows passing ``keep``, a source file at a time in file order, every column of the schema
     (a column an older schema version lacks comes as NULL)."""
     for f in files:
@@ -175,7 +175,7 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
             written.append(write_shard(part, str(out / f"{len(written):05d}.parquet"), provenance=provenance))
         pending = table.to_batches()
 
-    for batch in _batches(con, files, keep, max(cfg.rows_per_shard, 64)):
+    for batch in file_batches(con, files, keep, max(cfg.rows_per_shard, 64)):
         pending.append(batch)
         total += batch.num_rows
         if sum(b.num_rows for b in pending) >= cfg.rows_per_shard:
@@ -209,7 +209,7 @@ def export_converted(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, fm
     files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
     keep = _keep(con, cfg)
     try:
-        rows = (row for batch in _batches(con, files, keep, 256) for row in batch.to_pylist())
+        rows = (row for batch in file_batches(con, files, keep, 256) for row in batch.to_pylist())
         return convert(rows, dest, fmt, overwrite=overwrite,
                        meta={"config": asdict(cfg), "source": os.path.commonpath(files) if files else None,
                              "source_files": len(files)})

@@ -140,3 +140,41 @@ def test_config_validates_and_bands_cover_the_hash():
     with pytest.raises(ValueError, match="hash_size"):
         DedupConfig(hash_size=1)
     assert main(["hash-folder", "/nonexistent/folder", "/tmp/x.parquet"]) == 2
+
+
+def test_filter_shards_end_to_end_with_reasons_and_eval_counts(tmp_path, capsys):
+    """A run's output folder with copies in it: the filtered shards keep first occurrences, the
+    rejects say why, DuckDB's rejects_by_reason report counts them, dedup.json counts per eval set."""
+    from grounding.query import connect, records, report
+    from grounding.schema import read_shard, write_shard
+    from grounding.world import truth_rows
+
+    world = make_world(8, seed=5, size=(200, 150))
+    rows = truth_rows(world)
+    small = {**rows[1], "key": "w1-small", "image": _copy(world[1].render(), 0.5, 60)}
+    exact = {**rows[0], "key": "w0-again"}
+    write_shard(rows[:4], str(tmp_path / "run" / "shards" / "00000.parquet"))
+    write_shard([exact, rows[4], small, rows[5], rows[6], rows[7]], str(tmp_path / "run" / "shards" / "00001.parquet"))
+    (tmp_path / "coco").mkdir()
+    world[5].render().resize((150, 112)).save(tmp_path / "coco" / "val_5.jpg", quality=70)
+    hash_folder(tmp_path / "coco", tmp_path / "coco.parquet", name="coco_val2014")
+    (tmp_path / "flickr").mkdir()
+    world[7].render().save(tmp_path / "flickr" / "f7.png")
+
+    assert main(["filter", str(tmp_path / "run"), str(tmp_path / "out"), "--eval", f"coco_val2014={tmp_path / 'coco.parquet'}",
+                 "--eval", f"flickr30k={tmp_path / 'flickr'}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reasons"] == {"duplicate_image": 1, "eval_overlap": 2, "near_duplicate": 1}
+    assert summary["eval_overlap_by_set"] == {"coco_val2014": 1, "flickr30k": 1}
+    assert (summary["rows"], summary["kept"]) == (10, 6)
+    kept = [r.key for f in sorted((tmp_path / "out" / "shards").glob("*.parquet")) for r in read_shard(str(f))]
+    assert kept == [rows[i]["key"] for i in (0, 1, 2, 3, 4, 6)]
+    con = connect(tmp_path / "out")
+    by_reason = {(r["stage"], r["reason"]): r["rows"] for r in records(report(con, "rejects_by_reason"))}
+    assert by_reason == {("dedup", "duplicate_image"): 1, ("dedup", "near_duplicate"): 1, ("dedup", "eval_overlap"): 2}
+    errors = dict(con.sql("SELECT key, error FROM rejects ORDER BY key").fetchall())
+    assert errors["w0-again"] == f"repeats key {rows[0]['key']!r} (shard 0, row 0)"
+    assert errors[rows[5]["key"]].startswith("coco_val2014: val_5.jpg within")
+    with pytest.raises(FileExistsError):
+        from grounding.dedup import filter_shards
+        filter_shards(tmp_path / "run", tmp_path / "out")
