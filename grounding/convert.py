@@ -12,8 +12,9 @@ returns the same ``boxes_norm``.
   case, ids from 1 in first-seen order, ``supercategory`` the head noun) and ``annotations``, one
   per box, ``bbox`` pixel ``[x, y, w, h]``, ``area``, ``iscrowd`` 0. Extra fields keep what a
   grounding trainer needs and what makes the way back possible: the image's ``key``,
-  ``caption`` and ``caption_raw``, the annotation's detector ``score`` and ``tokens_positive`` (``[[start, end]]``
-  char span in the caption, as MDETR's / GLIP's COCO-style grounding annotations carry it).
+  ``caption`` and ``caption_raw``; the annotation's detector ``score``, phrase ``kind`` and
+  ``tokens_positive`` (``[[start, end]]``, the char span in the caption, as MDETR's / GLIP's
+  COCO-style grounding annotations carry it).
   :func:`read_coco` rebuilds shard rows.
 - ``odvg``: ``DEST/odvg.jsonl`` plus ``DEST/label_map.json``, the ODVG layout Open-GroundingDino
   trains on (github.com/longzw1997/Open-GroundingDino, ``data_format.md`` and ``datasets/odvg.py``):

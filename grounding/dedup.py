@@ -158,11 +158,31 @@ def shard_row(order: int) -> tuple[int, int]:
     return order >> ROW_BITS, order & ((1 << ROW_BITS) - 1)
 
 
+HASH_SCHEMA = pa.schema([  # one record per row: what the dedup steps read (a pipeline's sidecar file)
+    pa.field("order", pa.int64(), nullable=False),
+    pa.field("key", pa.string()),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("phash", pa.string()),                     # null: the image did not decode (exact matching only)
+])
+
+
 def hash_record(shard: int, row: int, key: str, image: bytes, config: DedupConfig = DedupConfig(),
                 sha256: str | None = None) -> dict:
-    """The record the dedup steps read: ``order``, ``key``, ``sha256`` (img2dataset's when given), ``phash``."""
-    return {"order": order_of(shard, row), "key": key, "sha256": sha256 or sha256_hex(image),
-            "phash": phash_hex(image, config.hash_size)}
+    """The record the dedup steps read: ``order``, ``key``, ``sha256`` (img2dataset's when given),
+    ``phash`` (``None`` when the bytes do not decode: such a row takes part in exact matching only)."""
+    try:
+        phash = phash_hex(image, config.hash_size)
+    except ValueError:
+        phash = None
+    return {"order": order_of(shard, row), "key": key, "sha256": sha256 or sha256_hex(image), "phash": phash}
+
+
+def hash_table(shard: int, keys: Sequence[str], images: Sequence[bytes], config: DedupConfig = DedupConfig(),
+               sha256: Sequence[str | None] | None = None) -> pa.Table:
+    """:data:`HASH_SCHEMA` records of one work shard's rows, in row order (a map step over a batch)."""
+    sha = sha256 if sha256 is not None else [None] * len(keys)
+    return pa.Table.from_pylist([hash_record(shard, i, k, im, config, h) for i, (k, im, h) in enumerate(zip(keys, images, sha))],
+                                schema=HASH_SCHEMA)
 
 
 def _words(hexes: Sequence[str], bits: int) -> np.ndarray:
@@ -404,7 +424,7 @@ def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: Dedu
     """
     from grounding.export import file_batches
     from grounding.query import connect
-    from grounding.schema import REJECTS_SCHEMA, read_metadata, write_shard
+    from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA, read_metadata, write_shard
 
     dest = Path(dest)
     old = [f for sub in ("shards", "rejects") for f in (dest / sub).glob("*.parquet")]
@@ -418,16 +438,12 @@ def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: Dedu
             raise ValueError(f"{dest} holds the shards being filtered: choose another destination")
         for f in old:
             f.unlink()
-        records, undecodable = [], 0
+        records = []
         for s, f in enumerate(files):
             sql = "SELECT key, image FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number"
-            for r, (key, image) in enumerate(con.execute(sql, [f]).fetchall()):
-                rec = {"order": order_of(s, r), "key": key, "sha256": sha256_hex(image), "phash": None}
-                try:
-                    rec["phash"] = phash_hex(image, config.hash_size)
-                except ValueError:
-                    undecodable += 1  # exact matching only
-                records.append(rec)
+            rows = con.execute(sql, [f]).fetchall()
+            records += hash_table(s, [k for k, _ in rows], [im for _, im in rows], config).to_pylist()
+        undecodable = sum(r["phash"] is None for r in records)
         sizes = Counter(shard_row(r["order"])[0] for r in records)
         masks = drop_masks(find_duplicates(records, config).values(), {s: sizes.get(s, 0) for s in range(len(files))})
         if index is not None:
@@ -439,11 +455,9 @@ def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: Dedu
         counts: Counter = Counter()
         for s, f in enumerate(files):
             batches = list(file_batches(con, [f], "true", 1024))
-            if not batches:
-                continue
-            table = pa.Table.from_batches(batches)
+            table = pa.Table.from_batches(batches) if batches else GROUNDING_SCHEMA.empty_table()
             mask = masks[s]
-            keep = pa.array([m is None for m in mask])
+            keep = pa.array([m is None for m in mask], type=pa.bool_())
             prov = {**read_metadata(f)["provenance"], "dedup": {**asdict(config), "eval_sets": sorted(eval_sources or {})}}
             name = Path(f).name
             write_shard(table.filter(keep), str(dest / "shards" / name), provenance=prov)

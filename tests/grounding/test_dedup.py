@@ -155,6 +155,7 @@ def test_filter_shards_end_to_end_with_reasons_and_eval_counts(tmp_path, capsys)
     exact = {**rows[0], "key": "w0-again"}
     write_shard(rows[:4], str(tmp_path / "run" / "shards" / "00000.parquet"))
     write_shard([exact, rows[4], small, rows[5], rows[6], rows[7]], str(tmp_path / "run" / "shards" / "00001.parquet"))
+    write_shard([], str(tmp_path / "run" / "shards" / "00002.parquet"))  # a work shard that kept nothing
     (tmp_path / "coco").mkdir()
     world[5].render().resize((150, 112)).save(tmp_path / "coco" / "val_5.jpg", quality=70)
     hash_folder(tmp_path / "coco", tmp_path / "coco.parquet", name="coco_val2014")
@@ -169,6 +170,7 @@ def test_filter_shards_end_to_end_with_reasons_and_eval_counts(tmp_path, capsys)
     assert (summary["rows"], summary["kept"]) == (10, 6)
     kept = [r.key for f in sorted((tmp_path / "out" / "shards").glob("*.parquet")) for r in read_shard(str(f))]
     assert kept == [rows[i]["key"] for i in (0, 1, 2, 3, 4, 6)]
+    assert sorted(f.name for f in (tmp_path / "out" / "shards").iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet"]
     con = connect(tmp_path / "out")
     by_reason = {(r["stage"], r["reason"]): r["rows"] for r in records(report(con, "rejects_by_reason"))}
     assert by_reason == {("dedup", "duplicate_image"): 1, ("dedup", "near_duplicate"): 1, ("dedup", "eval_overlap"): 2}
