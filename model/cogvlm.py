@@ -90,13 +90,6 @@ class VisualExpertConfig:
             raise ValueError(f"adapter_intermediate_size must be positive, got {self.adapter_intermediate_size}")
 
 
-def debug(root: str | os.PathLike) -> VisualExpertConfig:
-    """Tiny Llama (+ world BPE tokenizer) and tiny CLIP written under ``root`` if absent."""
-    from model.tiny import write_debug_checkpoints
-    lm, vision = write_debug_checkpoints(root)
-    return VisualExpertConfig(lm=lm, vision=vision)
-
-
 # --- loading ---------------------------------------------------------------------------------
 
 def resolve_dir(name_or_path: str) -> Path:
@@ -799,7 +792,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
     if args.debug_root:
-        config = dataclasses.replace(debug(args.debug_root), shallow=args.shallow, image_size=args.image_size)
+        from model.testing import write_debug_model
+        config = dataclasses.replace(write_debug_model(args.debug_root), shallow=args.shallow, image_size=args.image_size)
     elif args.lm and args.vision:
         config = VisualExpertConfig(lm=args.lm, vision=args.vision, image_size=args.image_size, shallow=args.shallow)
     else:

@@ -55,7 +55,8 @@ def resolve_model_config(cfg: TrainConfig):
     from model import cogvlm
 
     if cfg.model == "debug":
-        mcfg = cogvlm.debug(os.path.join(cfg.out_dir, "debug_model"))
+        from model.testing import write_debug_model
+        mcfg = write_debug_model(os.path.join(cfg.out_dir, "debug_model"))
     else:
         mcfg = cogvlm.VisualExpertConfig(**json.loads(Path(cfg.model).read_text()))
     return dataclasses.replace(mcfg, **cfg.model_overrides) if cfg.model_overrides else mcfg
