@@ -168,6 +168,11 @@ def person_roles() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
+def title_words() -> frozenset[str]:
+    return frozenset(read_word_list("title_words.txt"))
+
+
+@lru_cache(maxsize=1)
 def frame_nouns() -> frozenset[str]:
     return frozenset(read_word_list("frames.txt"))
 
@@ -181,7 +186,8 @@ def boilerplate_pattern() -> re.Pattern:
     return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
 
 
-HASHTAG_RE = re.compile(r"(?<![\w#@])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
+HASHTAG_RE = re.compile(r"(?<![\w#@&])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
+SPACED_SEPARATOR_RE = re.compile(r"(?<=\s)([-–—|•·~]+)(?=\s)")
 URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
 FILE_RE = re.compile(
     r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
@@ -221,6 +227,7 @@ class CleanText:
     ends: list[int]
     masked_url: bool = False
     masked_boilerplate: bool = False
+    title: bool = False  # a Title-Case product title (parsed lower-cased)
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The caption span of the cleaned span ``[start, end)``."""
@@ -238,9 +245,10 @@ def _is_noise_char(ch: str) -> bool:
 def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
     """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
     urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
+    breaks = [m.span(1) for m in SPACED_SEPARATOR_RE.finditer(text)]  # "Board - Custom Gift": a break, not a flag
     boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE) for m in rx.finditer(text)]
     merged: list[list[int]] = []
-    for s, e in sorted(urls + boiler):
+    for s, e in sorted(urls + boiler + breaks):
         if merged and s <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], e)
         else:
@@ -296,11 +304,12 @@ def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
     while chars and chars[-1].isspace():
         chars.pop(), starts.pop(), ends.pop()
     display = "".join(chars)
-    if lowercase_titles and _is_title_like(display):
+    title = _is_title_like(display)
+    if lowercase_titles and title:
         parse = "".join(c.lower() if len(c.lower()) == 1 else c for c in display)
     else:
         parse = _lower_first_word(display)
-    return CleanText(parse, display, starts, ends, masked_url, masked_boilerplate)
+    return CleanText(parse, display, starts, ends, masked_url, masked_boilerplate, title)
 
 
 FIRST_WORDS_RE = re.compile(r"^\W*([^\W\d_])([^\W\d_]*)\W+([^\W\d_]?)")
@@ -316,13 +325,17 @@ def _lower_first_word(text: str) -> str:
     return text[:i] + low + text[i + 1:] if len(low) == 1 else text
 
 
+TITLE_UNIT_RE = re.compile(r"inch(?:es)?|pcs|pieces|pack|lbs|ounces?|feet|months|years|yards|meters|count", re.IGNORECASE)
+
+
 def _is_title_like(text: str) -> bool:
     """Product-title casing ("Mens Running Shoes Size 10") or shouting ("LED STRIP LIGHTS")."""
-    words = [w for w in WORD_RE.findall(text) if len(w) > 3 and w.lower() not in ENGLISH_FUNCTION_WORDS]
+    words = [w for w in WORD_RE.findall(text) if len(w) > 3 and w.lower() not in ENGLISH_FUNCTION_WORDS
+             and not TITLE_UNIT_RE.fullmatch(w)]
     if len(words) < 3:
         return False
     upper = sum(w.isupper() for w in words)
-    capital = sum(w[0].isupper() for w in words)
+    capital = sum(any(c.isupper() for c in w) for w in words)  # "iPhone" counts
     return upper >= 0.8 * len(words) or capital == len(words)
 
 
@@ -403,6 +416,8 @@ def _prompt_text(display: str, start: int, end: int) -> str:
 
 
 PLACE_ENTITIES = {"GPE", "LOC", "FAC"}
+# Trusted on any word; the name types only on names (NER calls "geese" NORP now and then).
+MEASURE_ENTITIES = {"DATE", "TIME", "MONEY", "PERCENT", "CARDINAL", "ORDINAL", "QUANTITY"}
 
 
 def _is_named_landmark(root, nouns) -> bool:
@@ -430,7 +445,8 @@ def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner
         return False
     if head in frame_nouns() and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
         return False                                    # "painting of a lighthouse": a frame
-    if use_ner and root.ent_type_ in NONVISUAL_ENTITIES and not _is_named_landmark(root, lexicon_nouns):
+    if (use_ner and root.ent_type_ in NONVISUAL_ENTITIES and not _is_named_landmark(root, lexicon_nouns)
+            and (root.ent_type_ in MEASURE_ENTITIES or root.pos_ == "PROPN" or not root.is_lower)):
         return False                                    # "Paris", "on Friday"; "the Eiffel Tower" stays
     if root.dep_ == "pobj" and root.head.lower_ == "for":
         return False                                    # purpose / audience: "t-shirts for men", "template for a shop"
@@ -486,7 +502,8 @@ class Lexicon:
         try:
             lookups = nlp.get_pipe("lemmatizer").lookups
             index, exc = lookups.get_table("lemma_index"), lookups.get_table("lemma_exc")
-            return cls(nonvisual, index["noun"], index["adj"], exc["noun"], index["verb"])
+            # The index tables are lists: sets make each lookup O(1) (a list scan was 0.5 ms a word).
+            return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]))
         except Exception:  # noqa: BLE001 - another lemmatizer: no repair
             return cls(nonvisual)
 
@@ -632,19 +649,32 @@ def _acts_as_verb(t, lexicon: Lexicon) -> bool:
     """A word the tagger made a noun that works as the verb of a headline ("Senator greets voters",
     "Firefighters battle a blaze", "A man rides his bicycle"): it takes an object or a clause, or it
     is a present-tense verb spelling right after a noun and before a determiner, pronoun or preposition."""
-    if t.i >= 2 and t.doc[t.i - 1].pos_ == "CCONJ" and t.doc[t.i - 2].pos_ == "NOUN":
+    doc, i = t.doc, t.i
+    if i >= 2 and doc[i - 1].pos_ == "CCONJ" and doc[i - 2].pos_ == "NOUN":
         return False                                   # "a suit and tie": a coordinated noun
-    if any(c.dep_ in VERB_OBJECT_DEPS for c in t.children):
+    if (t.n_rights and any(c.dep_ in VERB_OBJECT_DEPS for c in t.rights)) or (
+            t.n_lefts and any(c.dep_ in VERB_OBJECT_DEPS for c in t.lefts)):
         return True
-    if not lexicon.is_verb_form(t.lower_) or t.i + 1 >= len(t.doc) or t.i == 0:
+    if i == 0 or i + 1 >= len(doc) or not lexicon.is_verb_form(t.lower_):
         return False
-    before, after = t.doc[t.i - 1], t.doc[t.i + 1]
+    after = doc[i + 1]
     if after.tag_ not in VERB_NEXT_TAGS or after.lower_ in ("of", "'s"):
         return False
-    if before.pos_ == "PRON" and before.tag_ == "PRP":
+    before = doc[i - 1]
+    if before.tag_ == "PRP":
         return True                                    # "as she boards ..."
     # after a plural noun ("Firefighters battle a", "Farmers drive tractors") or a name ("Lopez hugs her")
     return before.tag_ in ("NNS", "NNPS") or (before.pos_ == "PROPN" and t.tag_ in ("VBZ", "NNS"))
+
+
+AUDIENCE_NOUNS = frozenset("""boy boys girl girls kid kids man men mens woman women womens toddler toddlers baby babies
+teen teens adult adults lady ladies her him his dad mom mum father mother grandma grandpa child children newborn
+newborns infant infants unisex""".split())
+
+
+def i_follows_year(t) -> bool:
+    """``t`` comes right after a year ("2022 Model")."""
+    return t.i > 0 and re.fullmatch(r"(?:19|20)\d\d", t.doc[t.i - 1].text) is not None
 
 
 def _give_way(tokens, root, lexicon: Lexicon):
@@ -654,14 +684,15 @@ def _give_way(tokens, root, lexicon: Lexicon):
     k = next(i for i, t in enumerate(tokens) if t.i == root.i)
     for j in range(k - 1, -1, -1):
         t = tokens[j]
-        if t.dep_ == "case" or t.pos_ in ("DET", "NUM", "PUNCT", "SYM", "SPACE", "ADP", "CCONJ") or t.like_num:
-            break
-        if t.dep_ == "poss":
+        if t.dep_ in ("case", "poss") or t.pos_ in ("DET", "PUNCT", "SPACE", "ADP", "CCONJ", "PRON"):
             break
         lemma = head_lemma(t, lexicon)
-        if (t.pos_ in ("NOUN", "PROPN") and t.is_alpha and lemma not in lexicon.nonvisual
-                and lemma not in attribute_words() and lemma not in quantity_nouns() and not any(ch.isdigit() for ch in t.text)):
-            return tokens[: j + 1], t
+        if (t.like_num or t.pos_ in ("NUM", "SYM", "ADJ", "VERB") or any(ch.isdigit() for ch in t.text)
+                or lemma in attribute_words() or t.lower_ in attribute_words() or lemma in quantity_nouns()):
+            continue                                    # "Powder 100g Ceremonial Grade": specs are skipped
+        if t.pos_ not in ("NOUN", "PROPN") or not t.is_alpha or lemma in lexicon.nonvisual:
+            break                                       # "Fall season concept": no object behind it
+        return tokens[: j + 1], t
     return None
 
 
@@ -688,15 +719,19 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
             return None
         tokens, root = way
     head = head_lemma(root, lexicon)
-    if head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words():
+    if all(t.lower_ in AUDIENCE_NOUNS for t in tokens if t.is_alpha) and any(
+            t.lower_ == "for" for t in doc[max(0, tokens[0].i - 3):tokens[0].i]):
+        return None                                     # "Gift for Boys Girls": the audience, not an object
+    if head == "model" and i_follows_year(root):
+        return None                                     # "(2022 Model)": a model year
+    if (head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words()
+            or (use_ner and root.ent_type_ == "NORP" and (root.pos_ == "PROPN" or not root.is_lower))):
         if any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children) and head in quantity_nouns():
             return None                                 # "slice of cake": the "of" chunk holds the object
         way = _give_way(tokens, root, lexicon)
         if way is None:
             return None
         tokens, root = way
-    if any(c.dep_ == "nummod" and re.fullmatch(r"(?:19|20)\d\d", c.text) for c in root.children) and root.pos_ == "PROPN":
-        return None                                     # "(2022 Model)": a model year
     if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES:
         return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
     if use_ner and root.ent_type_ == "PERSON" and root.pos_ == "PROPN" and not _adjective_named(root, lexicon):
@@ -726,6 +761,110 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
     return tokens, root, None
 
 
+TITLE_BREAK_WORDS = frozenset("with w/ for and & of in on by from to without plus or + includes including".split())
+# First words of colour names ("Sierra Blue", "Rose Gold", "Space Gray"): with the colour they name no object.
+COLOUR_PREFIXES = frozenset("sierra midnight space rose sky baby navy forest olive royal hunter jet sage dusty "
+                            "emerald ocean desert arctic ice".split())
+
+
+def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
+    """Which words of a product-title part can name the product: common nouns that are not specs, colours,
+    materials, quantities, audience, style or non-visual words, numbers or model codes, nor adjectives
+    in front of a noun ("Smart TV", "Short Sleeve"), nouns before a participle ("Hand Painted") or
+    possessives ("Valentine's")."""
+    titles = title_words()
+    flags = []
+    for j, t in enumerate(seg):
+        word, lemma = t.lower_, head_lemma(t, lexicon)
+        ok = (t.is_alpha and len(t.text) >= 2 and t.pos_ not in ("DET", "ADP", "CCONJ", "PRON", "NUM", "AUX")
+              and word not in AUDIENCE_NOUNS and lemma not in lexicon.nonvisual and word not in lexicon.nonvisual
+              and lemma not in attribute_words() and word not in attribute_words() and lemma not in titles
+              and word not in titles and lemma not in quantity_nouns())
+        if ok and lexicon.nouns is not None:
+            ok = (word in lexicon.nouns or lexicon.noun_lemma(word) is not None
+                  or (word.endswith("s") and word[:-1] in lexicon.nouns)          # "lights", "roses"
+                  or (t.tag_ in ("NN", "NNS") and word not in lexicon.adjs and len(word) > 3))  # "smartphone"
+        if ok and len(word) < 3 and word not in lexicon.nouns:
+            ok = False
+        nxt = seg[j + 1] if j + 1 < len(seg) else None
+        if ok and nxt is not None and nxt.text in ("'s", "'", "-"):
+            ok = False                                  # "Valentine's Day", "Eye-Caring"
+        if ok and j > 0 and seg[j - 1].lower_ in ("no", "non", "anti"):
+            ok = False                                  # "No Pull"
+        if ok and i_follows_year(t):
+            ok = False                                  # "2022 Model"
+        flags.append(ok)
+    for j, t in enumerate(seg):
+        # "Hand Painted Ceramic Flower Pot": a noun before a participle with more nouns to come is an adverb.
+        if (flags[j] and j + 1 < len(seg) and seg[j + 1].lower_.endswith("ed") and seg[j + 1].lower_ not in lexicon.nouns
+                and any(flags[j + 2:])):
+            flags[j] = False
+    for j, t in enumerate(seg):
+        # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
+        if flags[j] and lexicon.adjs is not None and t.lower_ in lexicon.adjs and not t.lower_.endswith("s"):
+            last = j + 1 >= len(seg) or not flags[j + 1]
+            flags[j] = last and j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs
+    return flags
+
+
+def _title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple[list[_Chunk], int]:
+    """Chunks of a Title-Case product title, read lexically: the parser reads "Wallet RFID Blocking with Coin
+    Pocket Brown" as one phrase. The title is cut at separators and "with"/"and"/"of" ("for ..." parts name
+    the audience or the room and are skipped); in each part, every run of object nouns is one product
+    ("Rose Bouquet", "Fresh Flowers"), its head the run's last noun, the chunk starting at the plain words
+    before it ("Wooden Cutting Board"). A run that ends in a quantity ("Toy Train Set") keeps its noun."""
+    kept: list[_Chunk] = []
+    found = 0
+    tokens = [t for t in doc if t.idx >= offset]
+    segments: list[list] = [[]]
+    skipping = False
+    for t in tokens:
+        if t.is_space or t.lower_ in TITLE_BREAK_WORDS or (t.is_punct and t.text not in "-'/") or _is_separator(t):
+            skipping = t.lower_ == "for"
+            segments.append([])
+        elif not skipping:
+            segments[-1].append(t)
+    for seg in segments:
+        objects = _title_objects(seg, lexicon)
+        k = 0
+        while k < len(seg):
+            if not objects[k]:
+                k += 1
+                continue
+            end = k
+            while end + 1 < len(seg) and (objects[end + 1] or (seg[end + 1].lower_.endswith("ing") and end + 2 < len(seg)
+                                                               and objects[end + 2])):
+                end += 1                                # "Kitchen Chopping Board"
+            nxt = seg[end + 1] if end + 1 < len(seg) else None
+            if seg[end].lower_ in COLOUR_PREFIXES and nxt is not None and nxt.lower_ in attribute_words():
+                end -= 1                                # "Lock Rose Gold": "Rose Gold" is a colour
+            found += 1
+            if end < k:
+                k += 2
+                continue
+            if nxt is not None and not nxt.is_alpha is False and nxt.is_alpha and nxt.lower_ not in lexicon.nonvisual \
+                    and nxt.lower_ not in attribute_words() and not objects[end + 1] and nxt.pos_ in ("PROPN", "NOUN", "X") \
+                    and lexicon.nouns is not None and nxt.lower_ not in lexicon.nouns and lexicon.noun_lemma(nxt.lower_) is None \
+                    and k == 0:
+                k = end + 1
+                continue                                # "Apple iPhone": a brand before a model name
+            if (nxt is not None and head_lemma(nxt, lexicon) in lexicon.nonvisual
+                    and head_lemma(nxt, lexicon) not in attribute_words() and head_lemma(nxt, lexicon) not in quantity_nouns()):
+                k = end + 1
+                continue                                # "Home Gym Fitness Weights": a modifier of a spec
+            root = seg[end]
+            start = k
+            while (start > 0 and k - start < 3 and seg[start - 1].is_alpha and seg[start - 1].lower_ not in AUDIENCE_NOUNS
+                   and seg[start - 1].pos_ not in ("DET", "PRON") and not objects[start - 1]):
+                start -= 1
+            toks = seg[start:end + 1]
+            cstart, cend = toks[0].idx - offset, root.idx + len(root) - offset
+            prompt = _prompt_text(clean.display, cstart, cend)
+            kept.append(_Chunk(toks[0].i, root.i + 1, cstart, cend, head_lemma(root, lexicon), prompt, cstart, root.i))
+            k = end + 1
+    return kept, found
+
+
 def _expand(doc, chunk: _Chunk, max_tokens: int) -> tuple[int, int] | None:
     """The longest referring expression grown rightwards from ``chunk``: token range, or None."""
     root = doc[chunk.root_tok]
@@ -752,7 +891,10 @@ def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, l
                     truncated: bool = False) -> CaptionPhrases:
     """Phrases of one parsed caption: ``doc`` parses ``PARSE_PREFIX + clean.text``, ``clean`` maps back."""
     offset = len(PARSE_PREFIX)
-    chunks, found = _chunks(doc, clean, lexicon, config.ner, offset)
+    if clean.title:
+        chunks, found = _title_chunks(doc, clean, lexicon, offset)
+    else:
+        chunks, found = _chunks(doc, clean, lexicon, config.ner, offset)
     if not chunks:
         return CaptionPhrases(caption, [], "no_visual_nouns" if found else "no_noun_phrases", truncated)
     # Deduplicate chunks by prompt: a repeated name points at its first chunk.
@@ -769,7 +911,7 @@ def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, l
     if config.expressions:
         expressions: list[tuple[int, int, int]] = []  # (start char, end char, chunk id)
         for k, c in enumerate(chunks):
-            if canonical[k] not in keep:
+            if canonical[k] not in keep or clean.title:   # a product title has no phrase structure to expand
                 continue
             rng = _expand(doc, c, config.max_expression_tokens)
             if rng is not None:
