@@ -136,7 +136,7 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
     init, probe = None, None
     if args.stage1_steps:
         out1 = work / f"{name}-stage1"
-        cfg1 = TrainConfig(out_dir=str(out1), shards=[data["single"]], max_steps=args.stage1_steps,
+        cfg1 = TrainConfig.from_flat(out_dir=str(out1), shards=[data["single"]], max_steps=args.stage1_steps,
                            warmup_steps=min(100, args.stage1_steps // 10), caption_weight=args.stage1_caption_weight, rec_weight=1.0,
                            eval_shards=[data["heldout_single"]], eval_every=args.eval_every, **common)
         train(cfg1, model_config=mcfg)
@@ -144,7 +144,7 @@ def train_variant(name: str, shallow: bool, args, data: dict, work: Path) -> dic
         probe = caption_probe(str(out1), data["heldout_single"]) if args.stage1_caption_weight > 0 else None
         init = str(out1)
     out2 = work / f"{name}-stage2"
-    cfg2 = TrainConfig(out_dir=str(out2), shards=[data["multi"]], max_steps=args.stage2_steps,
+    cfg2 = TrainConfig.from_flat(out_dir=str(out2), shards=[data["multi"]], max_steps=args.stage2_steps,
                        warmup_steps=min(100, args.stage2_steps // 10), caption_weight=args.caption_weight,
                        rec_weight=1.0, eval_shards=[data["heldout"]], eval_every=args.eval_every, init_from=init,
                        **common)

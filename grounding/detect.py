@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from grounding.boxes import strip_article
+from grounding.image import decode_image
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -696,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     detector = BoxDetector(config)
-    images = [Image.open(p) for p in args.images]
+    images = [decode_image(p) for p in args.images]
     keys = [Path(p).stem for p in args.images]
     results = detector(images, [args.phrases] * len(images), keys=keys)
     json.dump({"detector": detector.name, "weights_id": detector.weights_id, "config": asdict(config),

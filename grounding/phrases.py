@@ -63,6 +63,10 @@ NEEDED_COMPONENTS = {"tok2vec", "transformer", "tagger", "morphologizer", "attri
 # Named-entity types that name nothing a box could hold (used when PhraseConfig.ner is on).
 NONVISUAL_ENTITIES = {"DATE", "TIME", "MONEY", "PERCENT", "CARDINAL", "ORDINAL", "QUANTITY", "GPE", "LOC",
                       "NORP", "LAW", "LANGUAGE", "EVENT"}
+# ... and types that are non-visual only as a name ("the Fire Department", "the Met Gala", "Harry Potter and
+# the Deathly Hallows"): a common-noun head inside such an entity ("Smart TV", "distribution center") stays.
+NAMED_NONVISUAL_ENTITIES = {"ORG", "WORK_OF_ART"}
+PERSON_WORD = "person"  # the detector prompt of a named person with no title or role in the caption
 
 
 # --- configuration and results -----------------------------------------------------------------
@@ -77,7 +81,7 @@ class PhraseConfig:
     n_process: int = 1
     max_chars: int = 2000                   # longer captions are cut (at a space) before parsing
     max_expression_tokens: int = 32         # longer expansions are not emitted (the chunk still is)
-    ner: bool = False                       # also run NER and drop places/dates/events (~2x slower)
+    ner: bool = True                        # run NER: drop places/dates/events/orgs, name people by role
     lowercase_titles: bool = True           # parse Title-Case / ALL-CAPS captions lower-cased
 
     def __post_init__(self):
@@ -149,6 +153,21 @@ def nonvisual_nouns() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
+def attribute_words() -> frozenset[str]:
+    return frozenset(read_word_list("attributes.txt"))
+
+
+@lru_cache(maxsize=1)
+def quantity_nouns() -> frozenset[str]:
+    return frozenset(read_word_list("quantities.txt"))
+
+
+@lru_cache(maxsize=1)
+def person_roles() -> frozenset[str]:
+    return frozenset(read_word_list("person_roles.txt"))
+
+
+@lru_cache(maxsize=1)
 def frame_nouns() -> frozenset[str]:
     return frozenset(read_word_list("frames.txt"))
 
@@ -162,6 +181,7 @@ def boilerplate_pattern() -> re.Pattern:
     return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
 
 
+HASHTAG_RE = re.compile(r"(?<![\w#@])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
 URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
 FILE_RE = re.compile(
     r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
@@ -218,7 +238,7 @@ def _is_noise_char(ch: str) -> bool:
 def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
     """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
     urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
-    boiler = [m.span() for m in boilerplate_pattern().finditer(text)]
+    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE) for m in rx.finditer(text)]
     merged: list[list[int]] = []
     for s, e in sorted(urls + boiler):
         if merged and s <= merged[-1][1]:
@@ -303,7 +323,7 @@ def _is_title_like(text: str) -> bool:
         return False
     upper = sum(w.isupper() for w in words)
     capital = sum(w[0].isupper() for w in words)
-    return upper >= 0.8 * len(words) or capital >= 0.85 * len(words)
+    return upper >= 0.8 * len(words) or capital == len(words)
 
 
 def detect_non_english(text: str) -> bool:
@@ -382,7 +402,20 @@ def _prompt_text(display: str, start: int, end: int) -> str:
     return " ".join(display[start:end].split())
 
 
-def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner: bool) -> bool:
+PLACE_ENTITIES = {"GPE", "LOC", "FAC"}
+
+
+def _is_named_landmark(root, nouns) -> bool:
+    """A place name ending in a common noun ("the Eiffel Tower", "Golden Gate Bridge"): a thing one can box
+    (unless it is the setting, see :func:`_is_setting_name`); "Paris" or "France" is not."""
+    if root.ent_type_ not in PLACE_ENTITIES or nouns is None or root.lower_ not in nouns:
+        return False
+    ent = next((e for e in root.doc.ents if e.start <= root.i < e.end), None)
+    return ent is not None and len(ent) >= 2 and ent.end - 1 == root.i
+
+
+def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner: bool,
+                     lexicon_nouns=None) -> bool:
     if root.pos_ == "PRON" or root.tag_ in ("PRP", "PRP$", "WP", "WDT", "EX") or root.is_stop and root.pos_ != "NOUN":
         return False
     if all(t.pos_ in ("DET", "NUM", "PRON", "PUNCT", "SYM", "SPACE") or t.like_num for t in tokens):
@@ -397,8 +430,8 @@ def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner
         return False
     if head in frame_nouns() and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
         return False                                    # "painting of a lighthouse": a frame
-    if use_ner and root.ent_type_ in NONVISUAL_ENTITIES:
-        return False
+    if use_ner and root.ent_type_ in NONVISUAL_ENTITIES and not _is_named_landmark(root, lexicon_nouns):
+        return False                                    # "Paris", "on Friday"; "the Eiffel Tower" stays
     if root.dep_ == "pobj" and root.head.lower_ == "for":
         return False                                    # purpose / audience: "t-shirts for men", "template for a shop"
     if _is_setting_name(tokens, root):
@@ -446,15 +479,25 @@ class Lexicon:
     nouns: object = None            # lookups table (supports `in`), or None
     adjs: object = None
     noun_exceptions: object = None  # irregular plural -> [lemma]
+    verbs: object = None            # verb lemmas ("greet"), to tell headline verbs from nouns
 
     @classmethod
     def from_pipeline(cls, nlp, nonvisual: frozenset[str]) -> "Lexicon":
         try:
             lookups = nlp.get_pipe("lemmatizer").lookups
             index, exc = lookups.get_table("lemma_index"), lookups.get_table("lemma_exc")
-            return cls(nonvisual, index["noun"], index["adj"], exc["noun"])
+            return cls(nonvisual, index["noun"], index["adj"], exc["noun"], index["verb"])
         except Exception:  # noqa: BLE001 - another lemmatizer: no repair
             return cls(nonvisual)
+
+    def is_verb_form(self, word: str) -> bool:
+        """``word`` spells a present-tense verb ("greets", "drive") the tables know."""
+        if self.verbs is None or not word.isalpha():
+            return False
+        if word in self.verbs:
+            return True
+        return any(word.endswith(suf) and word[: -len(suf)] + rep in self.verbs
+                   for suf, rep in (("ies", "y"), ("es", ""), ("s", "")))
 
     def noun_lemma(self, word: str) -> str | None:
         """``word``'s lemma if it can only be read as a noun ("geese" -> "goose"), else None."""
@@ -479,7 +522,7 @@ def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
         return False
     if t.tag_ in ("VBN", "VBD") and t.lower_.endswith("ed"):
         return False
-    if lexicon.noun_lemma(t.lower_) is None:
+    if lexicon.noun_lemma(t.lower_) is None or _acts_as_verb(t, lexicon):
         return False
     return not (t.dep_ in ("amod", "compound", "nmod") and t.head.pos_ in ("NOUN", "PROPN") and t.head.i != t.i)
 
@@ -566,15 +609,121 @@ def _chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset: int)
             hi = min([k for k in cut if k > r], default=len(tokens))
             tokens = tokens[lo:hi]
         found += 1
-        head = head_lemma(root, lexicon)
-        if not _is_visual_chunk(tokens, root, head, lexicon.nonvisual, use_ner):
+        refined = _refine_head(tokens, root, lexicon, use_ner)
+        if refined is None:
+            continue
+        tokens, root, person = refined
+        head = PERSON_WORD if person == "" else head_lemma(root, lexicon)
+        if person is None and not _is_visual_chunk(tokens, root, head, lexicon.nonvisual, use_ner, lexicon.nouns):
             continue
         p = _strip_prefix(tokens, root)
         start, end = tokens[0].idx - offset, tokens[-1].idx + len(tokens[-1]) - offset
         pstart = tokens[p].idx - offset
-        prompt = _prompt_text(clean.display, pstart, end)
+        prompt = _prompt_text(clean.display, pstart, end) if person is None else person or PERSON_WORD
         kept.append(_Chunk(tokens[0].i, tokens[-1].i + 1, start, end, head, prompt, pstart, root.i))
     return kept, found
+
+
+VERB_OBJECT_DEPS = {"dobj", "nsubj", "nsubjpass", "advcl", "ccomp", "xcomp", "dative", "prt", "agent", "aux", "neg"}
+VERB_NEXT_TAGS = {"DT", "PRP$", "PRP", "CD", "IN", "TO", "RP", "RB", "PDT"}
+
+
+def _acts_as_verb(t, lexicon: Lexicon) -> bool:
+    """A word the tagger made a noun that works as the verb of a headline ("Senator greets voters",
+    "Firefighters battle a blaze", "A man rides his bicycle"): it takes an object or a clause, or it
+    is a present-tense verb spelling right after a noun and before a determiner, pronoun or preposition."""
+    if t.i >= 2 and t.doc[t.i - 1].pos_ == "CCONJ" and t.doc[t.i - 2].pos_ == "NOUN":
+        return False                                   # "a suit and tie": a coordinated noun
+    if any(c.dep_ in VERB_OBJECT_DEPS for c in t.children):
+        return True
+    if not lexicon.is_verb_form(t.lower_) or t.i + 1 >= len(t.doc) or t.i == 0:
+        return False
+    before, after = t.doc[t.i - 1], t.doc[t.i + 1]
+    if after.tag_ not in VERB_NEXT_TAGS or after.lower_ in ("of", "'s"):
+        return False
+    if before.pos_ == "PRON" and before.tag_ == "PRP":
+        return True                                    # "as she boards ..."
+    # after a plural noun ("Firefighters battle a", "Farmers drive tractors") or a name ("Lopez hugs her")
+    return before.tag_ in ("NNS", "NNPS") or (before.pos_ == "PROPN" and t.tag_ in ("VBZ", "NNS"))
+
+
+def _give_way(tokens, root, lexicon: Lexicon):
+    """A chunk whose head names no object gives way to the nearest noun before it in the chunk:
+    "Toy Train Set" -> train, "Denim Jeans Dark Wash" -> jeans, "Firefighters battle" -> firefighters.
+    Returns the shortened ``(tokens, root)``, or None when no such noun is there."""
+    k = next(i for i, t in enumerate(tokens) if t.i == root.i)
+    for j in range(k - 1, -1, -1):
+        t = tokens[j]
+        if t.dep_ == "case" or t.pos_ in ("DET", "NUM", "PUNCT", "SYM", "SPACE", "ADP", "CCONJ") or t.like_num:
+            break
+        if t.dep_ == "poss":
+            break
+        lemma = head_lemma(t, lexicon)
+        if (t.pos_ in ("NOUN", "PROPN") and t.is_alpha and lemma not in lexicon.nonvisual
+                and lemma not in attribute_words() and lemma not in quantity_nouns() and not any(ch.isdigit() for ch in t.text)):
+            return tokens[: j + 1], t
+    return None
+
+
+def _adjective_named(root, lexicon: Lexicon) -> bool:
+    """A "person" whose name starts with a plain adjective ("Big Ben") is a thing NER misread."""
+    ent = next((e for e in root.doc.ents if e.start <= root.i < e.end), None)
+    first = ent[0].lower_ if ent is not None else ""
+    return lexicon.adjs is not None and first in lexicon.adjs and first not in lexicon.nouns
+
+
+def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
+    """``(tokens, root, person)`` of a chunk after the fixes noisy captions need, or None to drop it.
+
+    ``person`` is None for an ordinary chunk; for a named person it is the prompt: the title or role
+    noun in the chunk ("Coach Maria Lopez" -> "coach"), or "" when there is none (the prompt is then
+    :data:`PERSON_WORD`); the span stays on the whole name.
+    """
+    doc = root.doc
+    if _acts_as_verb(root, lexicon):
+        if len(tokens) == 1:
+            return None
+        way = _give_way(tokens, root, lexicon)
+        if way is None:
+            return None
+        tokens, root = way
+    head = head_lemma(root, lexicon)
+    if head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words():
+        if any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children) and head in quantity_nouns():
+            return None                                 # "slice of cake": the "of" chunk holds the object
+        way = _give_way(tokens, root, lexicon)
+        if way is None:
+            return None
+        tokens, root = way
+    if any(c.dep_ == "nummod" and re.fullmatch(r"(?:19|20)\d\d", c.text) for c in root.children) and root.pos_ == "PROPN":
+        return None                                     # "(2022 Model)": a model year
+    if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES:
+        return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
+    if use_ner and root.ent_type_ == "PERSON" and root.pos_ == "PROPN" and not _adjective_named(root, lexicon):
+        before = tokens[0].i - 1
+        if before >= 0 and doc[before].pos_ == "NOUN" and doc[before].ent_type_ == "":
+            return None                                 # "our cat Luna": the name of the thing before it
+        if _is_setting_name(tokens, root):
+            return None                                 # "in Khan Younis": NER's person is a place
+        # The title or role: the words before the name, outside the entity or listed as roles.
+        title = []
+        for t in tokens:
+            if t.i >= root.i or t.dep_ == "poss" or t.pos_ == "DET":
+                if title or t.i >= root.i:
+                    break
+                continue
+            is_role = t.lower_ in person_roles() or (t.ent_type_ == "" and t.is_alpha and t.pos_ in ("NOUN", "PROPN", "ADJ"))
+            if not is_role:
+                if title:
+                    break
+                continue                                # "Apple CEO", "German Chancellor": skip the org / nationality
+            title.append(t)
+        while title and (title[-1].pos_ == "ADJ" or title[-1].lower_ in lexicon.nonvisual):
+            title.pop()
+        if title:
+            return tokens, title[-1], " ".join(t.text for t in title).lower()
+        return tokens, root, ""
+    return tokens, root, None
 
 
 def _expand(doc, chunk: _Chunk, max_tokens: int) -> tuple[int, int] | None:
@@ -725,6 +874,27 @@ class PhraseExtractor:
             return extract_phrases(doc, caption, clean, self.config, self.lexicon, truncated)
         except Exception:  # noqa: BLE001 - errors are data
             return CaptionPhrases(caption, [], "parse_error", truncated)
+
+
+# --- quality against labels -------------------------------------------------------------------------
+
+def head_counts(results: Sequence[CaptionPhrases], rows: Sequence[dict]) -> dict[str, int]:
+    """True/false positives and misses of chunk head lemmas against labelled rows
+    (``{"heads": [...], "optional": [...]}``: optional heads count neither way), per caption as sets."""
+    tp = fp = fn = 0
+    for row, res in zip(rows, results, strict=True):
+        pred = {p.head for p in res.phrases if p.kind == "chunk"}
+        gold, optional = set(row["heads"]), set(row.get("optional", ()))
+        tp += len(pred & gold)
+        fp += len(pred - gold - optional)
+        fn += len(gold - pred)
+    return {"tp": tp, "fp": fp, "fn": fn}
+
+
+def precision_recall(counts: dict[str, int]) -> tuple[float, float]:
+    """Head-noun precision and recall from :func:`head_counts` (1.0 when there is nothing to count)."""
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return (tp / (tp + fp) if tp + fp else 1.0), (tp / (tp + fn) if tp + fn else 1.0)
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -62,13 +62,8 @@ class RecExample:
             raise ValueError(f"example {self.key!r} has no true box")
 
     def load_image(self) -> Image.Image:
-        if self.image_bytes is not None:
-            import io
-            img = Image.open(io.BytesIO(self.image_bytes))
-        else:
-            img = Image.open(self.image_path)
-        img.load()
-        return img.convert("RGB")
+        from grounding.image import decode_image
+        return decode_image(self.image_bytes if self.image_bytes is not None else self.image_path)
 
 
 @dataclass
@@ -289,7 +284,7 @@ def _cuda() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from model.train import load_model_from_checkpoint
+    from model.checkpoint import load_model_from_checkpoint
 
     examples: list[RecExample] = []
     for split, globs in parse_split_globs(args.shards).items():

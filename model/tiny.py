@@ -22,11 +22,11 @@ from transformers import (
 )
 
 from grounding.boxes import format_answer, format_question, prompt_and_target
+from grounding.image import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from grounding.world import make_world
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def world_corpus(n_images: int = 200, seed: int = 0) -> list[str]:
@@ -132,7 +132,7 @@ def write_siglip_vision(path: str | os.PathLike, image_size: int = 32, patch_siz
                                 intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                                 num_attention_heads=4)
     SiglipVisionModel(config).save_pretrained(str(path))
-    _write_preprocessor(Path(path), image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    _write_preprocessor(Path(path), image_size, SIGLIP_MEAN, SIGLIP_STD)
     return str(path)
 
 

@@ -440,7 +440,7 @@ def test_preprocess_resizes_without_crop_and_normalises(model):
     img = Image.new("RGB", (90, 30), (255, 0, 128))
     x = model.preprocess([img])
     assert x.shape == (1, 3, 32, 32)
-    mean, std = model.vision.mean.view(3), model.vision.std.view(3)
+    mean, std = torch.tensor(model.image_transform.mean), torch.tensor(model.image_transform.std)
     expect = (torch.tensor([255, 0, 128]) / 255.0 - mean) / std
     torch.testing.assert_close(x[0, :, 16, 16], expect)
 
