@@ -112,7 +112,7 @@ def _prepare(dest: str | os.PathLike, fmt: str, overwrite: bool) -> Path:
     dest = Path(dest)
     ann = dest / ANNOTATION_FILES[fmt]
     if (ann.exists() or (dest / IMAGES).exists()) and not overwrite:
-        raise FileExistsError(f"{dest} already holds a {fmt} export; pass overwrite=True (--overwrite)")
+        raise FileExistsError(f"{dest} already holds an export ({fmt}); pass overwrite=True (--overwrite)")
     if (dest / IMAGES).exists():
         shutil.rmtree(dest / IMAGES)
     dest.mkdir(parents=True, exist_ok=True)
