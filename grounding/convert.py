@@ -93,7 +93,8 @@ class _ImageFolder:
     def write(self, key: str, data: bytes) -> str:
         """The file name (relative to ``images/``); raises ``ValueError`` for bytes of no known format."""
         try:
-            fmt = Image.open(io.BytesIO(data)).format
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"image bytes are not a known image format: {e}") from e
         ext = EXTENSIONS.get(fmt or "", "." + (fmt or "img").lower())
@@ -111,7 +112,7 @@ def _prepare(dest: str | os.PathLike, fmt: str, overwrite: bool) -> Path:
     dest = Path(dest)
     ann = dest / ANNOTATION_FILES[fmt]
     if (ann.exists() or (dest / IMAGES).exists()) and not overwrite:
-        raise FileExistsError(f"{dest} already holds a {fmt} export; pass overwrite=True (--overwrite)")
+        raise FileExistsError(f"{dest} already holds an export ({fmt}); pass overwrite=True (--overwrite)")
     if (dest / IMAGES).exists():
         shutil.rmtree(dest / IMAGES)
     dest.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,9 @@ def read_coco(path: str | os.PathLike, images: str | os.PathLike | None = None) 
     """Shard rows from a :func:`write_coco` export (``DEST`` or its ``annotations.json``).
 
     Annotations of one image sharing a char span (``tokens_positive``) and category become one
-    phrase with several boxes, in file order. Needs the ``caption`` / ``tokens_positive`` extras;
-    plain COCO (no captions) raises ``ValueError`` naming the image.
+    phrase with several boxes, in file order; its ``prompt`` is the category name (lower case), its
+    ``head`` the supercategory. Needs the ``caption`` / ``tokens_positive`` extras; plain COCO (no
+    captions) raises ``ValueError`` naming the image.
     """
     path = Path(path)
     ann_path = path / ANNOTATION_FILES["coco"] if path.is_dir() else path

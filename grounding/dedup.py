@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import sys
@@ -75,6 +74,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
+
+from grounding.image import ImageTooLarge, decode_image
 
 REASON_DUPLICATE = "duplicate_image"
 REASON_NEAR_DUPLICATE = "near_duplicate"
@@ -132,12 +133,14 @@ def sha256_hex(data: bytes) -> str:
 
 
 def phash_hex(image: bytes | Image.Image, hash_size: int = 8) -> str:
-    """``imagehash.phash`` of the image as hex; raises ``ValueError`` for bytes that do not decode."""
+    """``imagehash.phash`` of the image as hex; raises ``ValueError`` for bytes that do not decode
+    (or declare more than :data:`grounding.image.MAX_PIXELS` pixels)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
-            with Image.open(io.BytesIO(bytes(image))) as im:
-                return str(imagehash.phash(im, hash_size=hash_size))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            image = decode_image(bytes(image))
+        except ImageTooLarge:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"image does not decode: {e}") from e
     return str(imagehash.phash(image, hash_size=hash_size))
 

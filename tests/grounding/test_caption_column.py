@@ -41,17 +41,24 @@ def extractor():
     return PhraseExtractor()
 
 
+def _markup(texts) -> list[str]:
+    return [t for t in texts if any(m in t for m in ("&lt;", "&amp", "<br>", "\x00", "\x07", "\t"))]
+
+
 def test_hostile_caption_is_stored_clean_with_spans_into_it(extractor, tmp_path):
-    clean = clean_caption(HOSTILE)
-    assert clean == "Red square & blue circle"
+    assert clean_caption(HOSTILE) == "Red square & blue circle"  # the caption
+    raw = "&lt;b&gt;A red&lt;/b&gt; square &amp;amp; a blue circle\t\x00\x07<br>on a  wooden table"
+    clean = clean_caption(raw)
+    assert clean == "A red square & a blue circle on a wooden table"
     found = extractor.one(clean)
-    assert found.phrases and all(clean[p.start:p.end] == p.text for p in found.phrases)
-    assert all("&amp;" not in p.text and "<" not in p.text and "\x00" not in p.text for p in found.phrases)
-    write_shard([_row("k", clean, HOSTILE, found.phrases)], str(tmp_path / "s.parquet"))
+    chunks = {p.text for p in found.phrases if p.kind == "chunk"}
+    assert {"a blue circle", "a wooden table"} <= chunks and not _markup(p.text for p in found.phrases)
+    assert _markup(p.text for p in extractor.one(raw).phrases)  # control: parsed raw, phrases carry markup
+    write_shard([_row("k", clean, raw, found.phrases)], str(tmp_path / "s.parquet"))
     [row] = read_shard(str(tmp_path / "s.parquet"))
-    assert (row.caption, row.caption_raw) == (clean, HOSTILE)
-    assert all(row.caption[p.start:p.end] == p.text for p in row.phrases) and row.phrases
-    assert "&" not in row.grounded_caption.replace(" & ", "") and "\x00" not in row.grounded_caption
+    assert (row.caption, row.caption_raw) == (clean, raw)
+    assert row.phrases and all(row.caption[p.start:p.end] == p.text for p in row.phrases)
+    assert not _markup([row.grounded_caption] + [q.answer for q in row.qa])
     assert read_metadata(str(tmp_path / "s.parquet"))["schema_version"] == SCHEMA_VERSION == "2"
 
 

@@ -123,3 +123,16 @@ def test_cli_export_format_with_filter(world, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["images"] == len(want)
         assert keys(dest) == want
         assert json.loads((dest / "export.json").read_text())["config"]["where"] == "num_boxes >= 3"
+
+
+def test_coco_export_feeds_the_project_detector_trainer(world, rows, tmp_path):
+    """detector/data.py's load_examples reads the export as it is: phrases from the categories,
+    pixel boxes within a bin of the world's truth, every image file found."""
+    from detector.data import load_examples
+    write_coco(rows, tmp_path / "coco")
+    examples, skipped = load_examples(str(tmp_path / "coco" / "annotations.json"), str(tmp_path / "coco" / "images"))
+    assert skipped == {} and len(examples) == len(world)
+    for ex, im in zip(examples, world):
+        assert Image.open(ex.image).size == (ex.width, ex.height) == (im.width, im.height)
+        assert [ex.phrases[lab] for lab in ex.labels] == [o.phrase for o in im.objects]
+        assert all(_close(b, o.box, im.width, im.height) for b, o in zip(ex.boxes, im.objects))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import random
 
 import pyarrow.parquet as pq
@@ -130,6 +131,9 @@ def test_eval_overlap_by_set_from_hash_files(pictures, tmp_path, capsys):
     assert EvalIndex({"refcoco": tmp_path / "coco_val" / "images"}).match(hash_record(0, 0, "x", train[0][1])["phash"])["eval_set"] == "refcoco"
     with pytest.raises(ValueError, match="hash_size 8"):
         EvalIndex([tmp_path / "coco.parquet"], laion())
+    shipped = pickle.loads(pickle.dumps(index))  # what a distributed job broadcasts to its workers
+    assert [shipped.match(hash_record(0, i, k, d)["phash"]) for i, (k, d) in enumerate(train)] == \
+        [index.match(hash_record(0, i, k, d)["phash"]) for i, (k, d) in enumerate(train)]
 
 
 def test_config_validates_and_bands_cover_the_hash():
