@@ -91,7 +91,7 @@ class SuiteConfig:
     # feeding
     feed_images: int = 64
     # job
-    job_images: int = 768
+    job_images: int = 384
     job_batch_size: int = 8
     job_rounds: int = 2
     job_shard_rows: int = 256
@@ -265,8 +265,7 @@ def section_feeding(cfg: SuiteConfig, tmp: Path, gpu_images_per_s: float | None)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    proc_dir = save_tokenizer_and_processor(str(tmp / "processor"), cfg.det_shortest_edge, cfg.det_longest_edge)
-    del proc_dir
+    save_tokenizer_and_processor(str(tmp / "processor"), cfg.det_shortest_edge, cfg.det_longest_edge)
     processor = load_image_processor(str(tmp / "processor"))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp / "processor"))
     extractor = PhraseExtractor(PhraseConfig())
@@ -596,12 +595,15 @@ def run(cfg: SuiteConfig, argv: Sequence[str] | None) -> dict:
                 continue
             t0 = time.perf_counter()
             print(f"[{time.perf_counter() - t_start:6.1f} s] {name} ...", flush=True)
-            if name == "feeding":
+            if name == "feeding":  # cores per GPU need the detector's GPU rate, measured just before
                 gpu = sections.get("detector", {}).get("best_images_per_s")
                 sections[name] = section_feeding(cfg, Path(tmp), gpu)
             else:
-                sections[name] = globals()[f"section_{name}"](cfg, Path(tmp))
+                sections[name] = {"detector": section_detector, "job": section_job, "training": section_training,
+                                  "evaluation": section_evaluation}[name](cfg, Path(tmp))
             seconds[name] = round(time.perf_counter() - t0, 1)
+            if cfg.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the next section (or the job's Ray actors) gets the whole GPU
     rows = summary_rows(sections)
     width = max(len(k) for k, _ in rows) if rows else 10
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
