@@ -422,7 +422,7 @@ def _format_for(output: str | None, fmt: str | None) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-COMMANDS = ("sql", "report", "reports", "export", "render")
+COMMANDS = ("sql", "report", "reports", "export", "render", "audit")
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -482,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", type=int, default=320, help="cell size in pixels (default 320)")
     p.add_argument("--seed", type=int, default=0, help="random sample under this seed (with --where)")
     p.add_argument("--min-score", type=float, default=0.0, help="hide boxes scored below this")
+    _source_args(p)
+
+    p = sub.add_parser("audit", help="pseudo-boxes against human boxes: IoU, precision/recall by score, threshold")
+    from grounding.audit import main_args as audit_args
+    audit_args(p)
+    p.add_argument("-o", "--output", help="write the JSON report here instead of stdout")
     _source_args(p)
     return parser
 
@@ -557,6 +563,10 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
         sheet.image.save(args.output)
         print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}"
               + (f", {len(sheet.errors)} undecodable" if sheet.errors else ""))
+    elif args.command == "audit":
+        from grounding.audit import run as run_audit
+
+        run_audit(con, args)
     return 0
 
 if __name__ == "__main__":
