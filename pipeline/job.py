@@ -219,11 +219,14 @@ def run_job(config: JobConfig) -> dict:
         errors = bounded(lambda s: task.remote(s, config, digest, detect, digits=digits, dedup_partitions=partitions),
                          shards, limit, record)
         timings["shards"] = time.perf_counter() - t_shards
+        timings["shards_done"] = time.perf_counter() - t_start
         if progress.first_written is not None:
             timings["first_shard_written"] = progress.first_written - t_start
         t_loaded = loaded_at(ready)
         if t_loaded is not None:  # seconds from the start to the last detector loaded
             timings["detectors_loaded"] = max(0.0, t_loaded - (time.time() - (time.perf_counter() - t_start)))
+        for a in actors:
+            ray.kill(a)
     if errors:
         names = [s.name for s, _ in errors]
         raise RuntimeError(f"{len(errors)} shards failed ({names[:10]}); rerun the same command to redo them: "

@@ -157,7 +157,7 @@ def library_versions() -> dict[str, str]:
 def build_report(summaries: list[dict], config: JobConfig, digest: str, timings: dict[str, float]) -> dict:
     """The run report from the per-shard summaries (a skipped shard's comes from its file's provenance)."""
     filtered, failed, stages, busy = Counter(), Counter(), Counter(), Counter()
-    inputs = kept = kept2 = downloaded = 0
+    inputs = kept = kept2 = downloaded = detected = 0
     this_run = [s for s in summaries if not s.get("skipped")]
     for s in summaries:
         inputs += s["input"]
@@ -169,6 +169,7 @@ def build_report(summaries: list[dict], config: JobConfig, digest: str, timings:
     for s in this_run:
         busy.update(s["seconds"])
         downloaded += s["downloaded"]
+        detected += s.get("detected", 0)
     n_filtered, n_failed = sum(filtered.values()), sum(failed.values())
     processed = sum(s["input"] for s in this_run)
     total = timings.get("total")
@@ -190,6 +191,7 @@ def build_report(summaries: list[dict], config: JobConfig, digest: str, timings:
         "throughput": {
             "input_rows_this_run": processed,
             "downloaded_rows_this_run": downloaded,
+            "detected_rows_this_run": detected,
             "job_rows_per_second": round(processed / total, 2) if total else None,
             "slowest_stage": max(busy, key=busy.get) if busy else None,
             "per_stage": per_stage,

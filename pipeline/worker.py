@@ -78,7 +78,7 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
                 if config.filters.dedupe_urls and dedup_partitions else set())
         kept, pre_rejects = prefilter(rows, shard.name, config.filters, dups, dns_threads=config.ray.dns_threads,
                                       dns_timeout=config.ray.dns_timeout)
-    parts = []
+    parts, detected = [], 0
     if kept.num_rows:
         with timer("download"):
             downloaded = download_shard(config.download, layout.downloads, shard.index, shard.name, kept,
@@ -91,6 +91,7 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
         with timer("phrases"):
             stage = phrase_stage(config.phrases)
             batch = pa.concat_tables([stage(b) for b in _batches(batch, config.ray.phrase_batch_size)])
+            detected = batch["stage"].null_count
         for b in _batches(batch, config.ray.detect_batch_size):
             with timer("detect"):
                 b = detect(b)
@@ -109,7 +110,7 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
         summary = {
             "name": shard.name, "input": rows.num_rows, "kept": out_kept.num_rows,
             "kept_2plus": sum(1 for n in out_kept["num_boxes"].to_pylist() if n >= 2),
-            "filtered": rejects.num_rows - failed, "failed": failed, "downloaded": kept.num_rows,
+            "filtered": rejects.num_rows - failed, "failed": failed, "downloaded": kept.num_rows, "detected": detected,
             "reasons": dict(sorted(reasons.items())), "stages": dict(sorted(Counter(rejects["stage"].to_pylist()).items())),
         }
         provenance = {
