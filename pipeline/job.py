@@ -202,11 +202,11 @@ def run_job(config: JobConfig) -> dict:
     summaries: dict[str, dict] = {}
     with ray_session(config.ray):
         limit = config.ray.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        actors, ready = start_detectors(config)  # the models load while the dedup pre-pass runs
+        detect = PoolDetect(actors)
         t0 = time.perf_counter()
         partitions, dedup_stats = run_dedup(config, layout, shards, limit) if config.filters.dedupe_urls else (None, {})
         timings["dedup"] = time.perf_counter() - t0
-        actors, ready = start_detectors(config)
-        detect = PoolDetect(actors)
         task = ray.remote(process_shard).options(num_cpus=config.ray.shard_cpus, max_retries=3, retry_exceptions=True)
         digits = id_digits(shards)
         progress = Progress(len(shards))
