@@ -61,10 +61,10 @@ def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Ima
 
 
 def decode_failure(e: Exception) -> str:
-    """The reason a row carries for an image that did not decode: ``image_too_large`` or
+    """The reason a row carries for an image that did not decode: ``too_many_pixels`` or
     ``corrupt_image: <ExceptionType>`` (the type only: PIL's messages hold object addresses, and skip
     counts keyed by reason must stay few)."""
-    return "image_too_large" if isinstance(e, ImageTooLarge) else f"corrupt_image: {type(e).__name__}"
+    return "too_many_pixels" if isinstance(e, ImageTooLarge) else f"corrupt_image: {type(e).__name__}"
 
 
 def try_decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
