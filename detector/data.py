@@ -103,12 +103,16 @@ class Collator:
         self.negatives = negatives
         self.phrase_pool = sorted(set(phrase_pool))
 
-    def prompt(self, ex: Example, rng: random.Random) -> tuple[str, list[int]]:
+    def fits(self, ex: Example) -> bool:
+        """Whether the image's own phrases fit the text encoder (``max_text_len`` tokens)."""
+        return len(self.tokenizer(" . ".join(ex.phrases) + " .")["input_ids"]) <= self.max_text_len
+
+    def prompt(self, ex: Example, rng: random.Random, negatives: bool = True) -> tuple[str, list[int]]:
         """The prompt and, per phrase of ``ex``, its position in the prompt."""
         order = list(range(len(ex.phrases)))
         rng.shuffle(order)
         parts = [ex.phrases[i] for i in order]
-        if self.negatives and self.phrase_pool:
+        if negatives and self.negatives and self.phrase_pool:
             own = set(ex.phrases)
             pool = [p for p in rng.sample(self.phrase_pool, min(len(self.phrase_pool), self.negatives + len(own)))
                     if p not in own][:rng.randint(0, self.negatives)]
@@ -123,14 +127,17 @@ class Collator:
         prompts, labels = [], []
         for ex in examples:
             text, where = self.prompt(ex, rng)
+            if len(self.tokenizer(text)["input_ids"]) > self.max_text_len:  # no room for the negatives
+                text, where = self.prompt(ex, rng, negatives=False)
             prompts.append(text)
             b = torch.tensor(ex.boxes, dtype=torch.float32).reshape(-1, 4)
             cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2 / ex.width, (b[:, 1] + b[:, 3]) / 2 / ex.height,
                                   (b[:, 2] - b[:, 0]) / ex.width, (b[:, 3] - b[:, 1]) / ex.height], dim=-1)
             labels.append({"class_labels": torch.tensor([where[k] for k in ex.labels], dtype=torch.long),
                            "boxes": cxcywh})
-        text = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_text_len,
-                              return_tensors="pt")
+        text = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+        if text["input_ids"].shape[1] > self.max_text_len:  # train() drops such images first
+            raise ValueError(f"a prompt exceeds {self.max_text_len} tokens: {max(prompts, key=len)[:200]!r}")
         return {"pixel_values": enc["pixel_values"], "pixel_mask": enc["pixel_mask"], "input_ids": text["input_ids"],
                 "attention_mask": text["attention_mask"], "token_type_ids": text["token_type_ids"], "labels": labels}
 

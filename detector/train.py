@@ -230,6 +230,10 @@ def train(cfg: TrainConfig) -> dict:
     model.to(cfg.device).train()
     collate = Collator(processor, tokenizer, model.config.max_text_len, cfg.data.negatives,
                        [p for ex in train_set for p in ex.phrases])
+    fitting = [ex for ex in train_set if collate.fits(ex)]
+    if len(fitting) < len(train_set):  # never truncated: a cut prompt would point labels at missing phrases
+        skipped["prompt_too_long"] = len(train_set) - len(fitting)
+        train_set = fitting
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},

@@ -51,7 +51,7 @@ def test_defect1_fixed_offsets_by_earlier_images():
 def tiny_batch(small_world, tmp_path_factory):
     train, _ = small_world
     cfg = TrainConfig(output=str(tmp_path_factory.mktemp("loss-run")), data=DataConfig(
-        coco=str(train.coco), refs=str(train.refs), images=str(train.images), shortest_edge=64, longest_edge=64))
+        coco=str(train.coco), refs=str(train.refs), images=str(train.images), shortest_edge=96, longest_edge=96))
     examples, _ = load_examples(cfg.data.coco, cfg.data.images, cfg.data.refs)
     from pathlib import Path
     model, tok, proc = build_model(cfg, Path(cfg.output))
