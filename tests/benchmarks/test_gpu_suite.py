@@ -37,6 +37,7 @@ def test_quick_run_is_checked_against_the_full_run(tmp_path):
     assert json.loads(out.read_text())["full"]["x"] == 1  # the full run is kept beside the quick one
 
 
+@pytest.mark.slow
 def test_dry_run_covers_every_section(tmp_path):
     out = tmp_path / "gpu.json"
     result = gpu_suite.main(["--dry-run", "--out", str(out)])
