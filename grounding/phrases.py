@@ -264,9 +264,13 @@ def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
     and odd spaces become spaces; runs of spaces collapse to one. Title-Case or ALL-CAPS captions
     are lower-cased, and so is a first word like "Lighthouse", which the tagger would call a verb.
     """
-    base = "".join(" " if _is_noise_char(ch) else ch for ch in caption)
-    base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
+    plain = caption.isascii() and caption.isprintable()  # the common case: no character needs a look-up
+    base = caption if plain else "".join(" " if _is_noise_char(ch) else ch for ch in caption)
+    if "<" in base:
+        base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
     regions, masked_url, masked_boilerplate = _masked_regions(base)
+    if plain and not regions and "&" not in base and "  " not in base and base == base.strip():
+        return _finish(base, list(range(len(base))), list(range(1, len(base) + 1)), False, False, lowercase_titles)
     entities = {m.start(): m for m in ENTITY_RE.finditer(base)}
     chars: list[str] = []
     starts: list[int] = []
@@ -303,7 +307,11 @@ def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
         i += 1
     while chars and chars[-1].isspace():
         chars.pop(), starts.pop(), ends.pop()
-    display = "".join(chars)
+    return _finish("".join(chars), starts, ends, masked_url, masked_boilerplate, lowercase_titles)
+
+
+def _finish(display: str, starts: list[int], ends: list[int], masked_url: bool, masked_boilerplate: bool,
+            lowercase_titles: bool) -> CleanText:
     title = _is_title_like(display)
     if lowercase_titles and title:
         parse = "".join(c.lower() if len(c.lower()) == 1 else c for c in display)
