@@ -560,15 +560,39 @@ def head_lemma(root, lexicon: Lexicon) -> str:
     return (root.lemma_ or root.text).lower()
 
 
+def _inner_verb(span, lexicon: Lexicon) -> int | None:
+    """Index of a verb the parser folded into a noun chunk between two nouns: a present-tense verb
+    spelling after a singular noun ("senator greets voters") or a word only a verb spells ("unload")."""
+    doc = span.doc
+    for i in range(span.start + 1, span.end - 1):
+        t, before, after = doc[i], doc[i - 1], doc[i + 1]
+        if before.pos_ not in ("NOUN", "PROPN") or after.pos_ not in ("NOUN", "PROPN", "ADJ", "DET", "NUM"):
+            continue
+        word = t.lower_
+        if not lexicon.is_verb_form(word):
+            continue
+        verb_only = lexicon.nouns is not None and word not in lexicon.nouns and lexicon.noun_lemma(word) is None
+        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ in ("NN", "NNP")):
+            return i
+    return None
+
+
 def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
     """``doc.noun_chunks`` plus the nouns the parser left out of every chunk.
 
     English noun chunks only start from a few relations (subject, object, ``pobj``, ``conj``,
     ``appos``, ``attr``, root); on verbless captions the small parser often attaches a listed noun
     as ``dep`` or ``npadvmod`` ("..., and a red kite" -> ``dep``), and that object would be lost.
-    Such a noun gets a chunk of its contiguous left modifiers.
+    Such a noun gets a chunk of its contiguous left modifiers. A chunk with a headline verb inside
+    ("Senator greets voters", "Volunteers unload boxes") is cut in two at the verb.
     """
-    spans = list(doc.noun_chunks)
+    spans = []
+    for sp in doc.noun_chunks:
+        cut = _inner_verb(sp, lexicon) if lexicon is not None and len(sp) >= 3 else None
+        if cut is None:
+            spans.append(sp)
+        else:
+            spans.extend((doc[sp.start:cut], doc[cut + 1:sp.end]))
     covered = {t.i for sp in spans for t in sp}
     for t in doc:
         if t.i in covered:
@@ -740,7 +764,7 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
         if way is None:
             return None
         tokens, root = way
-    if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES:
+    if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES and not root.is_lower:
         return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
     if use_ner and root.ent_type_ == "PERSON" and root.pos_ == "PROPN" and not _adjective_named(root, lexicon):
         before = tokens[0].i - 1
@@ -805,7 +829,7 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
     for j, t in enumerate(seg):
         # "Hand Painted Ceramic Flower Pot": a noun before a participle with more nouns to come is an adverb.
         if (flags[j] and j + 1 < len(seg) and seg[j + 1].lower_.endswith("ed") and seg[j + 1].lower_ not in lexicon.nouns
-                and any(flags[j + 2:])):
+                and lexicon.is_verb_form(seg[j + 1].lower_[:-2] + "s") and any(flags[j + 2:])):
             flags[j] = False
     for j, t in enumerate(seg):
         # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
