@@ -188,6 +188,7 @@ def boilerplate_pattern() -> re.Pattern:
 
 HASHTAG_RE = re.compile(r"(?<![\w#@&])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
 SPACED_SEPARATOR_RE = re.compile(r"(?<=\s)([-–—|•·~]+)(?=\s)")
+CREDIT_RE = re.compile(r"\(?\b(?:REUTERS|AFP|AP|EPA|Getty Images|Xinhua|Anadolu|Bloomberg)(?: Photo)?\s*/\s*[\w.' -]+\)?")
 URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
 FILE_RE = re.compile(
     r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
@@ -246,7 +247,7 @@ def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
     """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
     urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
     breaks = [m.span(1) for m in SPACED_SEPARATOR_RE.finditer(text)]  # "Board - Custom Gift": a break, not a flag
-    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE) for m in rx.finditer(text)]
+    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE, CREDIT_RE) for m in rx.finditer(text)]
     merged: list[list[int]] = []
     for s, e in sorted(urls + boiler + breaks):
         if merged and s <= merged[-1][1]:
@@ -463,7 +464,8 @@ def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner
     return True
 
 
-SETTING_PREPS = {"in", "at", "from", "near", "during"}
+SETTING_PREPS = {"in", "at", "from", "near", "during", "over", "across", "through", "outside", "to", "into", "around",
+                 "along", "past"}
 
 
 def _is_setting_name(tokens, root) -> bool:
@@ -568,11 +570,13 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
         t, before, after = doc[i], doc[i - 1], doc[i + 1]
         if before.pos_ not in ("NOUN", "PROPN") or after.pos_ not in ("NOUN", "PROPN", "ADJ", "DET", "NUM"):
             continue
+        if t.tag_ == "VBG" and before.tag_ in ("NN", "NNS") and after.pos_ == "NOUN":
+            return i                                    # "a potter shaping clay", "a vendor grilling skewers"
         word = t.lower_
-        if not lexicon.is_verb_form(word):
-            continue
+        if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
+            continue                                    # "Striker Harry Kane": a name, not "to harry"
         verb_only = lexicon.nouns is not None and word not in lexicon.nouns and lexicon.noun_lemma(word) is None
-        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ in ("NN", "NNP")):
+        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"):
             return i
     return None
 
@@ -754,6 +758,8 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
     if all(t.lower_ in AUDIENCE_NOUNS for t in tokens if t.is_alpha) and any(
             t.lower_ == "for" for t in doc[max(0, tokens[0].i - 3):tokens[0].i]):
         return None                                     # "Gift for Boys Girls": the audience, not an object
+    if head == "couple" and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
+        return None                                     # "a couple of cups" (but "a happy couple" stays)
     if head == "model" and i_follows_year(root):
         return None                                     # "(2022 Model)": a model year
     if (head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words()
@@ -764,9 +770,12 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
         if way is None:
             return None
         tokens, root = way
-    if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES and not root.is_lower:
+    if (use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES and not root.is_lower
+            and not (tokens[0].lower_ in person_roles() and tokens[0].ent_type_ != root.ent_type_)):
         return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
-    if use_ner and root.ent_type_ == "PERSON" and root.pos_ == "PROPN" and not _adjective_named(root, lexicon):
+    named_by_role = (root.pos_ == "PROPN" and root.ent_type_ == "ORG" and tokens[0].lower_ in person_roles()
+                     and not tokens[0].is_lower)      # "Chancellor Olaf Scholz" that NER calls an organisation
+    if use_ner and root.pos_ == "PROPN" and (root.ent_type_ == "PERSON" or named_by_role) and not _adjective_named(root, lexicon):
         before = tokens[0].i - 1
         if before >= 0 and doc[before].pos_ == "NOUN" and doc[before].ent_type_ == "":
             return None                                 # "our cat Luna": the name of the thing before it
@@ -877,7 +886,7 @@ def _title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple
             if nxt is not None and not nxt.is_alpha is False and nxt.is_alpha and nxt.lower_ not in lexicon.nonvisual \
                     and nxt.lower_ not in attribute_words() and not objects[end + 1] and nxt.pos_ in ("PROPN", "NOUN", "X") \
                     and lexicon.nouns is not None and nxt.lower_ not in lexicon.nouns and lexicon.noun_lemma(nxt.lower_) is None \
-                    and k == 0:
+                    and k == 0 and nxt.lower_ not in ("no", "non", "anti"):
                 k = end + 1
                 continue                                # "Apple iPhone": a brand before a model name
             if (nxt is not None and head_lemma(nxt, lexicon) in lexicon.nonvisual
