@@ -188,6 +188,7 @@ def boilerplate_pattern() -> re.Pattern:
 
 HASHTAG_RE = re.compile(r"(?<![\w#@&])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
 SPACED_SEPARATOR_RE = re.compile(r"(?<=\s)([-–—|•·~]+)(?=\s)")
+CREDIT_RE = re.compile(r"\(?\b(?:REUTERS|AFP|AP|EPA|Getty Images|Xinhua|Anadolu|Bloomberg)(?: Photo)?\s*/\s*[\w.' -]+\)?")
 URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
 FILE_RE = re.compile(
     r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
@@ -246,7 +247,7 @@ def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
     """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
     urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
     breaks = [m.span(1) for m in SPACED_SEPARATOR_RE.finditer(text)]  # "Board - Custom Gift": a break, not a flag
-    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE) for m in rx.finditer(text)]
+    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE, CREDIT_RE) for m in rx.finditer(text)]
     merged: list[list[int]] = []
     for s, e in sorted(urls + boiler + breaks):
         if merged and s <= merged[-1][1]:
@@ -264,9 +265,13 @@ def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
     and odd spaces become spaces; runs of spaces collapse to one. Title-Case or ALL-CAPS captions
     are lower-cased, and so is a first word like "Lighthouse", which the tagger would call a verb.
     """
-    base = "".join(" " if _is_noise_char(ch) else ch for ch in caption)
-    base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
+    plain = caption.isascii() and caption.isprintable()  # the common case: no character needs a look-up
+    base = caption if plain else "".join(" " if _is_noise_char(ch) else ch for ch in caption)
+    if "<" in base:
+        base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
     regions, masked_url, masked_boilerplate = _masked_regions(base)
+    if plain and not regions and "&" not in base and "  " not in base and base == base.strip():
+        return _finish(base, list(range(len(base))), list(range(1, len(base) + 1)), False, False, lowercase_titles)
     entities = {m.start(): m for m in ENTITY_RE.finditer(base)}
     chars: list[str] = []
     starts: list[int] = []
@@ -303,7 +308,11 @@ def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
         i += 1
     while chars and chars[-1].isspace():
         chars.pop(), starts.pop(), ends.pop()
-    display = "".join(chars)
+    return _finish("".join(chars), starts, ends, masked_url, masked_boilerplate, lowercase_titles)
+
+
+def _finish(display: str, starts: list[int], ends: list[int], masked_url: bool, masked_boilerplate: bool,
+            lowercase_titles: bool) -> CleanText:
     title = _is_title_like(display)
     if lowercase_titles and title:
         parse = "".join(c.lower() if len(c.lower()) == 1 else c for c in display)
@@ -455,7 +464,8 @@ def _is_visual_chunk(tokens, root, head: str, nonvisual: frozenset[str], use_ner
     return True
 
 
-SETTING_PREPS = {"in", "at", "from", "near", "during"}
+SETTING_PREPS = {"in", "at", "from", "near", "during", "over", "across", "through", "outside", "to", "into", "around",
+                 "along", "past"}
 
 
 def _is_setting_name(tokens, root) -> bool:
@@ -552,15 +562,41 @@ def head_lemma(root, lexicon: Lexicon) -> str:
     return (root.lemma_ or root.text).lower()
 
 
+def _inner_verb(span, lexicon: Lexicon) -> int | None:
+    """Index of a verb the parser folded into a noun chunk between two nouns: a present-tense verb
+    spelling after a singular noun ("senator greets voters") or a word only a verb spells ("unload")."""
+    doc = span.doc
+    for i in range(span.start + 1, span.end - 1):
+        t, before, after = doc[i], doc[i - 1], doc[i + 1]
+        if before.pos_ not in ("NOUN", "PROPN") or after.pos_ not in ("NOUN", "PROPN", "ADJ", "DET", "NUM"):
+            continue
+        if t.tag_ == "VBG" and before.tag_ in ("NN", "NNS") and after.pos_ == "NOUN":
+            return i                                    # "a potter shaping clay", "a vendor grilling skewers"
+        word = t.lower_
+        if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
+            continue                                    # "Striker Harry Kane": a name, not "to harry"
+        verb_only = lexicon.nouns is not None and word not in lexicon.nouns and lexicon.noun_lemma(word) is None
+        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"):
+            return i
+    return None
+
+
 def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
     """``doc.noun_chunks`` plus the nouns the parser left out of every chunk.
 
     English noun chunks only start from a few relations (subject, object, ``pobj``, ``conj``,
     ``appos``, ``attr``, root); on verbless captions the small parser often attaches a listed noun
     as ``dep`` or ``npadvmod`` ("..., and a red kite" -> ``dep``), and that object would be lost.
-    Such a noun gets a chunk of its contiguous left modifiers.
+    Such a noun gets a chunk of its contiguous left modifiers. A chunk with a headline verb inside
+    ("Senator greets voters", "Volunteers unload boxes") is cut in two at the verb.
     """
-    spans = list(doc.noun_chunks)
+    spans = []
+    for sp in doc.noun_chunks:
+        cut = _inner_verb(sp, lexicon) if lexicon is not None and len(sp) >= 3 else None
+        if cut is None:
+            spans.append(sp)
+        else:
+            spans.extend((doc[sp.start:cut], doc[cut + 1:sp.end]))
     covered = {t.i for sp in spans for t in sp}
     for t in doc:
         if t.i in covered:
@@ -722,6 +758,8 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
     if all(t.lower_ in AUDIENCE_NOUNS for t in tokens if t.is_alpha) and any(
             t.lower_ == "for" for t in doc[max(0, tokens[0].i - 3):tokens[0].i]):
         return None                                     # "Gift for Boys Girls": the audience, not an object
+    if head == "couple" and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
+        return None                                     # "a couple of cups" (but "a happy couple" stays)
     if head == "model" and i_follows_year(root):
         return None                                     # "(2022 Model)": a model year
     if (head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words()
@@ -732,9 +770,12 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
         if way is None:
             return None
         tokens, root = way
-    if use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES:
+    if (use_ner and root.pos_ == "PROPN" and root.ent_type_ in NAMED_NONVISUAL_ENTITIES and not root.is_lower
+            and not (tokens[0].lower_ in person_roles() and tokens[0].ent_type_ != root.ent_type_)):
         return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
-    if use_ner and root.ent_type_ == "PERSON" and root.pos_ == "PROPN" and not _adjective_named(root, lexicon):
+    named_by_role = (root.pos_ == "PROPN" and root.ent_type_ == "ORG" and tokens[0].lower_ in person_roles()
+                     and not tokens[0].is_lower)      # "Chancellor Olaf Scholz" that NER calls an organisation
+    if use_ner and root.pos_ == "PROPN" and (root.ent_type_ == "PERSON" or named_by_role) and not _adjective_named(root, lexicon):
         before = tokens[0].i - 1
         if before >= 0 and doc[before].pos_ == "NOUN" and doc[before].ent_type_ == "":
             return None                                 # "our cat Luna": the name of the thing before it
@@ -797,7 +838,7 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
     for j, t in enumerate(seg):
         # "Hand Painted Ceramic Flower Pot": a noun before a participle with more nouns to come is an adverb.
         if (flags[j] and j + 1 < len(seg) and seg[j + 1].lower_.endswith("ed") and seg[j + 1].lower_ not in lexicon.nouns
-                and any(flags[j + 2:])):
+                and lexicon.is_verb_form(seg[j + 1].lower_[:-2] + "s") and any(flags[j + 2:])):
             flags[j] = False
     for j, t in enumerate(seg):
         # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
@@ -845,7 +886,7 @@ def _title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple
             if nxt is not None and not nxt.is_alpha is False and nxt.is_alpha and nxt.lower_ not in lexicon.nonvisual \
                     and nxt.lower_ not in attribute_words() and not objects[end + 1] and nxt.pos_ in ("PROPN", "NOUN", "X") \
                     and lexicon.nouns is not None and nxt.lower_ not in lexicon.nouns and lexicon.noun_lemma(nxt.lower_) is None \
-                    and k == 0:
+                    and k == 0 and nxt.lower_ not in ("no", "non", "anti"):
                 k = end + 1
                 continue                                # "Apple iPhone": a brand before a model name
             if (nxt is not None and head_lemma(nxt, lexicon) in lexicon.nonvisual
