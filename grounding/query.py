@@ -26,6 +26,7 @@ Command line (``python -m grounding.query`` or ``grounding-query``)::
     grounding-query report top_heads --data OUT --limit 20
     grounding-query export SUBSET --data OUT --where "num_boxes >= 3"  # see grounding.export
     grounding-query export SUBSET --data OUT --cap 100 --min-images 3 --seed 0
+    grounding-query export COCO_DIR --data OUT --format coco            # coco | odvg | grit: grounding.convert
     grounding-query render sheet.png --data OUT --where "num_boxes >= 3" -n 16
 
 ``--data`` defaults to the ``GROUNDING_SHARDS`` environment variable.
@@ -145,7 +146,7 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
         con.execute(f"SET threads = {int(threads)}")
     con.execute(f"SET disable_parquet_prefetching = {'false' if prefetch else 'true'}")
     if _matches(src.shards):
-        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")
+        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)}, union_by_name = true)")
         con.execute(f"CREATE OR REPLACE VIEW shard_files AS SELECT file FROM glob({_sql_str(src.shards)}) ORDER BY file")
     elif not src.output_folder:
         raise FileNotFoundError(f"no grounding shards match {src.shards}")
@@ -422,7 +423,7 @@ def _format_for(output: str | None, fmt: str | None) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-COMMANDS = ("sql", "report", "reports", "export", "render")
+COMMANDS = ("sql", "report", "reports", "export", "render", "audit")
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -469,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    p.add_argument("-f", "--format", choices=("shards", "coco", "odvg", "grit"), default="shards",
+                   help="shards (default), or a converted format: coco (JSON + images), odvg or grit (JSONL + images)")
     _source_args(p)
 
     p = sub.add_parser("render", help="contact sheet PNG of images with their boxes and phrases")
@@ -480,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", type=int, default=320, help="cell size in pixels (default 320)")
     p.add_argument("--seed", type=int, default=0, help="random sample under this seed (with --where)")
     p.add_argument("--min-score", type=float, default=0.0, help="hide boxes scored below this")
+    _source_args(p)
+
+    p = sub.add_parser("audit", help="pseudo-boxes against human boxes: IoU, precision/recall by score, threshold")
+    from grounding.audit import main_args as audit_args
+    audit_args(p)
+    p.add_argument("-o", "--output", help="write the JSON report here instead of stdout")
     _source_args(p)
     return parser
 
@@ -555,7 +564,12 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
 
         cfg = ExportConfig(where=args.where, cap=args.cap, min_images=args.min_images, by=args.by,
                            seed=args.seed, rows_per_shard=args.rows_per_shard)
-        result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+        if args.format == "shards":
+            result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+        else:
+            from grounding.export import export_converted
+
+            result = export_converted(con, args.dest, args.format, cfg, overwrite=args.overwrite)
         print(json.dumps(result.summary(), indent=1))
     elif args.command == "render":
         from grounding.render import ContactSheetConfig, render_contact_sheet
@@ -565,6 +579,10 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
         sheet.image.save(args.output)
         print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}"
               + (f", {len(sheet.errors)} undecodable" if sheet.errors else ""))
+    elif args.command == "audit":
+        from grounding.audit import run as run_audit
+
+        run_audit(con, args)
     return 0
 
 if __name__ == "__main__":

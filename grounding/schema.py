@@ -7,6 +7,12 @@ hash, detector name and weights, package version) in the Parquet key-value metad
 
 Boxes are stored normalised (``boxes_norm``: integers 0..999, the rule in :mod:`grounding.boxes`)
 in the frame of the stored image, whose size is ``width`` x ``height``.
+
+``caption`` is the cleaned caption (:func:`grounding.captions.clean_caption`) that every phrase
+span indexes; ``caption_raw`` the caption as the source gave it (nullable). Schema versions:
+``"1"`` had no ``caption_raw``; ``"2"`` added it. Readers take both (:data:`READABLE_VERSIONS`):
+:func:`read_shard` gives old rows ``caption_raw=None``, :func:`shard_columns_sql` selects NULL for
+the missing column, and :func:`grounding.query.connect` unions shards by column name.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import pyarrow.parquet as pq
 from grounding.boxes import NORM
 from grounding.cli import UsageError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # "1": no caption_raw column
 ROW_GROUP_SIZE = 128  # image bytes dominate: keep row groups to a few MB-hundreds of MB
 META_VERSION = b"grounding.schema_version"
 META_PROVENANCE = b"grounding.provenance"
@@ -48,7 +55,8 @@ QA_TYPE = pa.struct([
 GROUNDING_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("url", pa.string()),
-    pa.field("caption", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),    # cleaned: the text every phrase span indexes
+    pa.field("caption_raw", pa.string()),                # as the source gave it (null in v1 shards)
     pa.field("width", pa.int32(), nullable=False),       # size of `image`: the frame of the boxes
     pa.field("height", pa.int32(), nullable=False),
     pa.field("original_width", pa.int32()),
@@ -123,6 +131,7 @@ class GroundingRow:
     original_height: int | None = None
     source_shard: str | None = None
     source_row: int | None = None
+    caption_raw: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GroundingRow":
@@ -171,7 +180,7 @@ def to_table(rows: Iterable[GroundingRow | Mapping[str, Any]], schema: pa.Schema
     dicts = [row_to_dict(r) for r in rows]
     missing = [c for c in schema.names if dicts and any(c not in d for d in dicts[:1])]
     if missing and schema is GROUNDING_SCHEMA:
-        optional = {"original_width", "original_height", "source_shard", "source_row", "url"}
+        optional = {"original_width", "original_height", "source_shard", "source_row", "url", "caption_raw"}
         hard = [c for c in missing if c not in optional]
         if hard:
             raise SchemaError(f"rows lack required columns {hard}")
@@ -238,13 +247,14 @@ def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterab
 
     Raises :class:`ShardError`, one line naming the file, when it does not open as Parquet
     (truncated, not Parquet, unreadable), is a rejects shard where a grounding shard is wanted,
-    lacks a column of ``columns`` (default: every column of ``schema``) or holds one of the wrong
-    type, or carries a ``schema_version`` newer than :data:`SCHEMA_VERSION`. Only the footer is read.
+    lacks a column of ``columns`` (default: the schema's non-nullable ones; an older version may lack a
+    nullable one) or holds a column of the wrong type, or carries a ``schema_version`` this code does not
+    read (:data:`READABLE_VERSIONS`). Only the footer is read.
     """
     meta = read_footer(path, flag)
     arrow = meta.schema.to_arrow_schema()
     names = set(arrow.names)
-    wanted = list(columns) if columns is not None else schema.names
+    wanted = list(columns) if columns is not None else [f.name for f in schema if not f.nullable]
     if schema is not REJECTS_SCHEMA and {"stage", "reason"} <= names and not {"qa", "image"} & names:
         raise ShardError(f"{path}: is a rejects shard (rows the pipeline dropped, with stage/reason), not a grounding "
                          f"shard; give OUT/shards/*.parquet to {flag}, not OUT/rejects/")
@@ -252,15 +262,16 @@ def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterab
     if missing:
         raise ShardError(f"{path}: not a grounding shard: missing column(s) {', '.join(missing)} "
                          f"(it has {', '.join(arrow.names) or 'no columns'}); check {flag}")
-    for c in wanted:
+    for c in [c for c in schema.names if c in names]:
         if not _compatible(arrow.field(c).type, schema.field(c).type):
             raise ShardError(f"{path}: column {c!r} is {arrow.field(c).type}, the shard schema has "
                              f"{schema.field(c).type}; check {flag}")
     version = (meta.metadata or {}).get(META_VERSION)
     if version is not None:
         v = version.decode(errors="replace")
-        if not v.isdigit() or int(v) > int(SCHEMA_VERSION):
-            raise ShardError(f"{path}: schema_version {v!r} is newer than this code reads ({SCHEMA_VERSION}); "
+        if v not in READABLE_VERSIONS:
+            newer = "newer than" if v.isdigit() and int(v) > int(SCHEMA_VERSION) else "not one"
+            raise ShardError(f"{path}: schema_version {v!r} is {newer} this code reads ({', '.join(READABLE_VERSIONS)}); "
                              "update the code or give shards of a version it reads")
     return meta
 
@@ -335,11 +346,29 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+def shard_columns_sql(names: Iterable[str]) -> str:
+    """A SELECT list of every :data:`GROUNDING_SCHEMA` column over a shard whose columns are ``names``:
+    a nullable column an older schema version lacks is selected as a typed NULL."""
+    have = set(names)
+    out = []
+    for f in GROUNDING_SCHEMA:
+        if f.name in have:
+            out.append(f.name)
+        elif f.nullable:
+            out.append(f"NULL::{_DUCKDB_TYPES[f.type]} AS {f.name}")
+        else:
+            raise SchemaError(f"shard lacks required column {f.name!r}")
+    return ", ".join(out)
+
+
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
+
+
 def read_shard(path: str) -> Iterator[GroundingRow]:
-    """Typed rows of one grounding shard, a row group at a time."""
+    """Typed rows of one grounding shard (any of :data:`READABLE_VERSIONS`), a row group at a time."""
     version = read_metadata(path)["schema_version"]
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"{path} has schema_version {version}, this code reads {', '.join(READABLE_VERSIONS)}")
     fs, p = fsspec.core.url_to_fs(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)

@@ -9,7 +9,7 @@ are tokenized separately, exactly as generation sees them (prompt in, target out
 
 Boxes in a shard are integers 0..999 in the frame of the stored image (``width`` x ``height``);
 they are relative coordinates, so resizing the image to the vision tower's square input (no crop,
-no padding) keeps them valid. That is why :class:`ImagePreprocessor` resizes and never crops.
+no padding) keeps them valid. That is why the model's image transform (grounding.image.ImageTransform) resizes and never crops.
 
 :class:`GroundingBatches` is an ``IterableDataset`` that yields whole collated batches. Its rows
 are split over ``(rank, loader worker)`` slots without overlap: by shard when there are at least as
@@ -44,12 +44,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from grounding.boxes import prompt_and_target, try_parse_boxes
 from grounding.cli import UsageError
-from grounding.render import decode_image as render_decode_image
+from grounding.image import ImageTransform, try_decode_image
 from grounding.schema import ShardError, check_shards
 
 IGNORE_INDEX = -100
 SKIP_REASONS = {  # reason prefix -> what it means and what to change
     "corrupt_image": "the image bytes do not decode",
+    "too_many_pixels": "the image header says more pixels than the decompression-bomb guard allows",
     "preprocess_failed": "the decoded image failed the vision preprocessing",
     "no_qa_for_mixture": "no QA pair of a task the mixture draws (--rec-weight / --caption-weight)",
     "bad_answer": "a REC answer that is not [[x0,y0,x1,y1]] boxes in 0..999",
@@ -57,8 +58,7 @@ SKIP_REASONS = {  # reason prefix -> what it means and what to change
     "unreadable_row_group": "a row group of the file does not read (corrupt pages)",
 }
 READ_COLUMNS = ["key", "image", "width", "height", "qa"]
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ImagePreprocessor = ImageTransform     # the old name (tests/model/test_data.py); the model ships it: model.image_transform
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -112,43 +112,6 @@ def read_row_group(path: str, index: int, columns: Sequence[str] = READ_COLUMNS)
 
 
 # --- images ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ImagePreprocessor:
-    """PIL image -> ``(3, size, size)`` float tensor: RGB, bicubic resize to a square, normalised.
-
-    No crop and no padding: the 0..999 box coordinates stay valid after the resize. Picklable, so
-    loader workers get their own copy.
-    """
-    size: int
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    def __post_init__(self):
-        if self.size <= 0:
-            raise ValueError(f"image size must be positive, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need 3 values each, std > 0")
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        img = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, S, S)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self(im) for im in images])  # (B, 3, S, S)
-
-
-def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``(RGB image, None)`` or ``(None, "corrupt_image: <ExceptionType>")``: :func:`grounding.render.decode_image`
-    with the reason cut to the exception type, so skip counts keep a few keys (PIL messages hold object addresses)."""
-    image, reason = render_decode_image(data)
-    return (image, None) if image is not None else (None, f"corrupt_image: {reason.split(':', 1)[0]}")
-
-
-# --- text ------------------------------------------------------------------------------------
 
 def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> tuple[list[int], list[int], bool]:
     """``BOS + prompt + target + EOS`` ids and labels (``-100`` on BOS and prompt); truncated flag."""
@@ -354,7 +317,7 @@ class GroundingBatches(IterableDataset):
                 break
             task = rng.choices(list(live), weights=list(live.values()))[0]
             picks.append((task, pools[task].pop(rng.randrange(len(pools[task])))))
-        image, reason = decode_image(row["image"])
+        image, reason = try_decode_image(row["image"])
         if image is None:
             skipped[reason] += 1
             return []

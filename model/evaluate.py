@@ -64,13 +64,8 @@ class RecExample:
             raise ValueError(f"example {self.key!r} has no true box")
 
     def load_image(self) -> Image.Image:
-        if self.image_bytes is not None:
-            import io
-            img = Image.open(io.BytesIO(self.image_bytes))
-        else:
-            img = Image.open(self.image_path)
-        img.load()
-        return img.convert("RGB")
+        from grounding.image import decode_image
+        return decode_image(self.image_bytes if self.image_bytes is not None else self.image_path)
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch
 from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
 from model.checkpoint import load_model_from_checkpoint  # noqa: F401  (re-export: benchmarks import it from here)
-from model.data import GroundingBatches, ImagePreprocessor, make_loader
+from model.data import GroundingBatches, make_loader
 from model.distributed import (
     Dist, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
 )
@@ -56,7 +56,8 @@ def resolve_model_config(cfg: TrainConfig):
     from model import cogvlm
 
     if cfg.model == "debug":
-        mcfg = cogvlm.debug(os.path.join(cfg.out_dir, "debug_model"))
+        from model.testing import write_debug_model
+        mcfg = write_debug_model(os.path.join(cfg.out_dir, "debug_model"))
     else:
         mcfg = cogvlm.VisualExpertConfig(**json.loads(Path(cfg.model).read_text()))
     return dataclasses.replace(mcfg, **cfg.model_overrides) if cfg.model_overrides else mcfg
@@ -69,10 +70,9 @@ def build_model(model_config, seed: int):
     return VisualExpertForCausalLM.from_config(model_config)
 
 
-def image_preprocessor(model) -> ImagePreprocessor:
-    """The data-side twin of ``model.preprocess`` (picklable for loader workers)."""
-    v = model.vision
-    return ImagePreprocessor(int(v.image_size), tuple(v.mean.flatten().tolist()), tuple(v.std.flatten().tolist()))
+def image_preprocessor(model):
+    """``model.image_transform``; kept for tests/model/test_data.py, which imports it from here."""
+    return model.image_transform
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     if cfg.checkpoint.init_from:
         init_weights(model, cfg.checkpoint.init_from)
     model.to(dist.device).train()
-    preprocess, tokenizer = image_preprocessor(model), model.tokenizer
+    preprocess, tokenizer = model.image_transform, model.tokenizer
     amp = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype != "float32" else None
     model, mode = wrap_parallel(model, "ddp" if cfg.parallel == "auto" else cfg.parallel, dist, amp)
     inner = unwrap(model)

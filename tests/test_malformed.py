@@ -148,11 +148,11 @@ def check(code: int, err: str, expected: tuple[str, str | None], path: str, name
 @pytest.fixture(scope="module")
 def model_json(tmp_path_factory) -> str:
     """The debug model's config as a --model JSON (its tiny checkpoints written once)."""
-    from model.cogvlm import debug
+    from model.testing import write_debug_model
 
     root = tmp_path_factory.mktemp("model")
     path = root / "model.json"
-    path.write_text(json.dumps(dataclasses.asdict(debug(root / "debug"))))
+    path.write_text(json.dumps(dataclasses.asdict(write_debug_model(root / "debug"))))
     return str(path)
 
 
@@ -290,7 +290,7 @@ def test_build_grounding_names_the_bad_input_file(corpus, tmp_path):
     (["--input", "{laion_link}"], "no 'URL' column"),
     (["--input", "{dir}/nothing-*.parquet"], "no source file matches"),
     (["--input", "{laion_link}", "--source-sample-fraction", "2"], "(flag --source-sample-fraction)"),
-    (["--input", "{laion_link}", "--ray-num-blocks", "0"], "(flag --ray-num-blocks)"),
+    (["--input", "{laion_link}", "--ray-detect-actors", "0"], "(flag --ray-detect-actors)"),
 ])
 def test_build_grounding_user_errors_name_the_flag(args, text, corpus, tmp_path, capsys):
     from pipeline.build_grounding import main

@@ -156,7 +156,7 @@ def test_wiring_overfits_a_few_images(tmp_path):
     """The reduced wiring proof (benchmarks/learn_wiring.py has the 64-image one): a from-scratch tiny model,
     everything trainable, memorises 8 images' REC answers. A wrong label shift, answer mask, position id,
     box normalisation or parser keeps Acc@0.5 near 0; measured here: 1.0 at step 200, 0.81 at step 100."""
-    from model import tiny
+    from model import testing as tiny
     from model.cogvlm import VisualExpertConfig
 
     shards = make_shards(tmp_path, n_images=8, rows_per_shard=8, seed=0)
