@@ -206,3 +206,28 @@ def test_packed_qa_pairs_share_one_image_pass_and_keep_their_masks(shards8, tok,
     answers = tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
     truth = {prompt_and_target(q.question, q.answer)[1] for q in row.qa if q.task == "rec"}
     assert answers.count("[[") == n_pairs and all(a in truth for a in answers.replace("]] [[", "]]| [[").split("|"))
+
+
+def test_a_row_group_that_does_not_read_names_its_file_or_is_skipped_and_counted(tmp_path, shards8, tok, pre):
+    """A valid footer over corrupt pages passes the open-time check; reading the group stops the run naming
+    the file, or with skip_bad_shards its rows are skipped as ``unreadable_row_group``."""
+    import pyarrow.parquet as pq
+
+    from grounding.schema import ShardError
+
+    bad = tmp_path / "pages.parquet"
+    data = bytearray(open(resolve_shards(shards8)[0], "rb").read())
+    chunk = pq.ParquetFile(resolve_shards(shards8)[0]).metadata.row_group(0).column(0)   # `key`'s pages
+    data[chunk.data_page_offset + 10: chunk.data_page_offset + chunk.total_compressed_size] = \
+        b"\x55" * (chunk.total_compressed_size - 10)
+    bad.write_bytes(bytes(data))
+    shards = [str(bad), resolve_shards(shards8)[1]]
+    with pytest.raises(ShardError, match=rf"{bad}: row group 0 does not read .*--skip-bad-shards"):
+        one_epoch(DataConfig(shards=shards, batch_size=2), tok, pre)
+    import itertools
+
+    cfg = DataConfig(shards=shards, batch_size=2, skip_bad_shards=True, max_skip_fraction=1.0)
+    batches = list(itertools.islice(iter(GroundingBatches(cfg, tok, pre)), 3))  # a pass and a bit: all skips reported
+    good = {r["key"] for r in read_rows(shards[1])}
+    assert {k for b in batches for k in b["keys"]} <= good and len(batches) == 3
+    assert sum(b["skipped"].get("unreadable_row_group", 0) for b in batches) >= 4
