@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,7 @@ from grounding.image import decode_image
 # re-exports while pipeline/job.py, tests/pipeline, benchmarks/bench_*.py, detector/train.py and --save-tiny
 # import the fixtures from here; new code imports grounding.testing
 from grounding.testing import save_tiny_detector, save_tokenizer_and_processor, tiny_detector_config  # noqa: F401
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # torch's names, as model.cogvlm and model.train_config use
@@ -600,9 +600,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save_tiny:
         print(save_tiny_detector(args.save_tiny))
         return 0
-    config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    detector = BoxDetector(config)
-    images = [decode_image(p) for p in args.images]
+    try:
+        config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as e:
+        raise UsageError(flag_hint(str(e), field_flags(list(asdict(defaults))))) from e
+    if not args.images or not args.phrases:
+        raise UsageError("give image files and --phrases to box in them (or --save-tiny DIR)")
+    images = []
+    for p in args.images:
+        try:
+            images.append(decode_image(p))
+        except (OSError, ValueError) as e:  # PIL's errors, ImageTooLarge
+            raise UsageError(f"{p}: not a readable image ({type(e).__name__}); check the image arguments") from e
+    try:
+        detector = BoxDetector(config)
+    except (OSError, ValueError) as e:  # no such folder, not a GroundingDINO checkpoint, offline hub name
+        raise UsageError(f"--model {config.model}: cannot load the detector ({str(e).splitlines()[0]})") from e
     keys = [Path(p).stem for p in args.images]
     results = detector(images, [args.phrases] * len(images), keys=keys)
     json.dump({"detector": detector.name, "weights_id": detector.weights_id, "config": asdict(config),
@@ -613,4 +626,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

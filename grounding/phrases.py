@@ -1139,4 +1139,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from grounding.cli import run_cli
+    raise SystemExit(run_cli(main))

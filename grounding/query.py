@@ -51,6 +51,7 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
+from grounding.cli import USAGE_EXIT, run_cli
 from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA
 
 ENV_DATA = "GROUNDING_SHARDS"
@@ -522,17 +523,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
+        check_source(resolve_source(args.data, shards=args.shards, rejects=args.rejects))
         con = connect(args.data, shards=args.shards, rejects=args.rejects, threads=args.threads)
-    except (OSError, ValueError) as e:
-        print(f"grounding-query: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # no such folder, a file that is no shard of its kind (check_shard)
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_EXIT
     try:
         return _run(con, args)
     except (duckdb.Error, OSError, ValueError) as e:  # bad SQL, an existing export, a bad config
-        print(f"grounding-query: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return USAGE_EXIT
     finally:
         con.close()
+
+
+def check_source(src: ShardSource) -> None:
+    """Every file behind the views is a shard of its kind (footers only): else one line naming it."""
+    import fsspec
+
+    from grounding.schema import check_shards
+
+    for pattern, schema, flag in ((src.shards, GROUNDING_SCHEMA, "--data/--shards"), (src.rejects, REJECTS_SCHEMA, "--rejects")):
+        if pattern is None:
+            continue
+        fs, p = fsspec.core.url_to_fs(pattern)
+        files = fs.glob(p) if _has_glob(p) else ([p] if fs.exists(p) else [])
+        check_shards([fs.unstrip_protocol(f) if _is_remote(pattern) else f for f in files], schema, flag=flag)
 
 
 def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
@@ -570,4 +586,4 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grounding.boxes import NORM
+from grounding.cli import UsageError
 
 SCHEMA_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # "1": no caption_raw column
@@ -86,6 +87,10 @@ METADATA_COLUMNS = [c for c in GROUNDING_COLUMNS if c != "image"]  # what a quer
 
 class SchemaError(ValueError):
     pass
+
+
+class ShardError(SchemaError, UsageError):
+    """A file that cannot be read as a shard of the wanted schema; the message names the file and what is wrong."""
 
 
 # --- typed rows ------------------------------------------------------------------------------
@@ -202,6 +207,92 @@ def check_table(table: pa.Table, schema: pa.Schema = GROUNDING_SCHEMA) -> pa.Tab
     if schema.equals(GROUNDING_SCHEMA):
         validate_rows(table.drop_columns(["image"]).to_pylist())
     return table
+
+
+def _compatible(actual: pa.DataType, wanted: pa.DataType) -> bool:
+    """Can a reader of ``wanted`` use a column of type ``actual``? Integer widths, large/small strings,
+    binaries and lists are interchangeable; nullability is ignored; a struct may carry extra fields."""
+    for group in (pa.types.is_integer, pa.types.is_floating):
+        if group(wanted):
+            return group(actual)
+    for a, b in ((pa.string(), pa.large_string()), (pa.binary(), pa.large_binary())):
+        if wanted in (a, b):
+            return actual in (a, b)
+    if pa.types.is_list(wanted) or pa.types.is_large_list(wanted):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(actual.value_type,
+                                                                                           wanted.value_type)
+    if pa.types.is_struct(wanted):
+        if not pa.types.is_struct(actual):
+            return False
+        have = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
+        return all(f.name in have and _compatible(have[f.name], f.type) for f in wanted)
+    return actual.equals(wanted)
+
+
+def read_footer(path: str, flag: str = "--shards") -> pq.FileMetaData:
+    """The Parquet footer of ``path``, or :class:`ShardError` naming the file when it is truncated, not
+    Parquet at all, or unreadable (``flag``: the option that named it)."""
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (OSError, pa.ArrowException) as e:  # ArrowInvalid: truncated or not Parquet at all
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"{path}: not a readable Parquet file ({detail}); remove it from {flag}") from e
+
+
+def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterable[str] | None = None,
+                flag: str = "--shards") -> pq.FileMetaData:
+    """Check one file before any row is read; return its Parquet footer (row group sizes, ...).
+
+    Raises :class:`ShardError`, one line naming the file, when it does not open as Parquet
+    (truncated, not Parquet, unreadable), is a rejects shard where a grounding shard is wanted,
+    lacks a column of ``columns`` (default: every column of ``schema``) or holds one of the wrong
+    type, or carries a ``schema_version`` newer than :data:`SCHEMA_VERSION`. Only the footer is read.
+    """
+    meta = read_footer(path, flag)
+    arrow = meta.schema.to_arrow_schema()
+    names = set(arrow.names)
+    wanted = list(columns) if columns is not None else schema.names
+    if schema is not REJECTS_SCHEMA and {"stage", "reason"} <= names and not {"qa", "image"} & names:
+        raise ShardError(f"{path}: is a rejects shard (rows the pipeline dropped, with stage/reason), not a grounding "
+                         f"shard; give OUT/shards/*.parquet to {flag}, not OUT/rejects/")
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ShardError(f"{path}: not a grounding shard: missing column(s) {', '.join(missing)} "
+                         f"(it has {', '.join(arrow.names) or 'no columns'}); check {flag}")
+    for c in wanted:
+        if not _compatible(arrow.field(c).type, schema.field(c).type):
+            raise ShardError(f"{path}: column {c!r} is {arrow.field(c).type}, the shard schema has "
+                             f"{schema.field(c).type}; check {flag}")
+    version = (meta.metadata or {}).get(META_VERSION)
+    if version is not None:
+        v = version.decode(errors="replace")
+        if not v.isdigit() or int(v) > int(SCHEMA_VERSION):
+            raise ShardError(f"{path}: schema_version {v!r} is newer than this code reads ({SCHEMA_VERSION}); "
+                             "update the code or give shards of a version it reads")
+    return meta
+
+
+def check_shards(paths: Iterable[str], schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterable[str] | None = None,
+                 skip_bad: bool = False, flag: str = "--shards") -> tuple[dict[str, pq.FileMetaData], dict[str, str]]:
+    """:func:`check_shard` over many files: ``({path: footer} of the good ones, {path: what is wrong})``.
+
+    Without ``skip_bad`` the first bad file raises; with it, bad files are left out and reported,
+    and only a list with no good file at all raises.
+    """
+    good, bad = {}, {}
+    columns = list(columns) if columns is not None else None
+    for path in paths:
+        try:
+            good[path] = check_shard(path, schema, columns, flag)
+        except ShardError as e:
+            if not skip_bad:
+                raise
+            bad[path] = str(e)
+    if not good and bad:
+        raise ShardError(f"none of the {len(bad)} file(s) given is a readable shard; the first: {next(iter(bad.values()))}")
+    return good, bad
 
 
 # --- writing and reading ---------------------------------------------------------------------

@@ -38,7 +38,8 @@ from typing import Sequence
 
 import torch
 
-from model.checkpoint import init_weights, load_checkpoint, resume_path, save_checkpoint
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
+from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
 from model.checkpoint import load_model_from_checkpoint  # noqa: F401  (re-export: benchmarks import it from here)
 from model.data import GroundingBatches, make_loader
 from model.distributed import (
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": _config_dict(mcfg)}, indent=1))
         log.write({"event": "start" if ckpt_path is None else "resume", "step": progress.step,
                    "world_size": dist.world_size, "parallel": mode, "device": str(dist.device),
-                   "checkpoint": str(ckpt_path) if ckpt_path else None,
+                   "checkpoint": str(ckpt_path) if ckpt_path else None, "bad_shards": dataset.bad_shards,
                    "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
                    "total_params": sum(p.numel() for p in inner.parameters())})
 
@@ -324,18 +325,54 @@ def _optional_int(s: str) -> int | None:
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Flags -> a validated :class:`TrainConfig`; a value out of range is a :class:`UsageError` naming its flag."""
     args = vars(build_parser().parse_args(argv))
     preset, config = args.pop("preset"), args.pop("config")
     overrides = {k: v for k, v in args.items() if v is not None}
     if config is not None:
         if preset is not None:
-            raise SystemExit("give --preset or --config, not both")
-        return TrainConfig.from_dict(json.loads(Path(config).read_text())["train"]).with_overrides(**overrides)
-    return PRESETS[preset or "debug"](**overrides)
+            raise UsageError("give --preset or --config, not both")
+        try:
+            saved = json.loads(Path(config).read_text())["train"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--config {config}: not a run's config.json ({type(e).__name__}: {e})") from e
+    try:
+        if config is not None:
+            return TrainConfig.from_dict(saved).with_overrides(**overrides)
+        return PRESETS[preset or "debug"](**overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(flag_hint(str(e), field_flags([name for name, _ in flat_fields()]))) from e
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What a run would otherwise find wrong only after building its model, or at its first eval: the model
+    JSON, the checkpoint to resume or start from, the training and eval shards (footers only)."""
+    from grounding.schema import check_shards
+    from model.data import READ_COLUMNS, resolve_shards
+
+    if not cfg.data.shards:
+        raise UsageError("no training data: give --shards GLOB [GLOB ...] (grounding shards, OUT/shards/*.parquet)")
+    if cfg.model != "debug" and not Path(cfg.model).is_file():
+        raise UsageError(f"--model {cfg.model}: no such file (a JSON of VisualExpertConfig fields, or 'debug')")
+    for flag, path in (("--resume", cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "none") else None),
+                       ("--init-from", cfg.checkpoint.init_from)):
+        if path:
+            try:
+                find_checkpoint(path)
+            except FileNotFoundError as e:
+                raise UsageError(f"{e}; check {flag} (a checkpoint folder or a run folder)") from e
+    for flag, shards in (("--shards", cfg.data.shards), ("--eval-shards", cfg.eval.shards)):
+        try:
+            files = resolve_shards(shards)
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; check {flag}") from e
+        columns = READ_COLUMNS + (["phrases"] if flag == "--eval-shards" else [])
+        check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards", flag=flag)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = config_from_args(argv)
+    check_inputs(cfg)
     try:
         return train(cfg)
     finally:
@@ -345,11 +382,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    code = run_cli(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torch 2.13 + gloo/FSDP on CPU: after a clean run (logs and checkpoints written, process group
         # destroyed) the interpreter's teardown sometimes aborts ("terminate called without an active
         # exception", SIGABRT), failing the torchrun job; skip that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    sys.exit(code)

@@ -13,8 +13,8 @@ from helpers_train import debug_model, debug_model_config, one_thread, make_shar
 from grounding.boxes import parse_boxes, prompt_and_target
 from grounding.schema import read_shard, write_shard, row_to_dict
 from model.data import (
-    IGNORE_INDEX, DataConfig, GroundingBatches, ImagePreprocessor, collate, encode_qa, make_loader, pad_left,
-    resolve_shards,
+    IGNORE_INDEX, DataConfig, DataError, GroundingBatches, ImagePreprocessor, collate, encode_prompt, encode_qa,
+    make_loader, pad_left, resolve_shards,
 )
 from model.train import image_preprocessor
 
@@ -27,6 +27,10 @@ def tok(debug_model):
 @pytest.fixture(scope="module")
 def pre(debug_model):
     return image_preprocessor(debug_model)
+
+
+def read_rows(folder) -> list[dict]:
+    return [row_to_dict(r) for p in resolve_shards(folder) for r in read_shard(p)]
 
 
 def one_epoch(cfg: DataConfig, tok, pre, **kw) -> list[dict]:
@@ -121,7 +125,9 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
     rows[2]["image"] = rows[3]["image"] = b"not an image"            # PIL's messages differ (object address)
     bad_keys = {rows[i]["key"] for i in (1, 2, 3)}
     write_shard(rows, str(tmp_path / "bad.parquet"))
-    batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
+    with pytest.raises(DataError, match=r"3 of the first 4 rows gave no usable sample, more than --max-skip-fraction 0.5"):
+        one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
+    batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2, max_skip_fraction=1.0), tok, pre)
     keys = [k for b in batches for k in b["keys"]]
     assert not bad_keys & set(keys) and len(keys) == len(rows) - 3
     skipped = Counter()
@@ -133,10 +139,29 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
 def test_long_samples_are_kept_truncated_and_not_counted_as_skipped(shards8, tok, pre):
     full = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=64), tok, pre)
     assert sum(b["truncated"] for b in full) == 0 and max(b["input_ids"].shape[1] for b in full) > 8
-    cut = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
+    rec = [q["question"] for r in read_rows(shards8) for q in r["qa"] if q["task"] == "rec"]
+    longest_prompt = max(len(encode_prompt(tok, q)) for q in rec)  # BOS + prompt
+    cut_at = longest_prompt + 1                                      # one answer token left for every pair
+    cut = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=cut_at), tok, pre)
     assert sorted(k for b in cut for k in b["keys"]) == sorted(k for b in full for k in b["keys"])   # all 8 kept
-    assert all(b["input_ids"].shape[1] == 8 for b in cut)
+    assert all(b["input_ids"].shape[1] == cut_at for b in cut)
+    assert all((b["labels"] != IGNORE_INDEX).sum(1).min() >= 1 for b in cut)
     assert sum(b["truncated"] for b in cut) == 8 and all(b["skipped"] == {} for b in cut)
+
+
+def test_samples_cut_before_their_answer_are_skipped_as_too_long(tmp_path, shards8, tok, pre):
+    with pytest.raises(DataError, match=r"8 of the first 8 rows gave no usable sample.*8 too_long .*--max-length"):
+        one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
+    rows = read_rows(shards8)[:4]
+    for r in rows[:2]:                                               # a huge caption's phrase fills the prompt
+        for q in r["qa"]:
+            q["question"] = "Question: Where is the " + "very " * 60 + "big thing?"
+    write_shard(rows, str(tmp_path / "long.parquet"))
+    batches = one_epoch(DataConfig(shards=[str(tmp_path / "long.parquet")], batch_size=2, max_length=48,
+                                   qa_per_image=4, max_skip_fraction=1.0), tok, pre)
+    fits = {r["key"] for r in rows[2:]}
+    assert sum(b["skipped"].get("too_long", 0) for b in batches) == len(rows) - len(fits)
+    assert all((b["labels"] != IGNORE_INDEX).sum(1).min() >= 1 for b in batches)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
