@@ -268,7 +268,7 @@ def run(args) -> dict:
     conditions = learnlib.run_conditions("learn_generalise.py", args.argv, args.threads)
     work = Path(args.work)
     tasks = [(s, v) for s in args.seeds for v in args.variants]
-    outs = [work / "tasks" / f"{v}-s{s}.json" for s, v in tasks]
+    outs = [work / "tasks" / f"{os.getpid()}-{v}-s{s}.json" for s, v in tasks]  # this run's own files
     me = str(Path(__file__).resolve())
     argvs = [[me, *args.argv, "--task", f"{s}:{v}", "--task-out", str(o)] for (s, v), o in zip(tasks, outs)]
     t0 = time.perf_counter()
