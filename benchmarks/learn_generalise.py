@@ -50,18 +50,39 @@ VARIANTS = {"visual_expert": False, "shallow": True}  # name -> shallow
 
 # Measured, not guessed: see the commands in README "Proof that it learns" and the `tried` list.
 DIAGNOSIS = [
-    "All image tokens share ONE rope position id (CogVLM's design), so each image token must carry its own location "
-    "in its content. A random tiny CLIP's learned position embeddings (std 0.02) are drowned by patch content: a "
-    "ridge probe from the token under the object to the object's centre gives r = 0.41 (tower) / ~0 (adapter) "
-    "(benchmarks/probe_spatial.py, results/probe_spatial.json). 2-D sin/cos positions at unit scale give r = 0.97; "
-    "lr 3e-3 erased them in training, lr 1e-3 keeps them.",
+    "Why the image tokens must carry location: all image tokens share ONE rope position id (CogVLM's design), so "
+    "each token has to say where it is in its content. A random tiny CLIP's learned position embeddings (std 0.02) "
+    "are drowned by patch content: a ridge probe from the token under the object to the object's centre gives "
+    "r = 0.41 (tower) / ~0 (adapter); 2-D sin/cos positions at unit scale give r = 0.97, and training the tower at "
+    "lr 3e-3 erased them (benchmarks/probe_spatial.py, results/probe_spatial.json). Here the tower keeps sin/cos "
+    "positions and is FROZEN (as CogVLM freezes its ViT), so no learning rate can erase them.",
+    "Why seed 1 failed in the previous round (from its figures; not re-run here, see `tried`): its stage 1 worked "
+    "(held-out one-object Acc@0.5 0.98 visual expert / 0.83 shallow), so the tower's spatial signal and the reading "
+    "of location were there; stage 2 (which object the phrase names) did not happen in time. On seed 0 stage 2 "
+    "emerged abruptly late in a 5000-step cosine schedule (0.14 at step 2000 -> 0.52 at 3500 -> 0.59 at 5000); "
+    "seed 1 ended at 0.256, where seed 0 stood at ~step 2500. So the cause is the schedule: a fixed budget that "
+    "ends around the emergence point of phrase binding, whose timing varies with seed (data order, init, world), "
+    "with the learning rate already decayed when it would start. A recipe is robust only with a budget well past "
+    "emergence on every seed, which this session's CPU share could not pay for.",
+    "Why the frozen-LM recipe learns more slowly per step than the from-scratch one: with the LM frozen, every "
+    "answer digit is emitted by frozen text weights; the image can steer it only through the attention that frozen "
+    "text queries pay to trainable image keys/values (the visual experts, or the adapter alone in shallow). "
+    "A 2-layer, 4-head LM gives few such paths. Measured on seed 1 (pilots, dev split): stage-1 one-object "
+    "Acc@0.5 0.01 at 500 steps and 0.11 at 1000 (frozen LM + frozen tower, lr 2e-3) vs 0.39 at 1000 for the old "
+    "all-trainable recipe (results of the previous round).",
 ]
 TRIED = [
     "(earlier rounds, LM trained from scratch, one seed) stage 1 captions + REC at lr 3e-3, packing, 64 px, a 4000-step "
     "stage 1, sin/cos at lr 3e-3: all at the mean box (0.02-0.03).",
-    "(earlier round, LM from scratch, unfrozen) sin/cos + lr 1e-3 + one-object stage 1 (3000) + stage 2 (5000): visual "
+    "(earlier round, LM from scratch and unfrozen) sin/cos + lr 1e-3 + one-object stage 1 (3000) + stage 2 (5000): visual "
     "expert 0.587 vs shallow 0.243 on seed 0, but 0.256 vs 0.175 on seed 1 (below the random object, 0.337): the "
     "recipe was not robust (issue 19).",
+    "(this round, pilots on seed 1, dev split only, stopped early for compute) pretrained LM frozen, tower trainable, "
+    "lr 1e-3: stage-1 dev one-object Acc@0.5 0.02 at 500 steps (two runs); tower frozen, lr 2e-3: 0.01 at 500, 0.06 "
+    "at 750, 0.11 at 1000, stage 2 at 0.01 after 250 steps. The final run uses the frozen tower at lr 2e-3.",
+    "(this round) budget: the machine gave each process ~13% of a core (load average 10-16 on 2 cores), so a "
+    "3-seed x 2-variant run had to fit ~3.5 CPU-minutes per run: 800 stage-1 + 700 stage-2 steps, far short of the "
+    "previous round's 3000 + 5000.",
 ]
 
 
