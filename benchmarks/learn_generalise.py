@@ -81,8 +81,8 @@ TRIED = [
     "lr 1e-3: stage-1 dev one-object Acc@0.5 0.02 at 500 steps (two runs); tower frozen, lr 2e-3: 0.01 at 500, 0.06 "
     "at 750, 0.11 at 1000, stage 2 at 0.01 after 250 steps. The final run uses the frozen tower at lr 2e-3.",
     "(this round) budget: the machine gave each process ~13% of a core (load average 10-16 on 2 cores), so a "
-    "3-seed x 2-variant run had to fit ~3.5 CPU-minutes per run: 800 stage-1 + 700 stage-2 steps, far short of the "
-    "previous round's 3000 + 5000.",
+    "3-seed x 2-variant run had to fit ~3 CPU-minutes per run: 600 stage-1 + 500 stage-2 steps, far short of the "
+    "previous round's 3000 + 5000 (a first attempt at 800 + 700 was stopped: it would have ended after the session).",
 ]
 
 
