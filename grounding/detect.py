@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -50,11 +49,11 @@ import torch
 from PIL import Image
 
 from grounding.boxes import strip_article
-from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 from grounding.image import decode_image
 # re-exports while pipeline/job.py, tests/pipeline, benchmarks/bench_*.py, detector/train.py and --save-tiny
 # import the fixtures from here; new code imports grounding.testing
 from grounding.testing import save_tiny_detector, save_tokenizer_and_processor, tiny_detector_config  # noqa: F401
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # torch's names, as model.cogvlm and model.train_config use
@@ -611,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in args.images:
         try:
             images.append(decode_image(p))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError; ImageTooLarge a ValueError
+        except (OSError, ValueError) as e:  # PIL's errors, ImageTooLarge
             raise UsageError(f"{p}: not a readable image ({type(e).__name__}); check the image arguments") from e
     try:
         detector = BoxDetector(config)

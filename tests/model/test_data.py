@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections import Counter
 
@@ -224,8 +225,6 @@ def test_a_row_group_that_does_not_read_names_its_file_or_is_skipped_and_counted
     shards = [str(bad), resolve_shards(shards8)[1]]
     with pytest.raises(ShardError, match=rf"{bad}: row group 0 does not read .*--skip-bad-shards"):
         one_epoch(DataConfig(shards=shards, batch_size=2), tok, pre)
-    import itertools
-
     cfg = DataConfig(shards=shards, batch_size=2, skip_bad_shards=True, max_skip_fraction=1.0)
     batches = list(itertools.islice(iter(GroundingBatches(cfg, tok, pre)), 3))  # a pass and a bit: all skips reported
     good = {r["key"] for r in read_rows(shards[1])}
