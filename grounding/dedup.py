@@ -406,6 +406,24 @@ class EvalIndex:
                 "error": f"{m['eval_set']}: {m['file']} within {m['distance']} bits"}
 
 
+def parse_eval_sets(items: Iterable[str]) -> dict[str, str]:
+    """``["coco_val2014=coco.parquet", "flickr30k=flickr/"]`` -> ``{name: path}``; ``ValueError`` names a bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name.strip() or not path.strip() or ":" in name:
+            raise ValueError(f"an evaluation set is NAME=PATH (a hash Parquet or an image folder), got {item!r}")
+        if name in out:
+            raise ValueError(f"evaluation set {name!r} named twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def eval_set_of(error: str) -> str:
+    """The evaluation set an ``eval_overlap`` reject's ``error`` names (:meth:`EvalIndex.flag` writes ``"<set>: ..."``)."""
+    return error.split(":", 1)[0]
+
+
 def count_eval_overlaps(flags: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
     """Overlaps per evaluation set, for the run report."""
     return dict(sorted(Counter(f["eval_set"] for f in flags if f is not None).items()))
@@ -484,10 +502,10 @@ def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: Dedu
 # --- command line ------------------------------------------------------------------------------
 
 def _eval_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--eval takes NAME=PATH (a hash Parquet or an image folder), got {text!r}")
-    return name, path
+    try:
+        return next(iter(parse_eval_sets([text]).items()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grounding.dedup", description=__doc__.split("\n\n")[0])
