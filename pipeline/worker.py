@@ -2,12 +2,13 @@
 
 :func:`process_shard` reads the shard's rows from its input file, samples and pre-filters them (DNS
 resolved here, cached per worker process, bounded and timed out), drops the run-wide duplicate
-URLs the dedup pre-pass found, downloads the rest with img2dataset's per-shard downloader, runs
-the stages of :mod:`pipeline.stages` (boxes through ``detect``, a detector actor in the Ray job),
-and writes the grounding shard and its rejects shard atomically to the output filesystem. It
-returns a small summary (counts per reason and stage, busy seconds per stage), the only thing the
-driver ever receives; the same summary is stored in both files' provenance, so a rerun skips the
-shard and still reports it.
+URLs the dedup pre-pass found, downloads the rest with img2dataset's per-shard downloader, drops
+images of named evaluation sets (``eval_overlap``), runs the stages of :mod:`pipeline.stages`
+(boxes through ``detect``, a detector actor in the Ray job), and writes its kept rows' image hashes
+(the input of :mod:`pipeline.image_dedup`), then the grounding shard and its rejects shard,
+atomically, to the output filesystem. It returns a small summary (counts per reason and stage,
+busy seconds per stage), the only thing the driver ever receives; the same summary is stored in
+both files' provenance, so a rerun skips the shard and still reports it.
 """
 from __future__ import annotations
 
