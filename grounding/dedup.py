@@ -53,9 +53,10 @@ row is looked up in ``b`` dicts and compared with the few hashes it meets. A row
 ``python -m grounding.dedup hash-folder DIR OUT.parquet --name coco_val2014`` precomputes a set's
 hash file (:func:`hash_folder`).
 
-**Wired today**: :func:`filter_shards` (``python -m grounding.dedup filter OUT DEST --eval
-coco_val2014=coco.parquet``) applies all of this, in one process, to a finished run's shards. The
-streaming pipeline job calls the three steps itself once wired (``pipeline/``).
+**Where it runs**: the pipeline job checks evaluation overlap in each shard task
+(``pipeline.stages.EvalOverlapStage``) and runs the three steps as Ray tasks after the last shard
+(``pipeline/image_dedup.py``); :func:`filter_shards` (``python -m grounding.dedup filter OUT DEST
+--eval coco_val2014=coco.parquet``) applies the same, in one process, to shards built without it.
 """
 from __future__ import annotations
 
