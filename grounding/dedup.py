@@ -53,9 +53,10 @@ row is looked up in ``b`` dicts and compared with the few hashes it meets. A row
 ``python -m grounding.dedup hash-folder DIR OUT.parquet --name coco_val2014`` precomputes a set's
 hash file (:func:`hash_folder`).
 
-**Wired today**: :func:`filter_shards` (``python -m grounding.dedup filter OUT DEST --eval
-coco_val2014=coco.parquet``) applies all of this, in one process, to a finished run's shards. The
-streaming pipeline job calls the three steps itself once wired (``pipeline/``).
+**Where it runs**: the pipeline job checks evaluation overlap in each shard task
+(``pipeline.stages.EvalOverlapStage``) and runs the three steps as Ray tasks after the last shard
+(``pipeline/image_dedup.py``); :func:`filter_shards` (``python -m grounding.dedup filter OUT DEST
+--eval coco_val2014=coco.parquet``) applies the same, in one process, to shards built without it.
 """
 from __future__ import annotations
 
@@ -406,6 +407,24 @@ class EvalIndex:
                 "error": f"{m['eval_set']}: {m['file']} within {m['distance']} bits"}
 
 
+def parse_eval_sets(items: Iterable[str]) -> dict[str, str]:
+    """``["coco_val2014=coco.parquet", "flickr30k=flickr/"]`` -> ``{name: path}``; ``ValueError`` names a bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name.strip() or not path.strip() or ":" in name:
+            raise ValueError(f"an evaluation set is NAME=PATH (a hash Parquet or an image folder), got {item!r}")
+        if name in out:
+            raise ValueError(f"evaluation set {name!r} named twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def eval_set_of(error: str) -> str:
+    """The evaluation set an ``eval_overlap`` reject's ``error`` names (:meth:`EvalIndex.flag` writes ``"<set>: ..."``)."""
+    return error.split(":", 1)[0]
+
+
 def count_eval_overlaps(flags: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
     """Overlaps per evaluation set, for the run report."""
     return dict(sorted(Counter(f["eval_set"] for f in flags if f is not None).items()))
@@ -484,10 +503,10 @@ def filter_shards(data: str | os.PathLike, dest: str | os.PathLike, config: Dedu
 # --- command line ------------------------------------------------------------------------------
 
 def _eval_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--eval takes NAME=PATH (a hash Parquet or an image folder), got {text!r}")
-    return name, path
+    try:
+        return next(iter(parse_eval_sets([text]).items()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grounding.dedup", description=__doc__.split("\n\n")[0])

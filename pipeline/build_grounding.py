@@ -36,7 +36,7 @@ from pipeline.config import JobConfig  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.sample import SampleConfig, sample_job, served_sample, with_sample_annotations  # noqa: E402
 
-SECTIONS = ("source", "filters", "download", "phrases", "detector", "ray")
+SECTIONS = ("source", "filters", "download", "phrases", "detector", "ray", "dedup")
 ALIASES = {  # short flag -> (section or None, field)
     "input": ("source", "paths"), "limit": ("source", "limit"), "shard-rows": ("source", "shard_rows"),
     "sample-fraction": ("source", "sample_fraction"), "detector": ("detector", "backend"),

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Sequence
 
 import pyarrow as pa
 from PIL import Image
 
 from grounding.boxes import normalize_box
 from grounding.captions import clean_caption
+from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
 from pipeline.download import OPTED_OUT_MESSAGE
@@ -108,6 +110,33 @@ def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: f
             _fail(row, "filter", "aspect_ratio", f"{w}x{h}")
             row["image"] = None
     return _table(out, WORK_SCHEMA)
+
+
+# --- 1b. evaluation overlap ------------------------------------------------------------------------
+
+class EvalOverlapStage:
+    """Rows whose image lies within the phash threshold of an image of a named evaluation set leave
+    with ``eval_overlap`` (stage ``dedup``, the set and file in ``error``) before any phrase or box
+    work. The sets' hashes are indexed once per worker process (:class:`grounding.dedup.EvalIndex`)."""
+
+    def __init__(self, eval_sets: Sequence[str], config: DedupConfig):
+        self.config = config
+        self.index = EvalIndex(parse_eval_sets(eval_sets), config)
+
+    def _phash(self, image: bytes) -> str | None:
+        try:
+            return phash_hex(image, self.config.hash_size)
+        except ValueError:  # the decode stage reports it
+            return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["stage"] is None and r["image"]]
+        for r, flag in zip(todo, self.index.flag({"phash": self._phash(r["image"])} for r in todo)):
+            if flag is not None:
+                _fail(r, "dedup", "eval_overlap", flag["error"])
+                r["image"] = None
+        return _table(rows, WORK_SCHEMA)
 
 
 # --- 2. noun phrases ------------------------------------------------------------------------------
