@@ -693,10 +693,14 @@ def _acts_as_verb(t, lexicon: Lexicon) -> bool:
         return True
     if i == 0 or i + 1 >= len(doc) or not lexicon.is_verb_form(t.lower_):
         return False
-    after = doc[i + 1]
+    before, after = doc[i - 1], doc[i + 1]
+    if before.pos_ == "PROPN" and not before.is_lower and t.is_lower and (
+            t.tag_.startswith("VB") or (lexicon.nouns is not None and t.lower_ not in lexicon.nouns
+                                        and lexicon.noun_lemma(t.lower_) is None)
+            or (before.ent_type_ == "PERSON" and after.tag_ in ("IN", "TO", "DT", "PRP$", "PRP"))):
+        return True                                    # "King Charles III greets ...", "Meghan Markle wave to ..."
     if after.tag_ not in VERB_NEXT_TAGS or after.lower_ in ("of", "'s"):
         return False
-    before = doc[i - 1]
     if before.tag_ == "PRP":
         return True                                    # "as she boards ..."
     # after a plural noun ("Firefighters battle a", "Farmers drive tractors") or a name ("Lopez hugs her")
@@ -794,8 +798,10 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
                     break
                 continue                                # "Apple CEO", "German Chancellor": skip the org / nationality
             title.append(t)
-        while title and (title[-1].pos_ == "ADJ" or title[-1].lower_ in lexicon.nonvisual):
+        while title and title[-1].pos_ == "ADJ":
             title.pop()
+        if title and head_lemma(title[-1], lexicon) in lexicon.nonvisual:
+            return None                                 # "Storm Daniel", "Hurricane Helene": not a person
         if title:
             return tokens, title[-1], " ".join(t.text for t in title).lower()
         return tokens, root, ""
@@ -844,7 +850,7 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
         # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
         if flags[j] and lexicon.adjs is not None and t.lower_ in lexicon.adjs and not t.lower_.endswith("s"):
             last = j + 1 >= len(seg) or not flags[j + 1]
-            flags[j] = last and j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs
+            flags[j] = last and (t.tag_ in ("NN", "NNS") or (j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs))
     return flags
 
 
