@@ -576,8 +576,9 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
         if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
             continue                                    # "Striker Harry Kane": a name, not "to harry"
         verb_only = lexicon.nouns is not None and word not in lexicon.nouns and lexicon.noun_lemma(word) is None
-        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"):
-            return i
+        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"
+                         and (before.lower_ in person_roles() or before.lower_ in PEOPLE_NOUNS)):
+            return i                                    # "senator greets voters" (but "coffee beans", "car keys")
     return None
 
 
@@ -707,6 +708,9 @@ def _acts_as_verb(t, lexicon: Lexicon) -> bool:
     return before.tag_ in ("NNS", "NNPS") or (before.pos_ == "PROPN" and t.tag_ in ("VBZ", "NNS"))
 
 
+# People a headline makes the subject of a verb ("man rides", "senator greets"), with person_roles().
+PEOPLE_NOUNS = frozenset("""man woman boy girl child kid baby person people family couple crowd fan police officer worker
+firefighter volunteer resident student tourist farmer soldier protester""".split())
 AUDIENCE_NOUNS = frozenset("""boy boys girl girls kid kids man men mens woman women womens toddler toddlers baby babies
 teen teens adult adults lady ladies her him his dad mom mum father mother grandma grandpa child children newborn
 newborns infant infants unisex""".split())
