@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grounding.captions import clean_caption as clean_text
-from grounding.phrases import (PARSE_PREFIX, REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan,
+from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan,
                                clean_caption, debug, detect_non_english, head_counts, main, nonvisual_nouns,
                                precision_recall)
 
