@@ -68,17 +68,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "phrases_quality.json"))
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     ap.add_argument("--raw", action="store_true", help="score raw captions (no clean_caption first)")
+    ap.add_argument("--no-ner", action="store_true", help="ablation: PhraseConfig(ner=False)")
     ap.add_argument("--show-errors", nargs="*", default=None, metavar="SET",
                     help="print the wrong captions of these sets (never look at the held-out ones while tuning)")
     args = ap.parse_args(argv)
     import spacy
 
-    config = PhraseConfig()
+    config = PhraseConfig(ner=not args.no_ner)
     extractor = PhraseExtractor(config)
     report = {"benchmark": "phrases_quality", "model": config.model, "spacy": spacy.__version__,
               "components": list(extractor.nlp.pipe_names), "ner": config.ner, "input": "raw" if args.raw else "clean_caption",
               "python": platform.python_version(),
-              "command": "python benchmarks/eval_phrases.py" + (" --raw" if args.raw else ""), "sets": {}}
+              "command": "python benchmarks/eval_phrases.py" + (" --raw" if args.raw else "") + (" --no-ner" if args.no_ner else ""),
+              "sets": {}}
     for name in args.sets:
         fig, errors = evaluate(extractor, read_rows(DATA / SETS[name]), raw=args.raw)
         report["sets"][name] = {"file": f"tests/grounding/data/{SETS[name]}", **fig}

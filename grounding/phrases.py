@@ -19,8 +19,15 @@ What a careful dataset builder drops (each list is package data in ``grounding/d
 - stock-photo / shop boilerplate (``boilerplate.txt``: "stock photo", "royalty free",
   "free shipping", "close-up", site names), URLs and file names (``IMG_2034.JPG``): removed
   *before* parsing, so the parser never sees them;
-- setting names (proper nouns after "in"/"at"/"from", a trailing ", Paris, France") and purpose
-  phrases ("t-shirts for men", "template for a coffee shop").
+- setting names (proper nouns after "in"/"at"/"from"/..., a trailing ", Paris, France") and purpose
+  phrases ("t-shirts for men", "template for a coffee shop");
+- with NER (on by default): places, dates, events and organisations; a named person's ``prompt`` is the
+  title or role in the caption ("Coach Maria Lopez" -> "coach"), else "person", the span on the name;
+- headline verbs the tagger made nouns ("Senator greets voters"); hashtags, handles, photo credits;
+- quantity and "about" nouns (``quantities.txt``) give way to what they hold ("slice of cake", "Toy Train
+  Set" -> train); attribute words (``attributes.txt``: materials, colours, specs, marketing) are never heads;
+- Title-Case product titles are read lexically (:func:`_title_chunks`, ``title_words.txt``): one product
+  per run of object nouns in each part of the title.
 
 The parser reads a cleaned copy of the caption (entities decoded, tags, emoji and control
 characters turned into spaces, boilerplate removed, Title-Case product titles lower-cased, all
@@ -576,8 +583,9 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
         if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
             continue                                    # "Striker Harry Kane": a name, not "to harry"
         verb_only = lexicon.nouns is not None and word not in lexicon.nouns and lexicon.noun_lemma(word) is None
-        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"):
-            return i
+        if verb_only or (t.tag_ in ("NNS", "VBZ") and before.tag_ == "NN"
+                         and (before.lower_ in person_roles() or before.lower_ in PEOPLE_NOUNS)):
+            return i                                    # "senator greets voters" (but "coffee beans", "car keys")
     return None
 
 
@@ -693,16 +701,23 @@ def _acts_as_verb(t, lexicon: Lexicon) -> bool:
         return True
     if i == 0 or i + 1 >= len(doc) or not lexicon.is_verb_form(t.lower_):
         return False
-    after = doc[i + 1]
+    before, after = doc[i - 1], doc[i + 1]
+    if before.pos_ == "PROPN" and not before.is_lower and t.is_lower and (
+            t.tag_.startswith("VB") or (lexicon.nouns is not None and t.lower_ not in lexicon.nouns
+                                        and lexicon.noun_lemma(t.lower_) is None)
+            or (before.ent_type_ == "PERSON" and after.tag_ in ("IN", "TO", "DT", "PRP$", "PRP"))):
+        return True                                    # "King Charles III greets ...", "Meghan Markle wave to ..."
     if after.tag_ not in VERB_NEXT_TAGS or after.lower_ in ("of", "'s"):
         return False
-    before = doc[i - 1]
     if before.tag_ == "PRP":
         return True                                    # "as she boards ..."
     # after a plural noun ("Firefighters battle a", "Farmers drive tractors") or a name ("Lopez hugs her")
     return before.tag_ in ("NNS", "NNPS") or (before.pos_ == "PROPN" and t.tag_ in ("VBZ", "NNS"))
 
 
+# People a headline makes the subject of a verb ("man rides", "senator greets"), with person_roles().
+PEOPLE_NOUNS = frozenset("""man woman boy girl child kid baby person people family couple crowd fan police officer worker
+firefighter volunteer resident student tourist farmer soldier protester""".split())
 AUDIENCE_NOUNS = frozenset("""boy boys girl girls kid kids man men mens woman women womens toddler toddlers baby babies
 teen teens adult adults lady ladies her him his dad mom mum father mother grandma grandpa child children newborn
 newborns infant infants unisex""".split())
@@ -775,7 +790,8 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
         return None                                     # "NASA", "the Red Cross", "Harry Potter and the ..."
     named_by_role = (root.pos_ == "PROPN" and root.ent_type_ == "ORG" and tokens[0].lower_ in person_roles()
                      and not tokens[0].is_lower)      # "Chancellor Olaf Scholz" that NER calls an organisation
-    if use_ner and root.pos_ == "PROPN" and (root.ent_type_ == "PERSON" or named_by_role) and not _adjective_named(root, lexicon):
+    if (use_ner and root.pos_ == "PROPN" and (root.ent_type_ == "PERSON" or named_by_role)
+            and not _adjective_named(root, lexicon)):
         before = tokens[0].i - 1
         if before >= 0 and doc[before].pos_ == "NOUN" and doc[before].ent_type_ == "":
             return None                                 # "our cat Luna": the name of the thing before it
@@ -788,14 +804,17 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
                 if title or t.i >= root.i:
                     break
                 continue
-            is_role = t.lower_ in person_roles() or (t.ent_type_ == "" and t.is_alpha and t.pos_ in ("NOUN", "PROPN", "ADJ"))
+            is_role = t.lower_ in person_roles() or (
+                t.ent_type_ == "" and t.is_alpha and t.pos_ in ("NOUN", "PROPN", "ADJ"))
             if not is_role:
                 if title:
                     break
                 continue                                # "Apple CEO", "German Chancellor": skip the org / nationality
             title.append(t)
-        while title and (title[-1].pos_ == "ADJ" or title[-1].lower_ in lexicon.nonvisual):
+        while title and title[-1].pos_ == "ADJ":
             title.pop()
+        if title and head_lemma(title[-1], lexicon) in lexicon.nonvisual:
+            return None                                 # "Storm Daniel", "Hurricane Helene": not a person
         if title:
             return tokens, title[-1], " ".join(t.text for t in title).lower()
         return tokens, root, ""
@@ -844,8 +863,17 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
         # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
         if flags[j] and lexicon.adjs is not None and t.lower_ in lexicon.adjs and not t.lower_.endswith("s"):
             last = j + 1 >= len(seg) or not flags[j + 1]
-            flags[j] = last and j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs
+            after_noun = j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs
+            flags[j] = last and (t.tag_ in ("NN", "NNS") or after_noun)
     return flags
+
+
+def _is_model_name(t, lexicon: Lexicon) -> bool:
+    """A word no English list knows, read as a noun: a model or brand name ("iPhone", "Galaxy"-like)."""
+    word = t.lower_
+    return (t.is_alpha and t.pos_ in ("PROPN", "NOUN", "X") and lexicon.nouns is not None
+            and word not in lexicon.nonvisual and word not in attribute_words() and word not in ("no", "non", "anti")
+            and word not in lexicon.nouns and lexicon.noun_lemma(word) is None)
 
 
 def _title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple[list[_Chunk], int]:
@@ -883,14 +911,11 @@ def _title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple
             if end < k:
                 k += 2
                 continue
-            if nxt is not None and not nxt.is_alpha is False and nxt.is_alpha and nxt.lower_ not in lexicon.nonvisual \
-                    and nxt.lower_ not in attribute_words() and not objects[end + 1] and nxt.pos_ in ("PROPN", "NOUN", "X") \
-                    and lexicon.nouns is not None and nxt.lower_ not in lexicon.nouns and lexicon.noun_lemma(nxt.lower_) is None \
-                    and k == 0 and nxt.lower_ not in ("no", "non", "anti"):
+            if k == 0 and nxt is not None and not objects[end + 1] and _is_model_name(nxt, lexicon):
                 k = end + 1
                 continue                                # "Apple iPhone": a brand before a model name
-            if (nxt is not None and head_lemma(nxt, lexicon) in lexicon.nonvisual
-                    and head_lemma(nxt, lexicon) not in attribute_words() and head_lemma(nxt, lexicon) not in quantity_nouns()):
+            spec = head_lemma(nxt, lexicon) if nxt is not None else ""
+            if spec in lexicon.nonvisual and spec not in attribute_words() and spec not in quantity_nouns():
                 k = end + 1
                 continue                                # "Home Gym Fitness Weights": a modifier of a spec
             root = seg[end]
@@ -1112,14 +1137,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--n-process", type=int, default=d.n_process)
     ap.add_argument("--max-chars", type=int, default=d.max_chars)
-    ap.add_argument("--ner", action="store_true", help="also drop places/dates/events found by NER (slower)")
+    ap.add_argument("--no-ner", action="store_true",
+                    help="skip NER (faster; places, dates, organisations and named people are then not recognised)")
     ap.add_argument("--chunk-index", action="store_true",
                     help="also write each phrase's `chunk`: the index of the chunk whose boxes it inherits")
     args = ap.parse_args(argv)
     try:
         config = PhraseConfig(model=args.model, max_phrases=args.max_phrases, expressions=not args.no_expressions,
                               extra_nonvisual=tuple(args.extra_nonvisual), batch_size=args.batch_size,
-                              n_process=args.n_process, max_chars=args.max_chars, ner=args.ner)
+                              n_process=args.n_process, max_chars=args.max_chars, ner=not args.no_ner)
     except ValueError as exc:
         ap.error(str(exc))
     extractor = PhraseExtractor(config)
