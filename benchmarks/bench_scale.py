@@ -1,7 +1,7 @@
 """The grounding job at scale, four figures side by side in one run (issue 12).
 
     python benchmarks/bench_scale.py            # full: 1e4 vs 1e6 rows, 64 images x 3 interleaved repeats
-    python benchmarks/bench_scale.py --quick    # <= 2 min: 1e3 vs 1e5 rows, 16 images x 1, tiny detector
+    python benchmarks/bench_scale.py --quick    # ~2 min: 1e3 vs 2e4 rows, 8 images x 1, tiny detector (a smoke run)
 
 1. **Driver peak RSS** for two input sizes (10^4 and 10^6 rows; nearly all stopped by the pre-filter's
    URL guard without DNS, a few dozen served from 127.0.0.1): each job runs with a child process of the
@@ -299,8 +299,8 @@ def main(argv=None) -> int:
     if args.driver_child:
         return driver_child(*args.driver_child)
     quick = args.quick
-    sizes = (1_000, 100_000) if quick else (10_000, 1_000_000)
-    images = args.images or (16 if quick else 64)
+    sizes = (1_000, 20_000) if quick else (10_000, 1_000_000)
+    images = args.images or (8 if quick else 64)
     repeats = args.repeats or (1 if quick else 3)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
