@@ -611,7 +611,8 @@ def run(cfg: SuiteConfig, argv: Sequence[str] | None) -> dict:
         "suite": "gpu", "mode": "dry_run" if cfg.dry_run else "full", "config": dataclasses.asdict(cfg),
         "machine": info, "load_average_at_end": load_now(), "seconds_per_section": seconds,
         "total_seconds": round(time.perf_counter() - t_start, 1), "sections": sections,
-        "not_run": {s: "not selected (--sections)" for s in SECTIONS if s not in cfg.sections},
+        "not_run": {s: "not selected (--sections)" + ("" if torch.cuda.is_available() else "; this machine has no GPU")
+                    for s in SECTIONS if s not in cfg.sections},
         "summary": [{"figure": k, "value": v} for k, v in rows],
         "command": "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
