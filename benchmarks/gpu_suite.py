@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -231,11 +232,14 @@ def section_detector(cfg: SuiteConfig, tmp: Path) -> dict:
         compiled.model.model = torch.compile(dets["bf16"].model.model)
         top = max(cfg.det_batch_sizes)
         t0 = time.perf_counter()
-        detector_forward(compiled, pixels[:top], [prompt] * top)  # compilation, untimed
-        compile_s = time.perf_counter() - t0
-        sides[f"bf16_b{top}_compiled"] = tracked(
-            lambda: [detector_forward(compiled, pixels[s:s + top], [prompt] * top) for s in range(0, len(pixels), top)],
-            cfg.device, peaks, f"bf16_b{top}_compiled")
+        try:
+            detector_forward(compiled, pixels[:top], [prompt] * top)  # compilation, untimed
+            compile_s = time.perf_counter() - t0
+            sides[f"bf16_b{top}_compiled"] = tracked(
+                lambda: [detector_forward(compiled, pixels[s:s + top], [prompt] * top)
+                         for s in range(0, len(pixels), top)], cfg.device, peaks, f"bf16_b{top}_compiled")
+        except Exception as e:  # noqa: BLE001 - an optional side: record why, keep the rest of the suite
+            compile_s = f"failed: {type(e).__name__}: {e}"[:300]
     timing = interleaved(sides, rounds=cfg.det_rounds, warmup=1, sync=gpu_sync(cfg.device))
     per_side = {k: rate(cfg.det_images, v) | {"peak_memory_gib": peaks.get(k)} for k, v in timing["wall"].items()}
     best = max(per_side, key=lambda k: per_side[k]["per_s_median"])
@@ -589,18 +593,25 @@ def run(cfg: SuiteConfig, argv: Sequence[str] | None) -> dict:
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     sections: dict = {}
     seconds: dict = {}
+    failed: dict = {}
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         for name in SECTIONS:
             if name not in cfg.sections:
                 continue
             t0 = time.perf_counter()
             print(f"[{time.perf_counter() - t_start:6.1f} s] {name} ...", flush=True)
-            if name == "feeding":  # cores per GPU need the detector's GPU rate, measured just before
-                gpu = sections.get("detector", {}).get("best_images_per_s")
-                sections[name] = section_feeding(cfg, Path(tmp), gpu)
-            else:
-                sections[name] = {"detector": section_detector, "job": section_job, "training": section_training,
-                                  "evaluation": section_evaluation}[name](cfg, Path(tmp))
+            try:
+                if name == "feeding":  # cores per GPU need the detector's GPU rate, measured just before
+                    gpu = sections.get("detector", {}).get("best_images_per_s")
+                    sections[name] = section_feeding(cfg, Path(tmp), gpu)
+                else:
+                    sections[name] = {"detector": section_detector, "job": section_job, "training": section_training,
+                                      "evaluation": section_evaluation}[name](cfg, Path(tmp))
+            except Exception as e:  # noqa: BLE001 - on a briefly lent GPU, keep the other sections' figures
+                if cfg.dry_run:
+                    raise
+                failed[name] = "".join(traceback.format_exception(e))[-2000:]
+                print(f"{name} FAILED:\n{failed[name]}", flush=True)
             seconds[name] = round(time.perf_counter() - t0, 1)
             if cfg.device.startswith("cuda"):
                 torch.cuda.empty_cache()  # the next section (or the job's Ray actors) gets the whole GPU
@@ -610,15 +621,16 @@ def run(cfg: SuiteConfig, argv: Sequence[str] | None) -> dict:
     result = {
         "suite": "gpu", "mode": "dry_run" if cfg.dry_run else "full", "config": dataclasses.asdict(cfg),
         "machine": info, "load_average_at_end": load_now(), "seconds_per_section": seconds,
-        "total_seconds": round(time.perf_counter() - t_start, 1), "sections": sections,
-        "not_run": {s: "not selected (--sections)" for s in SECTIONS if s not in cfg.sections},
+        "total_seconds": round(time.perf_counter() - t_start, 1), "sections": sections, "failed": failed,
+        "not_run": {s: "not selected (--sections)" + ("" if torch.cuda.is_available() else "; this machine has no GPU")
+                    for s in SECTIONS if s not in cfg.sections},
         "summary": [{"figure": k, "value": v} for k, v in rows],
         "command": "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(cfg.out or RESULTS / ("gpu_dry_run.json" if cfg.dry_run else "gpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{result['total_seconds']} s in all; wrote {out}")
+    print(f"\n{result['total_seconds']} s in all; wrote {out}" + (f"; FAILED: {sorted(failed)}" if failed else ""))
     return result
 
 
@@ -646,4 +658,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed"] else 0)
