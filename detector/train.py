@@ -14,7 +14,7 @@ Writes under ``--output``:
   :class:`grounding.detect.BoxDetector` (``--detector-model`` of the pipeline) loads unchanged.
 
 The loss is transformers' GroundingDINO loss with two upstream defects fixed (:mod:`detector.loss`).
-From scratch (``model.init = None``) the model is the ``tiny`` preset of :mod:`grounding.detect`
+From scratch (``model.init = None``) the model is the tiny preset of :mod:`grounding.testing`
 with the offline tokenizer; ``model.init = DIR`` fine-tunes a saved GroundingDINO (e.g. a
 ``grounding-dino-tiny`` snapshot) with its own tokenizer and processor.
 """
@@ -124,7 +124,8 @@ def build_model(cfg: TrainConfig, workdir: Path):
     """-> (model, tokenizer, image_processor); the processor files are saved in ``workdir/model``."""
     from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
-    from grounding.detect import load_image_processor, save_tokenizer_and_processor, tiny_detector_config
+    from grounding.detect import load_image_processor
+    from grounding.testing import save_tokenizer_and_processor, tiny_detector_config
 
     if cfg.model.init:
         model = GroundingDinoForObjectDetection.from_pretrained(cfg.model.init)

@@ -5,18 +5,20 @@ Pure library code (no Ray): the pipeline's driver calls it before any download.
 - :class:`SourceConfig` names the input files (paths or globs, local or any fsspec URL) and their
   columns, LAION's by default (``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``, ``punsafe``,
   ``pwatermark``, ``similarity``; lower-case variants are found too).
-- :func:`read_source` reads one file into the normalised columns of :data:`SOURCE_SCHEMA`;
-  :func:`sample_rows` keeps a deterministic fraction; :func:`split_shards` cuts a file into work
-  shards named ``<file-stem>-<NNNNN>`` (the unit a rerun skips when finished).
+- :func:`source_rows` reads a file's row count from its footer; :func:`read_source` reads a row range
+  of one file into the normalised columns of :data:`SOURCE_SCHEMA`; :func:`sample_rows` keeps a
+  deterministic fraction.
 - :func:`prefilter` applies :class:`FilterConfig`: empty/short captions, aspect ratio outside
   [1/6, 6] when sizes are known (CogVLM's rule), ``punsafe`` / ``pwatermark`` above thresholds,
-  low CLIP similarity, unsafe URLs (:func:`check_url`) and duplicate URLs. Every rejected row
+  low CLIP similarity, unsafe URLs (:func:`check_url`) and duplicate URLs (found run-wide by the
+  pipeline's dedup pre-pass, passed in as row numbers). Every rejected row
   becomes a :data:`grounding.schema.REJECTS_SCHEMA` dict with ``stage="prefilter"`` and a reason.
 
 The URL guard accepts http(s) only, and rejects hosts that are, or resolve to, loopback, private,
 link-local (cloud metadata 169.254.169.254), multicast, reserved or otherwise non-global addresses
 unless ``allow_private_hosts`` or the host is in ``allow_hosts``. It checks the addresses the name
-resolves to at filter time; the downloader resolves again later (a DNS-rebinding window remains).
+resolves to at filter time (:func:`check_urls`: distinct hosts resolved concurrently, cached per
+process, within a timeout); the downloader resolves again later (a DNS-rebinding window remains).
 """
 from __future__ import annotations
 
@@ -26,15 +28,17 @@ import ipaddress
 import math
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from grounding.cli import UsageError
 
 STAGE_PREFILTER = "prefilter"
 
@@ -63,7 +67,7 @@ class SourceConfig:
     pwatermark_col: str = "pwatermark"
     similarity_col: str = "similarity"
     key_col: str = "key"                 # generated as <stem>-<row> when the file has none
-    limit: int | None = None             # at most this many rows in all (after sampling)
+    limit: int | None = None             # at most this many source rows in all (the first in file order, before sampling)
     sample_fraction: float = 1.0         # deterministic: a hash of (seed, key) decides
     sample_seed: int = 0
     shard_rows: int = 10_000             # rows per work shard (the unit of resume)
@@ -141,8 +145,18 @@ def resolve_column(names: Sequence[str], wanted: str) -> str | None:
     return lower.get(wanted.lower())
 
 
-def read_source(path: str, config: SourceConfig) -> pa.Table:
-    """One LAION-style file -> a table of :data:`SOURCE_SCHEMA` (missing optional columns null)."""
+def source_rows(path: str) -> int:
+    """A file's row count, from its Parquet footer (nothing else is read)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def read_source(path: str, config: SourceConfig, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of one LAION-style file -> :data:`SOURCE_SCHEMA` (missing optional columns null).
+
+    Only the row groups that overlap the range are read; ``source_row`` is the row's index in the file.
+    """
     fs, p = fsspec.core.url_to_fs(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
@@ -153,26 +167,36 @@ def read_source(path: str, config: SourceConfig) -> pa.Table:
         found = {k: resolve_column(names, v) for k, v in wanted.items()}
         for k in ("url", "caption"):
             if found[k] is None:
-                raise ValueError(f"{path}: no {wanted[k]!r} column (has {names}); set SourceConfig.{k if k == 'url' else 'text'}_col")
-        raw = pf.read(columns=sorted({c for c in found.values() if c is not None}))
+                raise UsageError(f"{path}: no {wanted[k]!r} column (has {names}); set --source-{k if k == 'url' else 'text'}-col")
+        meta = pf.metadata
+        stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+        groups, first, offset = [], None, 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        columns = sorted({c for c in found.values() if c is not None})
+        raw = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
+    raw = raw.slice(start - (first or 0), max(0, stop - start))
     n = raw.num_rows
     cols = {}
     for name in SOURCE_SCHEMA.names:
         typ = SOURCE_SCHEMA.field(name).type
         if name == "source_row":
-            cols[name] = pa.array(range(n), pa.int64())
+            cols[name] = pa.array(range(start, start + n), pa.int64())
         elif name == "key":
             if found["key"] is not None:
                 cols[name] = pc.cast(raw[found["key"]], pa.string())
             else:
                 stem = source_stem(path)
-                cols[name] = pa.array([f"{stem}-{i:09d}" for i in range(n)], pa.string())
+                cols[name] = pa.array([f"{stem}-{i:09d}" for i in range(start, start + n)], pa.string())
         elif found.get(name) is not None:
             cols[name] = pc.cast(raw[found[name]], typ, safe=False)
         else:
             cols[name] = pa.nulls(n, typ)
-    table = pa.table(cols, schema=SOURCE_SCHEMA)
-    return table
+    return pa.table(cols, schema=SOURCE_SCHEMA)
 
 
 def sample_rows(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
@@ -183,11 +207,6 @@ def sample_rows(table: pa.Table, fraction: float, seed: int = 0) -> pa.Table:
     keep = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big") < limit
             for k in table["key"].to_pylist()]
     return table.filter(pa.array(keep, pa.bool_()))
-
-
-def split_shards(table: pa.Table, stem: str, shard_rows: int) -> list[tuple[str, pa.Table]]:
-    """Cut a source table into work shards ``<stem>-00000``, ``<stem>-00001``, ... of ``shard_rows``."""
-    return [(f"{stem}-{i // shard_rows:05d}", table.slice(i, shard_rows)) for i in range(0, table.num_rows, shard_rows)]
 
 
 # --- the URL guard -------------------------------------------------------------------------------
@@ -245,21 +264,50 @@ def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: I
 
 
 def check_urls(urls: Sequence[str | None], allow_private_hosts: bool = False, allow_hosts: Iterable[str] = (),
-               threads: int = 32) -> list[tuple[str | None, str | None]]:
-    """:func:`check_url` over many URLs, resolving the distinct hosts concurrently first."""
+               threads: int = 32, timeout: float | None = None) -> list[tuple[str | None, str | None]]:
+    """:func:`check_url` over many URLs, resolving the distinct hosts concurrently first.
+
+    At most ``threads`` look-ups run at once; a host not resolved within ``timeout`` seconds (for
+    all of them together) is ``unresolved_host`` ("DNS timeout") for this call and not cached.
+    """
     allow_hosts = tuple(allow_hosts)
+    late: set[str] = set()
     if not allow_private_hosts:
+        allowed = {h.lower().strip("[]") for h in allow_hosts}
         hosts = set()
         for u in urls:
             try:
-                h = urlsplit(u).hostname if isinstance(u, str) else None
+                h = urlsplit(u.strip()).hostname if isinstance(u, str) else None
             except ValueError:
                 h = None
-            if h:
+            if h and h.lower() not in allowed:
                 hosts.add(h.lower())
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts)))) as pool:
-            list(pool.map(resolve_host, sorted(hosts)))
-    return [check_url(u, allow_private_hosts, allow_hosts) for u in urls]
+        hosts = {h for h in hosts if not _is_ip_literal(h)}
+        if hosts:
+            pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts))))
+            futures = {h: pool.submit(resolve_host, h) for h in sorted(hosts)}
+            done, _ = wait(futures.values(), timeout=timeout)
+            late = {h for h, f in futures.items() if f not in done}
+            pool.shutdown(wait=False, cancel_futures=True)
+    out = []
+    for u in urls:
+        try:
+            h = urlsplit(u.strip()).hostname if isinstance(u, str) else None
+        except ValueError:
+            h = None
+        if h and h.lower() in late:
+            out.append(("unresolved_host", f"{h.lower()}: DNS timeout after {timeout} s"))
+        else:
+            out.append(check_url(u, allow_private_hosts, allow_hosts))
+    return out
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 # --- pre-filters ---------------------------------------------------------------------------------
@@ -291,29 +339,44 @@ def check_row(row: dict, config: FilterConfig) -> tuple[str | None, str | None]:
     return None, None
 
 
-def prefilter(table: pa.Table, shard: str, config: FilterConfig,
-              seen_urls: set[str] | None = None) -> tuple[pa.Table, list[dict]]:
+def prefilter(table: pa.Table, shard: str, config: FilterConfig, duplicates: Collection[int] = (),
+              dns_threads: int = 32, dns_timeout: float | None = None) -> tuple[pa.Table, list[dict]]:
     """Split a work shard into the rows to download and the rejected rows (``REJECTS_SCHEMA`` dicts).
 
-    ``seen_urls`` carries URLs across shards so duplicates are found run-wide (first one kept);
-    it is updated in place.
+    ``duplicates`` are the ``source_row`` numbers whose URL occurs earlier in the run (the dedup
+    pre-pass decides, run-wide); they are rejected as ``duplicate_url`` unless an earlier check
+    rejects them first (the same order as :func:`dedup_candidates` uses).
     """
     rows = table.to_pylist()
-    url_checks = check_urls([r["url"] for r in rows], config.allow_private_hosts, config.allow_hosts)
-    seen = seen_urls if seen_urls is not None else set()
+    url_checks = check_urls([r["url"] for r in rows], config.allow_private_hosts, config.allow_hosts,
+                            threads=dns_threads, timeout=dns_timeout)
+    duplicates = set(duplicates) if config.dedupe_urls else set()
     keep, rejects = [], []
     for i, (row, (url_reason, url_detail)) in enumerate(zip(rows, url_checks)):
         reason, detail = check_row(row, config)
         if reason is None and url_reason is not None:
             reason, detail = url_reason, url_detail
-        if reason is None and config.dedupe_urls:
-            url = row["url"].strip()
-            if url in seen:
-                reason, detail = "duplicate_url", None
-            else:
-                seen.add(url)
+        if reason is None and row["source_row"] in duplicates:
+            reason, detail = "duplicate_url", None
         if reason is None:
             keep.append(i)
         else:
             rejects.append(_reject(row, shard, reason, detail))
     return table.take(pa.array(keep, pa.int64())), rejects
+
+
+def dedup_candidates(table: pa.Table, config: FilterConfig) -> pa.Table:
+    """The rows that take part in URL dedup: those passing :func:`check_row` with a non-empty URL.
+
+    Returns ``source_row`` and ``url_hash`` (16 bytes of BLAKE2b over the stripped URL). The URL
+    guard is left out on purpose: every row of one URL gets the same guard verdict, so it cannot
+    change which occurrence comes first.
+    """
+    rows, hashes = [], []
+    for row in table.select(["url", "caption", "width", "height", "punsafe", "pwatermark", "similarity",
+                             "source_row"]).to_pylist():
+        url = row["url"].strip() if isinstance(row["url"], str) else ""
+        if url and check_row(row, config)[0] is None:
+            rows.append(row["source_row"])
+            hashes.append(hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+    return pa.table({"source_row": pa.array(rows, pa.int64()), "url_hash": pa.array(hashes, pa.binary(16))})

@@ -1,1 +1,1 @@
-"""Ray jobs that wire the grounding library into Ray Data."""
+"""The Ray job that wires the grounding library into a distributed, streaming build of grounding shards."""

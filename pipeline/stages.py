@@ -7,36 +7,35 @@ Every stage maps a batch of :data:`WORK_SCHEMA` rows to a batch of the same rows
     admit_downloads (function) -> PhraseStage (class: spaCy once) -> DetectStage (class: detector
     once) -> assemble (function: REC QA pairs, min-boxes rule)
 
-Each stage adds its busy time, shared out over the rows it worked on, to their ``sec_<stage>``
-column (null for rows it passed through); the driver sums them for per-stage throughput. :mod:`pipeline.job` sets the Ray resources.
+:mod:`pipeline.worker` calls them on one work shard at a time (timing each) inside a Ray task; the
+detect stage runs in a detector actor pool (:mod:`pipeline.job`), which sets every Ray resource.
+Reject reasons and whether they count as filtered or failed: :mod:`grounding.reasons`.
 """
 from __future__ import annotations
 
 import io
 import json
-import time
+from typing import Sequence
 
 import pyarrow as pa
 from PIL import Image
 
 from grounding.boxes import normalize_box
-from grounding.records import build_record
+from grounding.captions import clean_caption
+from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
+from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
+from pipeline.download import OPTED_OUT_MESSAGE
 
-STAGES = ("prefilter", "download", "decode", "phrases", "detect", "filter")
-# Reasons that mean something broke (the rest are decisions: filtered rows).
-FAILURE_REASONS = {"failed_to_download", "failed_to_resize", "decode_error", "phrase_error",
-                   "detect_error", "detector_failed", "image_preprocess_failed", "no_annotations"}
-TIMED = ("decode", "phrases", "detect", "assemble")
 PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
 
 _STATUS = [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("error", pa.string())]
-_SECONDS = [pa.field(f"sec_{s}", pa.float64()) for s in TIMED]
 
 WORK_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),
+    pa.field("caption_raw", pa.string()),     # the source's text; `caption` is cleaned before phrases
     pa.field("source_shard", pa.string()),
     pa.field("source_row", pa.int64()),
     pa.field("image", pa.binary()),
@@ -45,23 +44,13 @@ WORK_SCHEMA = pa.schema([
     pa.field("original_width", pa.int32()),
     pa.field("original_height", pa.int32()),
     pa.field("phrases", pa.string()),         # JSON list of phrase dicts (PHRASE_TYPE fields + "chunk")
-    *_STATUS, *_SECONDS,
+    *_STATUS,
 ])
-OUTPUT_SCHEMA = pa.schema([f.with_nullable(True) for f in GROUNDING_SCHEMA] + _STATUS + _SECONDS)
-
-
-def is_failure(reason: str) -> bool:
-    return reason in FAILURE_REASONS
+OUTPUT_SCHEMA = pa.schema([f.with_nullable(True) for f in GROUNDING_SCHEMA] + _STATUS)
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _charge(rows: list[dict], stage: str, seconds: float) -> None:
-    share = seconds / max(1, len(rows))
-    for r in rows:
-        r[f"sec_{stage}"] = (r.get(f"sec_{stage}") or 0.0) + share
 
 
 def _fail(row: dict, stage: str, reason: str, error: str | None = None) -> dict:
@@ -94,7 +83,6 @@ def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
 def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: float = 1 / 6,
                     max_aspect: float = 6.0) -> pa.Table:
     """img2dataset rows -> :data:`WORK_SCHEMA`: failed downloads marked, image headers checked."""
-    t0 = time.perf_counter()
     out = []
     for d in batch.to_pylist():
         row = {"key": d["sample_key"], "url": d["url"], "caption": d["caption"], "source_shard": d["source_shard"],
@@ -103,7 +91,8 @@ def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: f
                "phrases": None, "stage": None, "reason": None, "error": None}
         out.append(row)
         if d.get("status") != "success" or not row["image"]:
-            _fail(row, "download", d.get("status") or "failed_to_download", d.get("error_message"))
+            reason = "opted_out" if d.get("error_message") == OPTED_OUT_MESSAGE else d.get("status") or "failed_to_download"
+            _fail(row, "download", reason, d.get("error_message"))
             row["image"] = None
             continue
         try:
@@ -120,8 +109,34 @@ def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: f
         if not (min_aspect <= w / h <= max_aspect):
             _fail(row, "filter", "aspect_ratio", f"{w}x{h}")
             row["image"] = None
-    _charge(out, "decode", time.perf_counter() - t0)
     return _table(out, WORK_SCHEMA)
+
+
+# --- 1b. evaluation overlap ------------------------------------------------------------------------
+
+class EvalOverlapStage:
+    """Rows whose image lies within the phash threshold of an image of a named evaluation set leave
+    with ``eval_overlap`` (stage ``dedup``, the set and file in ``error``) before any phrase or box
+    work. The sets' hashes are indexed once per worker process (:class:`grounding.dedup.EvalIndex`)."""
+
+    def __init__(self, eval_sets: Sequence[str], config: DedupConfig):
+        self.config = config
+        self.index = EvalIndex(parse_eval_sets(eval_sets), config)
+
+    def _phash(self, image: bytes) -> str | None:
+        try:
+            return phash_hex(image, self.config.hash_size)
+        except ValueError:  # the decode stage reports it
+            return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["stage"] is None and r["image"]]
+        for r, flag in zip(todo, self.index.flag({"phash": self._phash(r["image"])} for r in todo)):
+            if flag is not None:
+                _fail(r, "dedup", "eval_overlap", flag["error"])
+                r["image"] = None
+        return _table(rows, WORK_SCHEMA)
 
 
 # --- 2. noun phrases ------------------------------------------------------------------------------
@@ -135,9 +150,12 @@ class PhraseStage:
         self.extractor = PhraseExtractor(config or PhraseConfig())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
         rows = batch.to_pylist()
         todo = [r for r in rows if r["stage"] is None]
+        for r in todo:  # phrases and every span index the cleaned caption; the shard keeps both
+            r["caption_raw"] = r["caption"]
+            if isinstance(r["caption"], str):
+                r["caption"] = clean_caption(r["caption"])
         try:
             results = self.extractor([r["caption"] for r in todo]) if todo else []
         except Exception:  # noqa: BLE001 - isolate the caption that breaks the batch
@@ -151,7 +169,7 @@ class PhraseStage:
             if isinstance(res, Exception):
                 _fail(r, "phrases", "phrase_error", f"{type(res).__name__}: {res}")
             elif not res.phrases:
-                _fail(r, "phrases", res.reason or "no_phrases")
+                _fail(r, "phrases", res.reason or "no_noun_phrases")
             else:
                 phrases = []
                 for span in res.phrases:
@@ -159,7 +177,6 @@ class PhraseStage:
                     p["chunk"] = getattr(span, "chunk", None)
                     phrases.append(p)
                 r["phrases"] = json.dumps(phrases)
-        _charge(todo, "phrases", time.perf_counter() - t0)
         return _table(rows, WORK_SCHEMA)
 
 
@@ -195,7 +212,6 @@ class DetectStage:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.perf_counter()
         rows = batch.to_pylist()
         attempted = [r for r in rows if r["stage"] is None]
         todo, images, prompts = [], [], []
@@ -230,7 +246,6 @@ class DetectStage:
             for i, p in enumerate(phrases):
                 p["boxes_norm"], p["det_scores"] = found.get(source_chunk(phrases, i), ([], []))
             r["phrases"] = json.dumps(phrases)
-        _charge(attempted, "detect", time.perf_counter() - t0)
         return _table(rows, WORK_SCHEMA)
 
 
@@ -239,26 +254,25 @@ class DetectStage:
 def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
              caption_template: str = "default") -> pa.Table:
     """Work rows -> :data:`OUTPUT_SCHEMA`: a grounding row, or a reject (``too_few_boxes`` and earlier ones)."""
-    t0 = time.perf_counter()
     out = []
     for r in batch.to_pylist():
-        seconds = {f"sec_{s}": r.get(f"sec_{s}") for s in TIMED}
         status = {"stage": r["stage"], "reason": r["reason"], "error": r["error"]}
         if r["stage"] is None:
             phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in json.loads(r["phrases"])]
             record, reason = build_record(
-                key=r["key"], caption=r["caption"], image=r["image"], width=r["width"], height=r["height"],
+                key=r["key"], caption=r["caption"], caption_raw=r["caption_raw"], image=r["image"],
+                width=r["width"], height=r["height"],
                 phrases=phrases, url=r["url"], min_boxes=min_boxes, rec_template=rec_template,
                 caption_template=caption_template, original_width=r["original_width"],
                 original_height=r["original_height"], source_shard=r["source_shard"], source_row=r["source_row"])
             if record is not None:
-                out.append({**record, **status, **seconds})
+                out.append({**record, **status})
                 continue
             nboxes = len({tuple(b) for p in phrases for b in p["boxes_norm"]})
-            status = {"stage": "filter", "reason": reason, "error": f"{nboxes} distinct boxes < {min_boxes}"}
+            status = {"stage": "filter", "reason": reason,
+                      "error": f"{nboxes} distinct boxes < {min_boxes}" if reason == REASON_TOO_FEW_BOXES else None}
         out.append({"key": r["key"], "url": r["url"], "caption": r["caption"], "source_shard": r["source_shard"],
-                    "source_row": r["source_row"], **status, **seconds})
-    _charge(out, "assemble", time.perf_counter() - t0)
+                    "source_row": r["source_row"], **status})
     return _table(out, OUTPUT_SCHEMA)
 
 

@@ -12,7 +12,7 @@ import psutil
 from grounding.detect import DetectorConfig
 from grounding.source import FilterConfig, SourceConfig
 from pipeline.download import DownloadConfig
-from pipeline.job import JobConfig, RayConfig
+from pipeline.config import JobConfig, RayConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARD_ROWS = 2
@@ -24,7 +24,7 @@ def world_job(files, output, **ray_overrides) -> JobConfig:
         output=str(output),
         source=SourceConfig(paths=[str(files.parquet)], shard_rows=SHARD_ROWS),
         filters=FilterConfig(allow_hosts=["127.0.0.1"]),
-        download=DownloadConfig(processes=1, threads=8, timeout=2),
+        download=DownloadConfig(threads=8, timeout=2),
         detector=DetectorConfig(backend="annotations", annotations=str(files.coco), refs=str(files.refs)),
         ray=RayConfig(**{"phrase_batch_size": 4, "detect_batch_size": 4, **ray_overrides}),
     )
@@ -33,7 +33,7 @@ def world_job(files, output, **ray_overrides) -> JobConfig:
 def world_job_argv(files, output) -> list[str]:
     """The same job as :func:`world_job`, as command-line flags."""
     return ["--input", str(files.parquet), "--output", str(output), "--shard-rows", str(SHARD_ROWS),
-            "--allow-host", "127.0.0.1", "--download-processes", "1", "--download-threads", "8",
+            "--allow-host", "127.0.0.1", "--download-threads", "8",
             "--download-timeout", "2", "--detector", "annotations", "--detector-annotations", str(files.coco),
             "--detector-refs", str(files.refs), "--ray-phrase-batch-size", "4", "--ray-detect-batch-size", "4"]
 

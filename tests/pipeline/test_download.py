@@ -1,4 +1,4 @@
-"""img2dataset wiring: persisted download shard ids, input files, and the redirect guard."""
+"""img2dataset wiring: its per-shard downloader, finished-download checks, the redirect guard, X-Robots-Tag."""
 from __future__ import annotations
 
 import http.server
@@ -12,37 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.download import (DownloadConfig, SafeRedirectHandler, download_ids, download_path, is_downloaded,
-                               run_download, write_inputs)
+from pipeline.download import (OPTED_OUT_MESSAGE, DownloadConfig, SafeRedirectHandler, discard_download, download_path, download_shard,
+                               is_downloaded)
 
 
 def _rows(keys: list[str], base: str = "http://127.0.0.1:9") -> pa.Table:
     return pa.table({"key": keys, "url": [f"{base}/{k}.jpg" for k in keys], "caption": ["a red ball"] * len(keys),
                      "source_row": pa.array(range(len(keys)), pa.int64())})
-
-
-def test_ids_are_persisted_and_new_names_get_fresh_ids(tmp_path):
-    downloads = str(tmp_path / "downloads")
-    first = download_ids(downloads, ["b-00000", "a-00001", "a-00000"])
-    assert first == {"a-00000": 0, "a-00001": 1, "b-00000": 2}
-    # a rerun whose pre-filter leaves other shards non-empty: old ids kept, the new name appended
-    second = download_ids(downloads, ["a-00001", "c-00000"])
-    assert second == {"a-00000": 0, "a-00001": 1, "b-00000": 2, "c-00000": 3}
-    assert download_ids(downloads, ["b-00000"]) == second
-
-
-def test_inputs_keep_ids_with_fillers_and_drop_stale_files(tmp_path):
-    downloads = str(tmp_path / "downloads")
-    ids = download_ids(downloads, ["a-00000", "a-00001", "b-00000"])
-    stale = tmp_path / "downloads" / "_input" / "a-00000.parquet"  # an old-layout input file
-    pq.write_table(_rows(["x"]), stale)
-    write_inputs([("a-00001", _rows(["k1", "k2"])), ("b-00000", _rows(["k3"]))], downloads, ids)
-    files = sorted((tmp_path / "downloads" / "_input").glob("*.parquet"))
-    assert [f.name for f in files] == ["00000000.parquet", "00000001.parquet", "00000002.parquet"]
-    # img2dataset numbers shards in sorted file order: file i must carry the shard whose id is i
-    assert [pq.read_table(f)["source_shard"].to_pylist() for f in files] == [[""], ["a-00001"] * 2, ["b-00000"]]
-    assert pq.read_table(files[0])["url"].to_pylist() == [""]  # a filler, never a real fetch
-    assert not stale.exists()
 
 
 def test_a_finished_shard_counts_only_with_its_own_rows(tmp_path):
@@ -55,10 +31,13 @@ def test_a_finished_shard_counts_only_with_its_own_rows(tmp_path):
     assert is_downloaded(str(downloads), 0, "a-00000", [1, 0])
     assert not is_downloaded(str(downloads), 0, "b-00000", [0, 1])  # another shard's download under this id
     assert not is_downloaded(str(downloads), 0, "a-00000", [0, 1, 2])  # other rows than planned
+    discard_download(str(downloads), 0)
+    assert not list(downloads.iterdir())
 
 
 class _RedirectServer(http.server.ThreadingHTTPServer):
-    """/ok.jpg an image; /hop.jpg 302 to it on 127.0.0.1; /bounce.jpg 302 to it via ``localhost``."""
+    """/ok.jpg an image; /hop.jpg 302 to it on 127.0.0.1; /bounce.jpg 302 to it via ``localhost``;
+    /noai.jpg the image with ``X-Robots-Tag: noai``."""
 
     def __init__(self):
         buf = io.BytesIO()
@@ -68,8 +47,10 @@ class _RedirectServer(http.server.ThreadingHTTPServer):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 port = self.server.server_address[1]
-                if self.path == "/ok.jpg":
+                if self.path in ("/ok.jpg", "/noai.jpg"):
                     self.send_response(200)
+                    if self.path == "/noai.jpg":
+                        self.send_header("X-Robots-Tag", "noindex, noai")
                     self.send_header("Content-Type", "image/jpeg")
                     self.send_header("Content-Length", str(len(jpeg)))
                     self.end_headers()
@@ -107,17 +88,25 @@ def test_redirect_handler_refuses_unsafe_targets(redirect_server):
         opener.open(f"{redirect_server.base_url}/bounce.jpg", timeout=5)
 
 
-def test_img2dataset_workers_refuse_redirects_to_disallowed_hosts(redirect_server, tmp_path):
-    """The real img2dataset run (spawned worker processes): the guard reaches the fetching process."""
+def test_img2dataset_shard_downloader_guards_redirects_and_honours_opt_out(redirect_server, tmp_path):
+    """img2dataset's own per-shard downloader, as a shard task runs it: guard installed, _stats.json written."""
     downloads = str(tmp_path / "downloads")
-    keys = ["ok", "hop", "bounce"]
-    ids = download_ids(downloads, ["w-00000"])
-    write_inputs([("w-00000", _rows(keys, redirect_server.base_url))], downloads, ids)
-    run_download(DownloadConfig(processes=1, threads=3, timeout=3, resize_mode="no"), downloads, shard_rows=8,
-                 allow_hosts=["127.0.0.1"])
-    assert is_downloaded(downloads, 0, "w-00000", [0, 1, 2])
-    rows = {r["sample_key"]: r for r in pq.read_table(download_path(downloads, 0)).to_pylist()}
+    keys = ["ok", "hop", "bounce", "noai"]
+    config = DownloadConfig(threads=3, timeout=3, resize_mode="no")
+    table = download_shard(config, downloads, 7, "w-00000", _rows(keys, redirect_server.base_url), shard_rows=8,
+                           allow_hosts=["127.0.0.1"])
+    assert is_downloaded(downloads, 7, "w-00000", [0, 1, 2, 3])
+    assert (tmp_path / "downloads" / "00007_stats.json").exists()
+    assert not list((tmp_path / "downloads" / "_input").iterdir())  # img2dataset removes its input when done
+    rows = {r["sample_key"]: r for r in table.to_pylist()}
     assert rows["ok"]["status"] == "success" and rows["hop"]["status"] == "success"
     assert rows["bounce"]["status"] == "failed_to_download"
     assert "redirect to http://localhost:" in rows["bounce"]["error_message"]
     assert "refused: private_host" in rows["bounce"]["error_message"]
+    assert rows["noai"]["status"] == "failed_to_download" and rows["noai"]["jpg"] is None
+    assert rows["noai"]["error_message"] == OPTED_OUT_MESSAGE  # the job counts it as opted_out (test_stages)
+    # opting out of the opt-out: the same server, no disallowed directives
+    again = download_shard(DownloadConfig(threads=3, timeout=3, resize_mode="no", disallowed_header_directives=[]),
+                           str(tmp_path / "d2"), 0, "w-00000", _rows(["noai"], redirect_server.base_url), shard_rows=8,
+                           allow_hosts=["127.0.0.1"])
+    assert again["status"].to_pylist() == ["success"]

@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from grounding.boxes import normalize_box
+from grounding.detect import DetectorConfig
 from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA, read_metadata, read_shard, read_table
 from pipeline.build_grounding import config_from_args, main
-from pipeline.job import config_hash, run_job
+from pipeline.config import config_hash
+from pipeline.job import run_job
 
 from pipeline_helpers import kill_tree, python_cmd, wait_for, world_job, world_job_argv
 
@@ -47,7 +49,7 @@ def shard_files(out) -> dict[str, bytes]:
 def clean_run(tmp_path_factory, world_server, local_ray):
     _, files = world_server
     out = tmp_path_factory.mktemp("clean") / "out"
-    report = run_job(world_job(files, out, num_blocks=1))
+    report = run_job(world_job(files, out))
     return out, report
 
 
@@ -93,10 +95,15 @@ def test_rerun_skips_finished_shards_and_refuses_another_config(clean_run, world
     _, files = world_server
     before = shard_files(out)
     mtimes = {p: os.stat(out / p).st_mtime_ns for p in before}
-    again = run_job(world_job(files, out, num_blocks=1))
+    again = run_job(world_job(files, out))
     assert again["shards"] == {**report["shards"], "written_this_run": 0, "skipped_finished": 9}
     assert again["counts"] == report["counts"]
     assert shard_files(out) == before and {p: os.stat(out / p).st_mtime_ns for p in before} == mtimes
+    # half done (killed between a shard's two writes): that shard is redone whole, the rest skipped
+    os.remove(out / "rejects" / "laion-00003.parquet")
+    half = run_job(world_job(files, out))
+    assert (half["shards"]["written_this_run"], half["shards"]["skipped_finished"]) == (1, 8)
+    assert shard_files(out) == before and half["counts"] == report["counts"]
     assert main(["--config", str(out / "config.json")]) == 0  # the resolved config replays the run
     assert json.loads((out / "run_report.json").read_text())["shards"]["skipped_finished"] == 9
     assert shard_files(out) == before
@@ -104,12 +111,13 @@ def test_rerun_skips_finished_shards_and_refuses_another_config(clean_run, world
         run_job(replace(world_job(files, out), min_boxes=3))
 
 
-def test_block_count_does_not_change_names_or_contents(clean_run, world_server, tmp_path):
+def test_cluster_shape_does_not_change_names_or_contents(clean_run, world_server, tmp_path):
     out, report = clean_run
     _, files = world_server
-    other = tmp_path / "blocks"
-    shutil.copytree(out / "downloads", other / "downloads")  # same downloads: only Ray's layout differs
-    config = world_job(files, other, num_blocks=5, phrase_batch_size=1, detect_batch_size=3)
+    other = tmp_path / "shape"
+    shutil.copytree(out / "downloads", other / "downloads")  # same downloads: only the execution differs
+    config = world_job(files, other, max_shards_in_flight=1, detect_actors=2, detect_cpus=0.25, phrase_batch_size=1,
+                       detect_batch_size=3, dedup_partitions=3)
     assert config_hash(config) == report["config_hash"]
     second = run_job(config)
     assert second["shards"]["written_this_run"] == 9
@@ -118,9 +126,9 @@ def test_block_count_does_not_change_names_or_contents(clean_run, world_server, 
 
 def test_cli_matches_the_config_api(world_server, tmp_path):
     _, files = world_server
-    argv = world_job_argv(files, tmp_path / "o") + ["--blocks", "5", "--filters-max-punsafe", "0.3"]
+    argv = world_job_argv(files, tmp_path / "o") + ["--ray-max-shards-in-flight", "5", "--filters-max-punsafe", "0.3"]
     config = config_from_args(argv)
-    assert config.ray.num_blocks == 5 and config.filters.max_punsafe == 0.3
+    assert config.ray.max_shards_in_flight == 5 and config.filters.max_punsafe == 0.3
     assert config.detector.backend == "annotations" and config.filters.allow_hosts == ["127.0.0.1"]
     assert config_hash(config_from_args(world_job_argv(files, tmp_path / "o"))) == config_hash(world_job(files, tmp_path / "o"))
     with pytest.raises(ValueError, match="no input"):
@@ -170,28 +178,70 @@ def test_killed_job_resumes_to_the_clean_result(clean_run, world_server, tmp_pat
     assert not list((killed / "shards").glob(".*.tmp")) and not list((killed / "rejects").glob(".*.tmp"))
 
 
-def test_limit_and_fraction_plan_and_a_fully_filtered_run(tmp_path):
-    """Planning is deterministic; a run whose rows all fail the pre-filters needs neither img2dataset nor Ray."""
+def test_limit_and_fraction_plan_and_a_fully_filtered_run(tmp_path, local_ray):
+    """Planning reads footers only and is deterministic; a run whose rows all fail the pre-filters downloads nothing."""
     import pyarrow as pa
 
     from grounding.source import FilterConfig, SourceConfig
-    from pipeline.job import JobConfig, plan_shards
+    from pipeline.config import JobConfig
+    from pipeline.plan import plan_shards
 
     rows = [{"URL": f"http://169.254.169.254/{i}.jpg", "TEXT": f"a red ball and a blue box {i}", "key": f"k{i:02d}"}
             for i in range(30)]
-    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "a.parquet", row_group_size=3)
     pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "b.parquet")
     source = SourceConfig(paths=[str(tmp_path / "*.parquet")], shard_rows=4, limit=23)
     config = JobConfig(output=str(tmp_path / "out"), source=source, filters=FilterConfig())
-    shards = plan_shards(config)
+    shards = plan_shards(source)
     assert [s.name for s in shards] == [f"a-{i:05d}" for i in range(5)] + ["b-00000"]
-    assert sum(s.input_rows for s in shards) == 23 and [s.input_rows for s in shards][-1] == 3
-    half = plan_shards(replace(config, source=replace(source, limit=None, sample_fraction=0.5)))
-    again = plan_shards(replace(config, source=replace(source, limit=None, sample_fraction=0.5)))
-    keys = [r["key"] for s in half for r in s.prefilter_rejects]
-    assert keys == [r["key"] for s in again for r in s.prefilter_rejects] and 5 <= len(keys) <= 25
+    assert [(s.start, s.stop) for s in shards][-2:] == [(16, 20), (0, 3)] and sum(s.input_rows for s in shards) == 23
     report = run_job(config)
     assert report["counts"] == {"input": 23, "kept": 0, "filtered": 23, "failed": 0, "adds_up": True}
     assert report["filtered_by_reason"] == {"private_host": 23}
     assert not (tmp_path / "out" / "downloads").exists()
     assert sorted(os.listdir(tmp_path / "out" / "rejects")) == [f"{s.name}.parquet" for s in shards]
+    # sampling happens in the shard tasks, by the key hash: exactly the rows sample_rows picks from each file
+    from grounding.source import read_source, sample_rows
+
+    half = run_job(replace(config, output=str(tmp_path / "half"), source=replace(source, limit=None, sample_fraction=0.5)))
+    picked = [k for f in ("a", "b") for k in sample_rows(read_source(str(tmp_path / f"{f}.parquet"), source), 0.5)["key"].to_pylist()]
+    assert sorted(output_keys(tmp_path / "half")) == sorted(picked) and 5 <= len(picked) <= 25
+    assert half["counts"]["input"] == len(picked)
+
+
+def test_duplicate_urls_first_occurrence_in_file_row_order_wins(tmp_path, local_ray):
+    """Run-wide dedup across shards and files, the same whatever the number of hash partitions."""
+    import pyarrow as pa
+
+    from grounding.source import FilterConfig, SourceConfig
+    from pipeline.config import JobConfig, RayConfig
+    from pipeline.download import DownloadConfig
+
+    def url(u):
+        return f"http://127.0.0.1:9/{u}.jpg"  # nothing listens: a fast failed_to_download
+
+    a = ["u1", "u2", "u1", "u4", "u5"]
+    b = ["u2", "u3", "u1", "u3"]
+    for name, urls in (("a", a), ("b", b)):
+        pq.write_table(pa.Table.from_pylist([{"URL": url(u), "TEXT": f"a red ball number {i}", "key": f"{name}{i}"}
+                                             for i, u in enumerate(urls)]), tmp_path / f"{name}.parquet")
+    # a4 is filtered before dedup (short caption): it never wins against a later u5
+    pq.write_table(pa.Table.from_pylist([{"URL": url("u5"), "TEXT": "x", "key": "c0"},
+                                         {"URL": url("u5"), "TEXT": "a blue box", "key": "c1"}]), tmp_path / "c.parquet")
+    reasons = {}
+    for partitions in (1, 3):
+        config = JobConfig(output=str(tmp_path / f"out{partitions}"),
+                           source=SourceConfig(paths=[str(tmp_path / "*.parquet")], shard_rows=2),
+                           filters=FilterConfig(allow_hosts=["127.0.0.1"]), download=DownloadConfig(threads=4, timeout=2),
+                           detector=DetectorConfig(backend="annotations", annotations=str(tmp_path / "none.json")),
+                           ray=RayConfig(dedup_partitions=partitions))
+        (tmp_path / "none.json").write_text('{"images": [], "annotations": [], "categories": []}')
+        report = run_job(config)
+        assert report["counts"]["adds_up"] and report["dedup"]["partitions"] == partitions
+        rejects = [r for n in sorted(os.listdir(tmp_path / f"out{partitions}" / "rejects"))
+                   for r in read_table(str(tmp_path / f"out{partitions}" / "rejects" / n)).to_pylist()]
+        reasons[partitions] = {r["key"]: r["reason"] for r in rejects}
+    assert reasons[1] == reasons[3]
+    dups = sorted(k for k, r in reasons[1].items() if r == "duplicate_url")
+    assert dups == ["a2", "b0", "b2", "b3", "c1"]
+    assert reasons[1]["c0"] == "short_caption" and reasons[1]["a4"] == "failed_to_download"

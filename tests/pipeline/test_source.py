@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grounding.source import (FilterConfig, SourceConfig, check_url, list_sources, prefilter, read_source,
-                              sample_rows, source_stem, split_shards)
+from grounding.source import (FilterConfig, SourceConfig, check_url, check_urls, dedup_candidates, list_sources,
+                              prefilter, read_source, sample_rows, source_rows, source_stem)
 
 
 def write_laion(path, rows):
@@ -46,9 +46,21 @@ def test_globs_are_sorted_and_stems_name_shards(tmp_path):
     assert [source_stem(f) for f in files] == ["a", "b"]
     with pytest.raises(FileNotFoundError):
         list_sources([str(tmp_path / "nothing-*.parquet")])
-    t = read_source(files[0], SourceConfig())
-    big = pa.concat_tables([t] * 5)
-    assert [(n, p.num_rows) for n, p in split_shards(big, "a", 2)] == [("a-00000", 2), ("a-00001", 2), ("a-00002", 1)]
+
+
+def test_row_ranges_read_only_their_rows_across_row_groups(tmp_path):
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.Table.from_pylist([laion_row(i) for i in range(25)]), path, row_group_size=4)
+    assert source_rows(str(path)) == 25
+    whole = read_source(str(path), SourceConfig())
+    for start, stop in [(0, 10), (3, 9), (8, 12), (20, 25), (24, 40), (25, 30)]:
+        part = read_source(str(path), SourceConfig(), start, stop)
+        assert part.to_pylist() == whole.slice(start, max(0, min(stop, 25) - start)).to_pylist()
+        assert part["source_row"].to_pylist() == list(range(start, min(stop, 25)))
+    # generated keys number the file's rows, whatever range is read
+    gen = tmp_path / "g.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in laion_row(i).items() if k != "key"} for i in range(5)]), gen)
+    assert read_source(str(gen), SourceConfig(), 3, 5)["key"].to_pylist() == ["g-000000003", "g-000000004"]
 
 
 def test_sampling_is_deterministic_and_near_the_fraction(tmp_path):
@@ -96,24 +108,45 @@ def test_url_guard_allow_options():
     assert check_url("file:///etc/passwd", allow_private_hosts=True)[0] == "unsafe_scheme"  # scheme still checked
 
 
-def test_prefilter_counts_each_reason_and_dedupes_across_shards(tmp_path):
+def test_prefilter_counts_each_reason_and_rejects_the_given_duplicates(tmp_path):
     rows = [laion_row(0), laion_row(1, TEXT=" "), laion_row(2, TEXT="cat"), laion_row(3, WIDTH=700, HEIGHT=100),
             laion_row(4, punsafe=0.9), laion_row(5, pwatermark=0.95), laion_row(6, URL="http://169.254.169.254/x"),
             laion_row(7, URL=laion_row(0)["URL"]), laion_row(8, WIDTH=None, HEIGHT=None), laion_row(9, similarity=0.1)]
     path = write_laion(tmp_path / "p.parquet", rows)
     t = read_source(path, SourceConfig())
-    kept, rejects = prefilter(t, "p-00000", FilterConfig(min_similarity=0.2))
+    cand = dedup_candidates(t, FilterConfig(min_similarity=0.2))  # the rows that take part in dedup
+    assert cand["source_row"].to_pylist() == [0, 6, 7, 8]
+    assert cand["url_hash"][0] == cand["url_hash"][2]  # rows 0 and 7 share a URL
+    kept, rejects = prefilter(t, "p-00000", FilterConfig(min_similarity=0.2), duplicates={7})
     assert kept["key"].to_pylist() == ["k000", "k008"]  # unknown sizes pass the aspect rule
     reasons = {r["key"]: r["reason"] for r in rejects}
     assert reasons == {"k001": "empty_caption", "k002": "short_caption", "k003": "aspect_ratio", "k004": "punsafe",
                        "k005": "pwatermark", "k006": "private_host", "k007": "duplicate_url", "k009": "low_similarity"}
     assert all(r["stage"] == "prefilter" and r["source_shard"] == "p-00000" for r in rejects)
     assert kept.num_rows + len(rejects) == t.num_rows
-    # run-wide dedupe: a later shard with the same URL loses it
-    seen = set()
-    prefilter(t.slice(0, 1), "p-00000", FilterConfig(), seen)
-    kept2, rej2 = prefilter(t.slice(0, 1), "p-00001", FilterConfig(), seen)
-    assert kept2.num_rows == 0 and rej2[0]["reason"] == "duplicate_url"
+    # a duplicate that fails an earlier check keeps that reason; dedupe_urls=False ignores duplicates
+    _, rej2 = prefilter(t, "p-00000", FilterConfig(), duplicates={1, 7})
+    assert {r["key"]: r["reason"] for r in rej2}["k001"] == "empty_caption"
+    kept3, _ = prefilter(t, "p-00000", FilterConfig(dedupe_urls=False), duplicates={7})
+    assert "k007" in kept3["key"].to_pylist()
+
+
+def test_dns_timeout_is_a_counted_reason(monkeypatch):
+    """A host whose look-up outlasts the timeout is unresolved_host for the call (bounded, not cached)."""
+    import time
+
+    import grounding.source as source
+
+    def slow(host):
+        time.sleep(1.0)
+        return ("8.8.8.8",)
+
+    monkeypatch.setattr(source, "resolve_host", slow)
+    t0 = time.perf_counter()
+    out = check_urls(["http://slow.example/a.jpg", "http://8.8.4.4/b.jpg"], timeout=0.2)
+    assert time.perf_counter() - t0 < 0.9
+    assert out[0][0] == "unresolved_host" and "DNS timeout" in out[0][1]
+    assert out[1] == (None, None)  # an IP literal needs no look-up
 
 
 def test_filter_config_is_validated():
