@@ -103,6 +103,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--block", type=int, default=512, help="captions per interleaved block (A/B per block)")
     ap.add_argument("--quick", action="store_true", help="1,500 captions, 3 repeats (about a minute)")
+    ap.add_argument("--no-frame", action="store_true", help="PhraseConfig(sentence_frame=False): no 'There is' frame")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "phrases.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -113,7 +114,7 @@ def main(argv=None) -> dict:
 
     captions = make_captions(args.n)
     subset = captions[:subset_n]
-    config = PhraseConfig(batch_size=args.batch_size)
+    config = PhraseConfig(batch_size=args.batch_size, sentence_frame=not args.no_frame)
     ex = PhraseExtractor(config)
     nlp = ex.nlp  # the same pipeline object, the same enabled components
 
@@ -168,7 +169,7 @@ def main(argv=None) -> dict:
         "captions": len(captions), "per_caption_subset": len(subset), "repeats": args.repeats,
         "mean_caption_chars": round(sum(map(len, captions)) / len(captions), 1),
         "model": config.model, "spacy": spacy.__version__, "components": list(nlp.pipe_names),
-        "batch_size": config.batch_size, "interleave_block": args.block,
+        "batch_size": config.batch_size, "interleave_block": args.block, "sentence_frame": config.sentence_frame,
         "captions_per_s": {k: spread(v) for k, v in rates.items()},
         "ratio_batched_vs_bare_pipe": spread([r["ratio_batched_vs_bare_pipe"] for r in runs]),
         "ratio_batched_vs_per_caption": spread([r["ratio_batched_vs_per_caption"] for r in runs]),

@@ -69,17 +69,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     ap.add_argument("--raw", action="store_true", help="score raw captions (no clean_caption first)")
     ap.add_argument("--no-ner", action="store_true", help="ablation: PhraseConfig(ner=False)")
+    ap.add_argument("--no-frame", action="store_true", help="ablation: PhraseConfig(sentence_frame=False)")
     ap.add_argument("--show-errors", nargs="*", default=None, metavar="SET",
                     help="print the wrong captions of these sets (never look at the held-out ones while tuning)")
     args = ap.parse_args(argv)
     import spacy
 
-    config = PhraseConfig(ner=not args.no_ner)
+    config = PhraseConfig(ner=not args.no_ner, sentence_frame=not args.no_frame)
     extractor = PhraseExtractor(config)
     report = {"benchmark": "phrases_quality", "model": config.model, "spacy": spacy.__version__,
-              "components": list(extractor.nlp.pipe_names), "ner": config.ner, "input": "raw" if args.raw else "clean_caption",
+              "components": list(extractor.nlp.pipe_names), "ner": config.ner, "sentence_frame": config.sentence_frame, "input": "raw" if args.raw else "clean_caption",
               "python": platform.python_version(),
-              "command": "python benchmarks/eval_phrases.py" + (" --raw" if args.raw else "") + (" --no-ner" if args.no_ner else ""),
+              "command": "python benchmarks/eval_phrases.py" + (" --raw" if args.raw else "") + (" --no-ner" if args.no_ner else "")
+                          + (" --no-frame" if args.no_frame else ""),
               "sets": {}}
     for name in args.sets:
         fig, errors = evaluate(extractor, read_rows(DATA / SETS[name]), raw=args.raw)

@@ -437,3 +437,14 @@ def test_shop_titles_lose_audience_words_in_the_prompt(extractor):
     res = one(extractor, "Nike Air Max 90 Mens Running Shoes | eBay")
     assert "Running Shoes" in [p.prompt for p in chunks(res)]
     assert_consistent(res)
+
+
+def test_without_sentence_frame_spans_still_index_the_caption(world):
+    ex = PhraseExtractor(PhraseConfig(sentence_frame=False))
+    caps = [w.caption for w in world] + ["Coach Maria Lopez hugs her players", "Salt &amp; pepper shakers #kitchen"]
+    res = ex(caps)
+    for r in res:
+        assert_consistent(r)
+    for w, r in zip(world, res):  # the synthetic world's objects are found either way
+        assert {(o.start, o.end) for o in w.objects} <= {(p.start, p.end) for p in chunks(r)}
+    assert [p.prompt for p in chunks(res[-2])] == ["coach", "players"]
