@@ -18,7 +18,6 @@ are both kept (with one torch thread, CPU seconds barely move with other jobs' l
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.measure import command, interleaved, load_now, machine, paired_ratios, spread, write_result  # noqa: E402
-from grounding.detect import (BoxDetector, DetectorConfig, resolve_device, save_tiny_detector,  # noqa: E402
-                              save_tokenizer_and_processor)
+from grounding.detect import BoxDetector, DetectorConfig, resolve_device  # noqa: E402
+from grounding.testing import save_tiny_detector, save_tokenizer_and_processor  # noqa: E402
 from grounding.world import make_world  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "detect.json"

@@ -17,7 +17,6 @@ The quick run keeps the shard sizes on purpose: what prefetch reads depends on t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

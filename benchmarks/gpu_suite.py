@@ -177,7 +177,7 @@ def world_images(n: int, size: tuple[int, int], seed: int = 11):
 
 def save_detector(path: str, cfg: SuiteConfig) -> str:
     """GroundingDINO-T at real size (random init) or, for the dry run, the tiny test detector."""
-    from grounding.detect import save_tiny_detector, save_tokenizer_and_processor
+    from grounding.testing import save_tiny_detector, save_tokenizer_and_processor
     if cfg.dry_run:
         return save_tiny_detector(path, shortest_edge=cfg.det_shortest_edge, longest_edge=cfg.det_longest_edge)
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
@@ -264,7 +264,8 @@ def section_feeding(cfg: SuiteConfig, tmp: Path, gpu_images_per_s: float | None)
     """Process-CPU seconds per image of each CPU step (one thread), and cores per GPU from them."""
     from transformers import AutoTokenizer
 
-    from grounding.detect import load_image_processor, plan_prompts, save_tokenizer_and_processor
+    from grounding.detect import load_image_processor, plan_prompts
+    from grounding.testing import save_tokenizer_and_processor
     from grounding.phrases import PhraseConfig, PhraseExtractor
 
     threads = torch.get_num_threads()
@@ -411,7 +412,7 @@ def write_vision_tower(path: Path, cfg: SuiteConfig) -> str:
     """A CLIP vision tower of the given shape (random init) + CLIP's preprocessor config."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from model.tiny import CLIP_MEAN, CLIP_STD
+    from grounding.image import CLIP_MEAN, CLIP_STD
     torch.manual_seed(0)
     config = CLIPVisionConfig(image_size=cfg.vit_image_size, patch_size=cfg.vit_patch, hidden_size=cfg.vit_hidden,
                               intermediate_size=cfg.vit_intermediate, num_hidden_layers=cfg.vit_layers,
@@ -424,7 +425,7 @@ def write_vision_tower(path: Path, cfg: SuiteConfig) -> str:
 
 
 def write_checkpoints(cfg: SuiteConfig, tmp: Path) -> tuple[str, str]:
-    from model import tiny
+    from model import testing as tiny
     lm, vit = tmp / "lm", tmp / "vit"
     if not (lm / "config.json").exists():
         init = torch.device(cfg.device) if cfg.device.startswith("cuda") else torch.device("cpu")

@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from grounding.boxes import prompt_and_target, try_parse_boxes
 from grounding.cli import UsageError
-from grounding.image import ImageTransform, try_decode_image
+from grounding.image import try_decode_image
 from grounding.schema import ShardError, check_shards
 
 IGNORE_INDEX = -100
@@ -58,7 +58,6 @@ SKIP_REASONS = {  # reason prefix -> what it means and what to change
     "unreadable_row_group": "a row group of the file does not read (corrupt pages)",
 }
 READ_COLUMNS = ["key", "image", "width", "height", "qa"]
-ImagePreprocessor = ImageTransform     # the old name (tests/model/test_data.py); the model ships it: model.image_transform
 
 
 # --- shards ----------------------------------------------------------------------------------

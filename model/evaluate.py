@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         examples += refcoco_examples(args.refs, args.instances, args.images, args.splits, limit=args.limit)
     if not examples:
         if skipped:
-            raise UsageError(f"nothing to evaluate: every REC pair of --shards was skipped ("
+            raise UsageError("nothing to evaluate: every REC pair of --shards was skipped ("
                              + ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) + ")")
         raise UsageError("nothing to evaluate: give --shards or --refs/--instances/--images")
     try:

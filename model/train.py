@@ -40,13 +40,12 @@ import torch
 
 from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
-from model.checkpoint import load_model_from_checkpoint  # noqa: F401  (re-export: benchmarks import it from here)
 from model.data import GroundingBatches, make_loader
 from model.distributed import (
     Dist, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
 )
 from model.optim import EMA, build_optimizer, clip_gradients, set_lr
-from model.train_config import PRESETS, TrainConfig, debug, flat_fields, stage2, wiring  # noqa: F401  (presets)
+from model.train_config import PRESETS, TrainConfig, flat_fields
 
 
 # --- the run's pieces ------------------------------------------------------------------------
@@ -68,11 +67,6 @@ def build_model(model_config, seed: int):
 
     torch.manual_seed(seed)
     return VisualExpertForCausalLM.from_config(model_config)
-
-
-def image_preprocessor(model):
-    """``model.image_transform``; kept for tests/model/test_data.py, which imports it from here."""
-    return model.image_transform
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):

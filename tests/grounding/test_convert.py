@@ -2,7 +2,6 @@
 pycocotools, the reference reader) and line by line, against the synthetic world's true boxes."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 

@@ -14,10 +14,10 @@ from helpers_train import debug_model, debug_model_config, one_thread, make_shar
 from grounding.boxes import parse_boxes, prompt_and_target
 from grounding.schema import read_shard, write_shard, row_to_dict
 from model.data import (
-    IGNORE_INDEX, DataConfig, DataError, GroundingBatches, ImagePreprocessor, collate, encode_prompt, encode_qa,
+    IGNORE_INDEX, DataConfig, DataError, GroundingBatches, collate, encode_prompt, encode_qa,
     make_loader, pad_left, resolve_shards,
 )
-from model.train import image_preprocessor
+from grounding.image import NORMALIZATION, ImageTransform
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tok(debug_model):
 
 @pytest.fixture(scope="module")
 def pre(debug_model):
-    return image_preprocessor(debug_model)
+    return debug_model.image_transform
 
 
 def read_rows(folder) -> list[dict]:
@@ -77,13 +77,23 @@ def test_batches_hold_the_shards_qa_pairs_with_matching_images(shards8, tok, pre
         assert torch.equal(b["pixel_values"][i], want)
 
 
-def test_image_preprocessor_matches_the_model_and_keeps_boxes_valid(debug_model, pre):
-    from grounding.world import make_world
-    ims = [w.render() for w in make_world(3, seed=5)]                # non-square images
-    assert torch.equal(pre.batch(ims), debug_model.preprocess(ims))
-    assert pre.batch(ims).shape == (3, 3, debug_model.vision.image_size, debug_model.vision.image_size)
+def test_the_models_transform_squashes_without_crop_and_normalises(debug_model, pre):
+    """A 90x30 image, red left third, blue right third: resized (not cropped) to the tower's square, both
+    ends survive at the first and last columns, normalised with the tower's mean/std (hand-computed)."""
+    S = debug_model.vision.image_size
+    im = Image.new("RGB", (90, 30), (0, 255, 0))
+    im.paste((255, 0, 0), (0, 0, 30, 30))
+    im.paste((0, 0, 255), (60, 0, 90, 30))
+    mean, std = (torch.tensor(v) for v in NORMALIZATION["clip"])
+    want = lambda rgb: (torch.tensor(rgb, dtype=torch.float32) / 255 - mean) / std  # noqa: E731
+    x = pre(im)
+    assert x.shape == (3, S, S)
+    torch.testing.assert_close(x[:, S // 2, 0], want((255, 0, 0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:, S // 2, S - 1], want((0, 0, 255)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:, 0, S // 2], want((0, 255, 0)), atol=1e-5, rtol=0)
+    assert torch.equal(debug_model.preprocess([im, im]), torch.stack([x, x]))
     with pytest.raises(ValueError):
-        ImagePreprocessor(0)
+        ImageTransform(0)
 
 
 @pytest.mark.parametrize("n_shards,world,workers", [(4, 2, 1), (2, 2, 2), (1, 1, 3)])

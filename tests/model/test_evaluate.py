@@ -90,7 +90,8 @@ def test_parse_split_globs():
 
 
 def test_cli_writes_report_and_picture_from_a_checkpoint(tmp_path, shards8, debug_model_config):
-    from model.train import debug, train
+    from model.train import train
+    from model.train_config import debug
     train(debug(out_dir=str(tmp_path / "run"), shards=[shards8], max_steps=2, save_every=0, ema_decay=0.5),
           model_config=debug_model_config)
     out = tmp_path / "report" / "val.json"
@@ -117,7 +118,8 @@ def constant_checkpoint(tmp_path_factory, debug_model_config):
 
     from grounding.schema import write_shard
     from grounding.world import truth_rows
-    from model.train import train, wiring
+    from model.train import train
+    from model.train_config import wiring
 
     root = tmp_path_factory.mktemp("constant")
     rows = truth_rows(make_world(16, seed=31))
