@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     with WorldServer(work / "world") as server:
         files = write_world(work / "world", world, base_url=server.base_url)
         rc = build(["--input", str(files.parquet), "--output", str(work / "out"), "--shard-rows", "20",
-                    "--allow-host", "127.0.0.1", "--download-processes", "1", "--download-threads", "8",
+                    "--allow-host", "127.0.0.1", "--download-threads", "8",
                     "--detector", "transformers", "--detector-model", args.model,
                     "--detector-box-threshold", str(args.threshold), "--detector-text-threshold", str(args.threshold)])
     job_seconds = time.time() - t0

@@ -29,7 +29,7 @@ def trained_run(tmp_path_factory, world_server, local_ray):
     _, files = world_server
     out = tmp_path_factory.mktemp("trained") / "out"
     argv = ["--input", str(files.parquet), "--output", str(out), "--shard-rows", "4", "--allow-host", "127.0.0.1",
-            "--download-processes", "1", "--download-threads", "8", "--download-timeout", "2",
+            "--download-threads", "8", "--download-timeout", "2",
             "--detector", "transformers", "--detector-model", DEMO,
             "--detector-box-threshold", str(THRESHOLD), "--detector-text-threshold", str(THRESHOLD),
             "--ray-phrase-batch-size", "4", "--ray-detect-batch-size", "4"]
