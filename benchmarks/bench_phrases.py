@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--subset", type=int, default=None, help="captions for per-caption vs batched (default n/5)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--block", type=int, default=512, help="captions per interleaved block (A/B per block)")
+    ap.add_argument("--block", type=int, default=256, help="captions per interleaved block (A/B per block)")
     ap.add_argument("--quick", action="store_true", help="1,500 captions, 3 repeats (about a minute)")
     ap.add_argument("--no-frame", action="store_true", help="PhraseConfig(sentence_frame=False): no 'There is' frame")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "phrases.json"))
