@@ -1,7 +1,9 @@
 """Forward+backward speed of the visual-expert model against the plain LM and HF's LlamaForCausalLM.
 
-Measured side by side in one run, interleaved (a, b, c, a, b, c, ...); ratios from each variant's fastest
-run (and from medians):
+Measured side by side in one run, interleaved (a, b, c, ..., then reversed every round; one untimed
+warm-up round; see ``benchmarks/README.md``); each ratio is taken round by round and reported as median
+and min-max, from wall seconds and from this process's CPU seconds (one torch thread: the figure least
+moved by other jobs on a shared CPU):
   (a) the visual-expert model (experts + LM, all weights trainable) on 256 image + 64 text tokens,
   (b) the same code and LM without experts (``shallow=True``) on the same 320 positions,
   (c) HF ``LlamaForCausalLM`` (SDPA), text only, on 320 tokens.
@@ -9,7 +11,8 @@ Image embeddings are fed directly (the vision tower is outside the comparison; i
 the same for every variant). Also: the stage-two default (LM frozen) for (a) and (b), forward FLOPs
 of each variant (``torch.utils.flop_counter``), and greedy decode speed with the KV cache.
 
-    .venv/bin/python benchmarks/bench_model.py                      # CPU preset (about 1-2 min)
+    .venv/bin/python benchmarks/bench_model.py                      # CPU preset, 8 rounds (about 3-4 min)
+    .venv/bin/python benchmarks/bench_model.py --quick              # 3 rounds, 3 decode rounds (about 1.5 min)
     .venv/bin/python benchmarks/bench_model.py --preset 1b --device cuda --dtype bfloat16   # GPU: MFU
 """
 from __future__ import annotations
@@ -18,11 +21,9 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from model import tiny  # noqa: E402
+from benchmarks.measure import interleaved, load_now, machine, paired_ratios, spread, write_result  # noqa: E402
+from model import testing as tiny  # noqa: E402
 from model.cogvlm import DTYPES, VisualExpertConfig, VisualExpertForCausalLM  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense
@@ -51,7 +53,9 @@ class BenchConfig:
     image_tokens: int = 256           # 224 px / patch 14, as CLIP ViT-L/14 at the paper's 224
     text_tokens: int = 64
     batch_size: int = 1
-    repeats: int = 8
+    repeats: int = 8                  # timed interleaved rounds of fwd+bwd (after one warm-up round)
+    decode_repeats: int = 6           # timed interleaved rounds of greedy decoding (after one warm-up)
+    quick: bool = False               # --quick: 3 + 3 rounds (same sizes), for a <= 2 min check
     threads: int = 1                  # torch threads; 1 on the shared 2-core CPU (contention skews 2-thread runs)
     decode_tokens: int = 32
     device: str = "cpu"
@@ -64,8 +68,8 @@ class BenchConfig:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if int(self.image_tokens ** 0.5) ** 2 != self.image_tokens:
             raise ValueError(f"image_tokens must be a square (a patch grid), got {self.image_tokens}")
-        if self.repeats < 2:
-            raise ValueError("repeats must be >= 2 (the first run of each variant is a warm-up)")
+        if self.repeats < 1 or self.decode_repeats < 1:
+            raise ValueError("repeats and decode_repeats must be >= 1 (a warm-up round runs before them)")
 
 
 def preset(name: str) -> dict:
@@ -88,14 +92,17 @@ def write_checkpoints(cfg: BenchConfig, root: Path) -> tuple[str, str]:
     return str(lm), str(vision)
 
 
+RATIOS = {"a_over_b": ("a_visual_expert", "b_plain_lm"), "b_over_c": ("b_plain_lm", "c_hf_llama"),
+          "a_over_b_lm_frozen": ("a_visual_expert_lm_frozen", "b_plain_lm_lm_frozen"),
+          "a_labels_logits_over_c": ("a_visual_expert_labels_logits", "c_hf_llama")}  # time ratios: lower = faster
+
+
 def ratios(seconds: dict) -> dict:
-    return {"a_over_b": seconds["a_visual_expert"] / seconds["b_plain_lm"],
-            "b_over_c": seconds["b_plain_lm"] / seconds["c_hf_llama"],
-            "a_over_b_lm_frozen": seconds["a_visual_expert_lm_frozen"] / seconds["b_plain_lm_lm_frozen"],
-            "a_labels_logits_over_c": seconds["a_visual_expert_labels_logits"] / seconds["c_hf_llama"]}
+    """Time ratios (numerator's seconds / denominator's), round by round: median, min-max, quartiles."""
+    return {k: paired_ratios(seconds[a], seconds[b]) for k, (a, b) in RATIOS.items()}
 
 
-def sync(device: str) -> None:
+def sync_device(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -104,12 +111,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
     for f in dataclasses.fields(BenchConfig):
-        if f.name != "preset":
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None)
+        elif f.name != "preset":
             p.add_argument("--" + f.name.replace("_", "-"), type=float if f.name == "peak_tflops" else type(f.default)
                            if f.default is not None else str, default=None)
     args = vars(p.parse_args(argv))
     name = args.pop("preset")
-    cfg = BenchConfig(preset=name, **(preset(name) | {k: v for k, v in args.items() if v is not None}))
+    quick = dict(repeats=3, decode_repeats=3) if args.get("quick") else {}
+    cfg = BenchConfig(preset=name, **(preset(name) | quick | {k: v for k, v in args.items() if v is not None}))
+    info = machine()
     torch.manual_seed(0)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -149,15 +160,6 @@ def main(argv=None) -> dict:
         keep = "labels" if name.endswith("_labels_logits") else "all"
         return lambda: m(ids, image_embeds=e, labels=ids, logits_to_keep=keep).loss
 
-    def run(name):
-        m, fn = models[name], step_fn(name)
-        m.zero_grad(set_to_none=True)
-        sync(dev)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn().backward()
-        sync(dev)
-        return time.perf_counter() - t0, time.process_time() - c0
-
     flops_fwd = {}
     for name in models:
         fn = step_fn(name)
@@ -168,35 +170,36 @@ def main(argv=None) -> dict:
         step_fn("a_visual_expert")().backward()
     flops_step_a = fc.get_total_flops()
 
-    times = {name: [] for name in models}  # wall seconds
-    cpu_times = {name: [] for name in models}  # this process's CPU seconds: other jobs' load barely moves it
-    for _ in range(cfg.repeats):
-        for name in models:
-            wall, cpu = run(name)
-            times[name].append(wall)
-            cpu_times[name].append(cpu)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    best = {k: min(v[1:]) for k, v in times.items()}  # the least-disturbed run: interference only adds time
-    cpu_med = {k: statistics.median(v[1:]) for k, v in cpu_times.items()}
+    def step(name):
+        m, fn = models[name], step_fn(name)
 
-    decode_s = {"ours": [], "hf": []}
+        def run():
+            m.zero_grad(set_to_none=True)
+            fn().backward()
+        return run
+
+    sync = (lambda: sync_device(dev)) if dev.startswith("cuda") else None
+    timing = interleaved({name: step(name) for name in models}, rounds=cfg.repeats, warmup=1, sync=sync)
+    times, cpu_times = timing["wall"], timing["cpu"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+
     with torch.no_grad():
         ours_m, hf_m = models["a_visual_expert"].eval(), models["c_hf_llama"].eval()
-        for _ in range(4):  # interleaved; the first round is a warm-up
-            sync(dev)
-            t0 = time.perf_counter()
-            ours_m.generate(ids[:1], image_embeds=embeds[:1], max_new_tokens=cfg.decode_tokens, eos_token_id=-1)
-            sync(dev)
-            t1 = time.perf_counter()
-            hf_m.generate(hf_ids[:1], attention_mask=torch.ones_like(hf_ids[:1]), max_new_tokens=cfg.decode_tokens,
-                          min_new_tokens=cfg.decode_tokens, do_sample=False, pad_token_id=0)
-            sync(dev)
-            decode_s["ours"].append(t1 - t0)
-            decode_s["hf"].append(time.perf_counter() - t1)
-    decode = {"a_visual_expert_tokens_per_s": cfg.decode_tokens / min(decode_s["ours"][1:]),
-              "c_hf_llama_tokens_per_s": cfg.decode_tokens / min(decode_s["hf"][1:]),
+        decode_timing = interleaved({
+            "ours": lambda: ours_m.generate(ids[:1], image_embeds=embeds[:1], max_new_tokens=cfg.decode_tokens,
+                                            eos_token_id=-1),
+            "hf": lambda: hf_m.generate(hf_ids[:1], attention_mask=torch.ones_like(hf_ids[:1]),
+                                        max_new_tokens=cfg.decode_tokens, min_new_tokens=cfg.decode_tokens,
+                                        do_sample=False, pad_token_id=0),
+        }, rounds=cfg.decode_repeats, warmup=1, sync=sync)
+    decode = {"a_visual_expert_tokens_per_s": cfg.decode_tokens / statistics.median(decode_timing["wall"]["ours"]),
+              "c_hf_llama_tokens_per_s": cfg.decode_tokens / statistics.median(decode_timing["wall"]["hf"]),
+              # speed ratio ours / HF = HF seconds / our seconds, round by round
+              "ours_over_hf_speed_wall": paired_ratios(decode_timing["wall"]["hf"], decode_timing["wall"]["ours"]),
+              "ours_over_hf_speed_cpu": paired_ratios(decode_timing["cpu"]["hf"], decode_timing["cpu"]["ours"]),
+              "seconds_wall": decode_timing["wall"], "seconds_cpu": decode_timing["cpu"],
               "what": f"prefill + {cfg.decode_tokens} greedy tokens with the KV cache, batch 1; prompt {N} image + "
-                      f"{T} text tokens (ours), {L} text tokens (HF generate)"}
+                      f"{T} text tokens (ours), {L} text tokens (HF generate); tokens/s from median wall seconds"}
 
     on_gpu = dev.startswith("cuda")
     gpu = {"measured": False, "why": "no GPU was lent to this task; run with --preset 1b --device cuda --dtype bfloat16"}
@@ -207,35 +210,40 @@ def main(argv=None) -> dict:
                "a_tokens_per_s": B * L / med["a_visual_expert"],
                "a_mfu": None if peak is None else flops_step_a / med["a_visual_expert"] / (peak * 1e12),
                "mfu_flops": "forward+backward FLOPs of (a) counted by torch.utils.flop_counter, median step time"}
+    wall_ratios, cpu_ratios = ratios(times), ratios(cpu_times)
+    chosen = wall_ratios if on_gpu else cpu_ratios  # CPU seconds on a shared CPU; wall on a GPU
+    headline = {k: v["median"] for k, v in chosen.items() if k in ("a_over_b", "b_over_c")}
+    headline["decode_ours_over_hf"] = decode["ours_over_hf_speed_wall" if on_gpu else "ours_over_hf_speed_cpu"]["median"]
     result = {
-        "benchmark": "model", "config": dataclasses.asdict(cfg),
+        "benchmark": "model", "mode": "quick" if cfg.quick else "full", "config": dataclasses.asdict(cfg),
         "sequence": f"batch {B} x ({N} image + {T} text) tokens, forward+backward, all weights trainable unless *_lm_frozen",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if on_gpu else "cpu"},
-        "params": n_params,
-        "seconds_min": best, "seconds_median": med, "seconds_all": times,
-        "tokens_per_s": {k: B * L / v for k, v in best.items()},
-        "ratios": ratios(best), "ratios_median": ratios(med),
-        "cpu_seconds_median": None if on_gpu else cpu_med, "ratios_cpu_seconds": None if on_gpu else ratios(cpu_med),
+        "machine": info | {"device": torch.cuda.get_device_name() if on_gpu else "cpu"},
+        "load_average_at_end": load_now(), "params": n_params, "order": timing["order"],
+        "seconds_wall": {k: spread(v) | {"all": v} for k, v in times.items()},
+        "seconds_cpu": {k: spread(v) | {"all": v} for k, v in cpu_times.items()},
+        "tokens_per_s_median": {k: B * L / v for k, v in med.items()},
+        "ratios_wall": wall_ratios, "ratios_cpu_seconds": cpu_ratios,
+        "headline_from": "wall seconds" if on_gpu else "process CPU seconds (one thread)",
         "targets": {"a_over_b": "<= 1.15", "b_over_c": "<= 1.0"},
         "flops_forward": flops_fwd, "flops_forward_equal": len({flops_fwd[k] for k in
                                                                  ("a_visual_expert", "b_plain_lm", "c_hf_llama")}) == 1,
         "flops_step_a": flops_step_a,
         "decode": decode, "gpu": gpu,
-        "note": "CPU timings on a 2-core machine shared with other engineers' test runs: noisy; variants are "
-                "interleaved (first round dropped as warm-up); 'ratios' use each variant's fastest run "
-                "(interference only adds time), 'ratios_median' the medians, 'ratios_cpu_seconds' medians of "
-                "this process's CPU time (one torch thread), the figure least moved by other jobs. a_over_b_lm_frozen "
-                "compares unequal work on purpose: with the LM frozen, (a) still computes its experts' weight "
-                "gradients while (b) computes none (its only trainable part, the adapter, is outside the timing). "
-                "a_visual_expert_labels_logits is (a) with logits_to_keep='labels' (LM head only at the 63 "
-                "labelled positions, not the 256 image ones): same loss and gradients, less work.",
+        "note": "CPU timings on a 2-core machine shared with other engineers' jobs (load averages recorded): wall "
+                "seconds are noisy. Sides are interleaved, order reversed every round, one warm-up round untimed; "
+                "ratios are time ratios (lower = faster) taken round by round, median and min-max; on CPU the "
+                "headline uses this process's CPU seconds (one torch thread), the figure least moved by other "
+                "jobs. a_over_b_lm_frozen compares unequal work on purpose: with the LM frozen, (a) still computes "
+                "its experts' weight gradients while (b) computes none (its only trainable part, the adapter, is "
+                "outside the timing). a_visual_expert_labels_logits is (a) with logits_to_keep='labels' (LM head "
+                "only at the labelled positions, not the 256 image ones): same loss and gradients, less work.",
+        "command": "python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("seconds_min", "ratios", "ratios_median", "ratios_cpu_seconds",
-                                             "flops_forward_equal", "decode", "gpu")}, indent=2))
+    stored = write_result(cfg.out, result, cfg.quick, headline)
+    print(json.dumps({"ratios_wall": {k: {x: v[x] for x in ("median", "min", "max")} for k, v in wall_ratios.items()},
+                      "ratios_cpu_seconds": {k: {x: v[x] for x in ("median", "min", "max")} for k, v in cpu_ratios.items()},
+                      "decode": {k: v for k, v in decode.items() if "seconds" not in k}, "headline": headline,
+                      "quick_vs_full": stored.get("quick_vs_full"), "gpu": gpu}, indent=1))
     return result
 
 

@@ -110,7 +110,7 @@ def run(args) -> dict:
                     lm_layers=args.lm_layers, vision_hidden=args.vision_hidden)
     mcfg = pm.write(work / "models")
     out_dir = work / f"run-{int(time.time())}"
-    cfg = TrainConfig(out_dir=str(out_dir), shards=[str(shards)], max_steps=args.steps, batch_size=args.batch_size,
+    cfg = TrainConfig.from_flat(out_dir=str(out_dir), shards=[str(shards)], max_steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=min(50, args.steps // 10), min_lr_ratio=0.05, weight_decay=0.0,
                       grad_clip=1.0, max_length=48, save_every=0, keep_last=1, eval_shards=[str(shards)],
                       eval_every=args.eval_every, eval_limit=10_000, eval_batch_size=64, seed=args.seed,

@@ -5,8 +5,10 @@ dropped: what the LM sees before the adapter), (c) the adapter's output, to the 
 only object of one-object synthetic images; fit on training images, scored (R^2 of cx and cy,
 Pearson r) on held-out ones. A checkpoint's trained tower is compared with the same config at init.
 
-    .venv/bin/python benchmarks/probe_spatial.py --checkpoint /tmp/lg6/visual_expert-stage1 \\
-        --train /tmp/lg6/single --heldout /tmp/lg6/heldout_single
+    python benchmarks/probe_spatial.py --towers --lm LM_DIR --train ONE_OBJECT_SHARDS --heldout ONE_OBJECT_SHARDS \\
+        [--checkpoint RUN/stage1 ...]
+
+Writes ``benchmarks/results/probe_spatial.json`` (``--out``) with the run conditions.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -75,28 +78,71 @@ def probe(model, train, held) -> dict:
     return res
 
 
+def make_towers(root: Path, image_size: int, patch_size: int, hidden: int, layers: int, seed: int) -> dict[str, str]:
+    """The two towers the proofs compare, written once: a random tiny CLIP as initialised, and the same with
+    2-D sin/cos position embeddings at unit scale (what learn_generalise.py uses)."""
+    import learnlib
+    from learn_generalise import set_sincos_positions
+    from model.testing import write_clip_vision
+
+    out = {}
+    for name in ("default", "sincos"):
+        def build(tmp, name=name):
+            write_clip_vision(tmp, image_size=image_size, patch_size=patch_size, hidden_size=hidden,
+                              num_layers=layers, seed=seed)
+            if name == "sincos":
+                set_sincos_positions(tmp / "model.safetensors", image_size // patch_size)
+        out[name] = str(learnlib.build_once(root / f"vit-{image_size}p{patch_size}-{hidden}x{layers}-{name}-s{seed}", build))
+    return out
+
+
 def main(argv=None) -> dict:
+    """Probe checkpoints (trained vs the same config at init) and/or fresh towers (``--towers``)."""
+    import learnlib
     from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
-    from model.train import load_model_from_checkpoint
+    from model.checkpoint import load_model_from_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--heldout", required=True)
+    p.add_argument("--checkpoint", nargs="*", default=[], help="trained runs (their stage-1 folders)")
+    p.add_argument("--towers", action="store_true", help="also probe a fresh default and a sin/cos tower at init")
+    p.add_argument("--lm", help="the LM dir the fresh towers are paired with (their adapter is probed too)")
+    p.add_argument("--train", required=True, help="one-object shards the probes are fit on")
+    p.add_argument("--heldout", required=True, help="one-object shards they are scored on")
     p.add_argument("--n-train", type=int, default=800)
-    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-hidden", type=int, default=64)
+    p.add_argument("--vision-layers", type=int, default=3)
+    p.add_argument("--work", default="/tmp/probe_spatial")
+    p.add_argument("--out", default=str(learnlib.RESULTS / "probe_spatial.json"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     train = shard_examples([args.train], limit=args.n_train)
     held = shard_examples([args.heldout])
-    trained, info = load_model_from_checkpoint(args.checkpoint)
-    state = json.loads((Path(info["path"]) / "trainer_state.json").read_text())
-    fresh = VisualExpertForCausalLM.from_config(VisualExpertConfig(**state["model_config"])).eval()
-    result = {"checkpoint": info, "n_train": len(train), "n_heldout": len(held),
-              "trained": probe(trained, train, held), "init": probe(fresh, train, held)}
+    result = {**learnlib.run_conditions("probe_spatial.py", argv), "n_train": len(train), "n_heldout": len(held),
+              "what": "ridge probes (lambda picked among 1..1000) from image features to the centre of the only object; "
+                      "r = Pearson r of predicted vs true centre x / y on held-out one-object images. pixels / tower / "
+                      "adapter see all tokens flattened (they know each token's slot); *_token see only the token "
+                      "under the object's centre: what the LM can use, since all image tokens share one rope position.",
+              "checkpoints": {}, "towers_at_init": {}}
+    for ck in args.checkpoint:
+        trained, info = load_model_from_checkpoint(ck)
+        state = json.loads((Path(info["path"]) / "trainer_state.json").read_text())
+        fresh = VisualExpertForCausalLM.from_config(VisualExpertConfig(**state["model_config"])).eval()
+        result["checkpoints"][ck] = {"checkpoint": info, "model_config": state["model_config"],
+                                     "trained": probe(trained, train, held), "init": probe(fresh, train, held)}
+    if args.towers:
+        if not args.lm:
+            p.error("--towers needs --lm")
+        towers = make_towers(Path(args.work), args.image_size, args.patch_size, args.vision_hidden, args.vision_layers,
+                             args.seed)
+        for name, tower in towers.items():
+            model = VisualExpertForCausalLM.from_config(VisualExpertConfig(lm=args.lm, vision=tower, seed=args.seed)).eval()
+            result["towers_at_init"][name] = probe(model, train, held)
+    learnlib.write_json(args.out, result)
     print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -50,9 +49,15 @@ import torch
 from PIL import Image
 
 from grounding.boxes import strip_article
+from grounding.image import decode_image
+# re-exports while pipeline/job.py, tests/pipeline, benchmarks/bench_*.py, detector/train.py and --save-tiny
+# import the fixtures from here; new code imports grounding.testing
+from grounding.testing import save_tiny_detector, save_tokenizer_and_processor, tiny_detector_config  # noqa: F401
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")   # torch's names, as model.cogvlm and model.train_config use
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # accepted, stored as torch's name
 SEPARATOR = " . "  # between phrases; the prompt also ends with " ."
 # bert-base-uncased ids that GroundingDINO's modeling code hard-codes: [CLS], [SEP], '.', '?'.
 BERT_SPECIAL_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
@@ -72,7 +77,7 @@ class DetectorConfig:
     max_area_fraction: float = 0.95         # a box covering the whole image is rarely a grounding
     batch_size: int = 4                     # (image, prompt) passes per forward
     device: str = "auto"                    # "auto" -> cuda if available else cpu
-    dtype: str = "auto"                     # auto: fp32 on CPU, bf16 autocast on GPU
+    dtype: str = "auto"                     # auto: float32 on CPU, bfloat16 autocast on GPU
     annotations: str | None = None          # COCO instances JSON (annotations backend)
     refs: str | None = None                 # RefCOCO-style refs JSON (sentences -> ann ids)
     shortest_edge: int | None = None        # resize override; None keeps the processor's (800 / 1333)
@@ -97,6 +102,7 @@ class DetectorConfig:
             raise ValueError(f"max_area_fraction must be in (0, 1], got {self.max_area_fraction}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -109,23 +115,6 @@ class DetectorConfig:
                 raise ValueError(f"{name} must be >= 32 pixels, got {v}")
         if self.backend == "annotations" and not self.annotations:
             raise ValueError("the annotations backend needs annotations= (COCO JSON with the boxes refs point at)")
-
-
-# --- presets ---------------------------------------------------------------------------------
-
-def grounding_dino_tiny(**overrides) -> DetectorConfig:
-    """GroundingDINO-T (Swin-T, 172 M parameters) from the hub, GroundingDINO's thresholds."""
-    return DetectorConfig(**{"model": "IDEA-Research/grounding-dino-tiny", **overrides})
-
-
-def grounding_dino_base(**overrides) -> DetectorConfig:
-    """GroundingDINO-B (Swin-B) from the hub."""
-    return DetectorConfig(**{"model": "IDEA-Research/grounding-dino-base", **overrides})
-
-
-def annotation_boxes(annotations: str, refs: str | None = None, **overrides) -> DetectorConfig:
-    """True boxes from COCO instances (+ RefCOCO refs) instead of a model."""
-    return DetectorConfig(**{"backend": "annotations", "annotations": annotations, "refs": refs, **overrides})
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -312,12 +301,12 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype | None:
-    """The autocast dtype (``None``: plain fp32)."""
+    """The autocast dtype (``None``: plain float32)."""
     if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if dtype == "fp16" and not device.startswith("cuda"):
-        raise ValueError("dtype='fp16' needs a CUDA device; use fp32 (or bf16) on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise ValueError("dtype='float16' needs a CUDA device; use float32 (or bfloat16) on CPU")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 class BoxDetector:
@@ -592,89 +581,6 @@ class AnnotationIndex:
         return out
 
 
-# --- a tiny offline detector (tests, demo) ---------------------------------------------------
-
-TINY_WORDS = (
-    # the synthetic world: colours, shapes, backgrounds, caption templates
-    "red green blue yellow purple orange ball box kite cone white grey beige black background photo "
-    "of stock picture showing table in studio and on a an the "
-    # common caption words
-    "man woman person people boy girl child dog cat horse bird car bus tree sky grass water street "
-    "building shirt hat hand face head with at near next to is are his her their small large big "
-    "little old young brown pink gray dark light front top left right side two three one some this that"
-).split()
-
-
-def tiny_vocab() -> list[str]:
-    """A WordPiece vocab that keeps bert-base-uncased's ids for [PAD]=0, [UNK]=100, [CLS]=101,
-    [SEP]=102, [MASK]=103, '.'=1012, '?'=1029; world and common words are whole tokens, and single
-    characters (plus ``##`` pieces) spell out any other ASCII word instead of [UNK]."""
-    chars = [chr(c) for c in range(33, 127) if chr(c) not in ".?" and not chr(c).isupper()]
-    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    tokens = list(dict.fromkeys(TINY_WORDS + chars + pieces))
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    slots = {1012: ".", 1029: "?"}
-    it = iter(tokens)
-    while len(vocab) < 1030:
-        i = len(vocab)
-        vocab.append(slots.get(i) or next(it, None) or f"[unused{i}]")
-    vocab.extend(it)
-    assert [vocab.index(t) for t in BERT_SPECIAL_IDS] == list(BERT_SPECIAL_IDS.values())
-    return vocab
-
-
-def tiny_detector_config(vocab_size: int, max_text_len: int = 256):
-    """~0.5 M parameters: Swin embed 16, depths 1, BERT hidden 32, d_model 32, 20 queries."""
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
-
-    return GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64),
-        d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        encoder_attention_heads=2, decoder_attention_heads=2, max_text_len=max_text_len)
-
-
-def save_bert_tokenizer(path: str):
-    """The offline uncased BERT tokenizer over :func:`tiny_vocab`, saved to ``path`` (any transformers)."""
-    from transformers import BertTokenizer
-
-    os.makedirs(path, exist_ok=True)
-    vocab_file = os.path.join(path, "vocab.txt")
-    Path(vocab_file).write_text("\n".join(tiny_vocab()) + "\n")
-    tokenizer = BertTokenizer(vocab_file, do_lower_case=True)
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-def save_tokenizer_and_processor(path: str, shortest_edge: int = 800, longest_edge: int = 1333):
-    """The offline BERT tokenizer and GroundingDINO's PIL image processor, saved to ``path``."""
-    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil, GroundingDinoProcessor
-
-    tokenizer = save_bert_tokenizer(path)
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge}),
-        tokenizer=tokenizer)
-    processor.save_pretrained(path)
-    return tokenizer
-
-
-def save_tiny_detector(path: str, seed: int = 0, shortest_edge: int = 224, longest_edge: int = 320,
-                       max_text_len: int = 256) -> str:
-    """Save a tiny random-init GroundingDINO (+ offline tokenizer, image processor) to ``path``.
-
-    ``BoxDetector(DetectorConfig(model=path))`` loads it; images are resized to
-    ``shortest_edge``/``longest_edge`` (small, for speed). Returns ``path``.
-    """
-    from transformers import GroundingDinoForObjectDetection
-
-    tokenizer = save_tokenizer_and_processor(path, shortest_edge, longest_edge)
-    torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(tiny_detector_config(len(tokenizer), max_text_len)).eval()
-    model.save_pretrained(path)
-    return path
-
-
 # --- command line ----------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -694,9 +600,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save_tiny:
         print(save_tiny_detector(args.save_tiny))
         return 0
-    config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    detector = BoxDetector(config)
-    images = [Image.open(p) for p in args.images]
+    try:
+        config = DetectorConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as e:
+        raise UsageError(flag_hint(str(e), field_flags(list(asdict(defaults))))) from e
+    if not args.images or not args.phrases:
+        raise UsageError("give image files and --phrases to box in them (or --save-tiny DIR)")
+    images = []
+    for p in args.images:
+        try:
+            images.append(decode_image(p))
+        except (OSError, ValueError) as e:  # PIL's errors, ImageTooLarge
+            raise UsageError(f"{p}: not a readable image ({type(e).__name__}); check the image arguments") from e
+    try:
+        detector = BoxDetector(config)
+    except (OSError, ValueError) as e:  # no such folder, not a GroundingDINO checkpoint, offline hub name
+        raise UsageError(f"--model {config.model}: cannot load the detector ({str(e).splitlines()[0]})") from e
     keys = [Path(p).stem for p in args.images]
     results = detector(images, [args.phrases] * len(images), keys=keys)
     json.dump({"detector": detector.name, "weights_id": detector.weights_id, "config": asdict(config),
@@ -707,4 +626,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

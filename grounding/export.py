@@ -22,12 +22,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import duckdb
 import pyarrow as pa
 
-from grounding.schema import GROUNDING_COLUMNS, SchemaError, read_metadata, write_shard
+from grounding.schema import SchemaError, read_metadata, shard_columns_sql, write_shard
 
 CONCEPTS = {
     "head": "p.head",                                  # the phrase's head noun lemma ("ball")
@@ -90,6 +90,28 @@ drawn AS (                    -- each kept concept's images in the seed's order
 SELECT DISTINCT key FROM drawn WHERE draw <= $cap"""
 
 
+def _keep(con: duckdb.DuckDBPyConnection, cfg: ExportConfig) -> str:
+    """The SQL condition selecting the exported rows (the balanced keys go to temp table ``_export_keys``)."""
+    con.execute(f"SELECT key FROM shards WHERE {_where(cfg)} LIMIT 0")  # a bad filter fails before any write
+    if not cfg.balanced:
+        return _where(cfg)
+    params = {"cap": cfg.cap, "min_images": cfg.min_images, "seed": str(cfg.seed)}
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _export_keys AS {balance_sql(cfg)}", params)
+    return f"{_where(cfg)} AND key IN (SELECT key FROM _export_keys)"
+
+
+def file_batches(con: duckdb.DuckDBPyConnection, files: list[str], keep: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The rows passing ``keep``, a source file at a time in file order, every column of the schema
+    (a column an older schema version lacks comes as NULL)."""
+    for f in files:
+        columns = shard_columns_sql(con.sql("SELECT * FROM read_parquet(?) LIMIT 0", params=[f]).columns)
+        sql = (f"SELECT * EXCLUDE (file_row_number) FROM (SELECT {columns}, file_row_number "
+               f"FROM read_parquet(?, file_row_number = true)) AS shards WHERE {keep} ORDER BY file_row_number")
+        for batch in con.sql(sql, params=[f]).to_arrow_reader(batch_size=batch_size):
+            if batch.num_rows:
+                yield batch
+
+
 @dataclass
 class ExportResult:
     dest: str
@@ -125,7 +147,7 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
     holds shards unless ``overwrite`` (which deletes them first).
     """
     cfg = config or ExportConfig()
-    con.execute(f"SELECT key FROM shards WHERE {_where(cfg)} LIMIT 0")  # a bad filter fails before any write
+    keep = _keep(con, cfg)  # a bad filter fails before any write
     out = Path(dest) / "shards"
     files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
     if any(Path(f).resolve().parent == out.resolve() for f in files):
@@ -138,14 +160,6 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
     out.mkdir(parents=True, exist_ok=True)
 
     concepts: dict[str, int] = {}
-    if cfg.balanced:
-        params = {"cap": cfg.cap, "min_images": cfg.min_images, "seed": str(cfg.seed)}
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _export_keys AS {balance_sql(cfg)}", params)
-        keep = f"{_where(cfg)} AND key IN (SELECT key FROM _export_keys)"
-    else:
-        keep = _where(cfg)
-
-    columns = ", ".join(GROUNDING_COLUMNS)
     provenance = {**_common_provenance(files),
                   "export": {**asdict(cfg), "source": os.path.commonpath(files) if files else None,
                              "source_files": len(files)}}
@@ -161,15 +175,11 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
             written.append(write_shard(part, str(out / f"{len(written):05d}.parquet"), provenance=provenance))
         pending = table.to_batches()
 
-    for f in files:
-        sql = (f"SELECT {columns} FROM read_parquet(?, file_row_number = true) AS shards "
-               f"WHERE {keep} ORDER BY file_row_number")
-        for batch in con.sql(sql, params=[f]).to_arrow_reader(batch_size=max(cfg.rows_per_shard, 64)):
-            if batch.num_rows:
-                pending.append(batch)
-                total += batch.num_rows
-            if sum(b.num_rows for b in pending) >= cfg.rows_per_shard:
-                flush(final=False)
+    for batch in file_batches(con, files, keep, max(cfg.rows_per_shard, 64)):
+        pending.append(batch)
+        total += batch.num_rows
+        if sum(b.num_rows for b in pending) >= cfg.rows_per_shard:
+            flush(final=False)
     if pending:
         flush(final=True)
 
@@ -186,3 +196,22 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
         {**result.summary(), "files": [os.path.basename(f) for f in written], "concepts": concepts,
          "provenance": provenance}, indent=1, default=str))
     return result
+
+
+def export_converted(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, fmt: str,
+                     config: ExportConfig | None = None, *, overwrite: bool = False):
+    """Write the subset ``config`` selects to ``dest`` in ``fmt`` (``coco`` | ``odvg`` | ``grit``,
+    see :mod:`grounding.convert`), rows in source order; returns a :class:`grounding.convert.ConvertResult`.
+    ``rows_per_shard`` does not apply (each format is one annotation file)."""
+    from grounding.convert import convert
+
+    cfg = config or ExportConfig()
+    files = [r[0] for r in con.execute("SELECT file FROM shard_files").fetchall()]
+    keep = _keep(con, cfg)
+    try:
+        rows = (row for batch in file_batches(con, files, keep, 256) for row in batch.to_pylist())
+        return convert(rows, dest, fmt, overwrite=overwrite,
+                       meta={"config": asdict(cfg), "source": os.path.commonpath(files) if files else None,
+                             "source_files": len(files)})
+    finally:
+        con.execute("DROP TABLE IF EXISTS _export_keys")

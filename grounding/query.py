@@ -26,6 +26,7 @@ Command line (``python -m grounding.query`` or ``grounding-query``)::
     grounding-query report top_heads --data OUT --limit 20
     grounding-query export SUBSET --data OUT --where "num_boxes >= 3"  # see grounding.export
     grounding-query export SUBSET --data OUT --cap 100 --min-images 3 --seed 0
+    grounding-query export COCO_DIR --data OUT --format coco            # coco | odvg | grit: grounding.convert
     grounding-query render sheet.png --data OUT --where "num_boxes >= 3" -n 16
 
 ``--data`` defaults to the ``GROUNDING_SHARDS`` environment variable.
@@ -50,6 +51,7 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
+from grounding.cli import USAGE_EXIT, run_cli
 from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA
 
 ENV_DATA = "GROUNDING_SHARDS"
@@ -144,7 +146,7 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
         con.execute(f"SET threads = {int(threads)}")
     con.execute(f"SET disable_parquet_prefetching = {'false' if prefetch else 'true'}")
     if _matches(src.shards):
-        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)})")
+        con.execute(f"CREATE OR REPLACE VIEW shards AS SELECT * FROM read_parquet({_sql_str(src.shards)}, union_by_name = true)")
         con.execute(f"CREATE OR REPLACE VIEW shard_files AS SELECT file FROM glob({_sql_str(src.shards)}) ORDER BY file")
     elif not src.output_folder:
         raise FileNotFoundError(f"no grounding shards match {src.shards}")
@@ -421,7 +423,7 @@ def _format_for(output: str | None, fmt: str | None) -> str:
 
 # --- command line ----------------------------------------------------------------------------
 
-COMMANDS = ("sql", "report", "reports", "export", "render")
+COMMANDS = ("sql", "report", "reports", "export", "render", "audit")
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -468,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    p.add_argument("-f", "--format", choices=("shards", "coco", "odvg", "grit"), default="shards",
+                   help="shards (default), or a converted format: coco (JSON + images), odvg or grit (JSONL + images)")
     _source_args(p)
 
     p = sub.add_parser("render", help="contact sheet PNG of images with their boxes and phrases")
@@ -479,6 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", type=int, default=320, help="cell size in pixels (default 320)")
     p.add_argument("--seed", type=int, default=0, help="random sample under this seed (with --where)")
     p.add_argument("--min-score", type=float, default=0.0, help="hide boxes scored below this")
+    _source_args(p)
+
+    p = sub.add_parser("audit", help="pseudo-boxes against human boxes: IoU, precision/recall by score, threshold")
+    from grounding.audit import main_args as audit_args
+    audit_args(p)
+    p.add_argument("-o", "--output", help="write the JSON report here instead of stdout")
     _source_args(p)
     return parser
 
@@ -513,17 +523,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
+        check_source(resolve_source(args.data, shards=args.shards, rejects=args.rejects))
         con = connect(args.data, shards=args.shards, rejects=args.rejects, threads=args.threads)
-    except (OSError, ValueError) as e:
-        print(f"grounding-query: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # no such folder, a file that is no shard of its kind (check_shard)
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_EXIT
     try:
         return _run(con, args)
     except (duckdb.Error, OSError, ValueError) as e:  # bad SQL, an existing export, a bad config
-        print(f"grounding-query: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return USAGE_EXIT
     finally:
         con.close()
+
+
+def check_source(src: ShardSource) -> None:
+    """Every file behind the views is a shard of its kind (footers only): else one line naming it."""
+    import fsspec
+
+    from grounding.schema import check_shards
+
+    for pattern, schema, flag in ((src.shards, GROUNDING_SCHEMA, "--data/--shards"), (src.rejects, REJECTS_SCHEMA, "--rejects")):
+        if pattern is None:
+            continue
+        fs, p = fsspec.core.url_to_fs(pattern)
+        files = fs.glob(p) if _has_glob(p) else ([p] if fs.exists(p) else [])
+        check_shards([fs.unstrip_protocol(f) if _is_remote(pattern) else f for f in files], schema, flag=flag)
 
 
 def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
@@ -539,7 +564,12 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
 
         cfg = ExportConfig(where=args.where, cap=args.cap, min_images=args.min_images, by=args.by,
                            seed=args.seed, rows_per_shard=args.rows_per_shard)
-        result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+        if args.format == "shards":
+            result = export_shards(con, args.dest, cfg, overwrite=args.overwrite)
+        else:
+            from grounding.export import export_converted
+
+            result = export_converted(con, args.dest, args.format, cfg, overwrite=args.overwrite)
         print(json.dumps(result.summary(), indent=1))
     elif args.command == "render":
         from grounding.render import ContactSheetConfig, render_contact_sheet
@@ -549,7 +579,11 @@ def _run(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> int:
         sheet.image.save(args.output)
         print(f"{args.output}: {len(sheet.keys)} images, {sheet.image.width}x{sheet.image.height}"
               + (f", {len(sheet.errors)} undecodable" if sheet.errors else ""))
+    elif args.command == "audit":
+        from grounding.audit import run as run_audit
+
+        run_audit(con, args)
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

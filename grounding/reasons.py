@@ -57,6 +57,11 @@ REASONS: dict[str, Reason] = {
     "detect_error": Reason(FAILED, ("detect",), "the detect stage raised on the image"),
     # assembly
     "too_few_boxes": Reason(FILTERED, ("filter",), "fewer distinct boxes than min_boxes"),
+    "caption_not_clean": Reason(FAILED, ("filter",), "the caption reached assembly uncleaned (a wiring bug: clean before phrases)"),
+    # images (grounding/dedup.py)
+    "eval_overlap": Reason(FILTERED, ("dedup",), "within the phash threshold of an image of a named evaluation set"),
+    "duplicate_image": Reason(FILTERED, ("dedup",), "the same image bytes (sha256) occur earlier in (shard, row) order"),
+    "near_duplicate": Reason(FILTERED, ("dedup",), "a perceptually equal image (phash within the threshold) occurs earlier"),
 }
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import io
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from grounding.boxes import denormalize_box
+from grounding.image import try_decode_image
 
 RGB = tuple[int, int, int]
 BLACK: RGB = (0, 0, 0)
@@ -167,16 +167,6 @@ def _place_tag(box, tag_w: int, tag_h: int, size: tuple[int, int], line_width: i
     return best
 
 
-def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``(RGB image, None)`` or ``(None, reason)``: a broken image is data, not a crash."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB"), None
-    except Exception as e:  # PIL raises many kinds for bad bytes
-        return None, f"{type(e).__name__}: {e}"
-
-
 def _thumbnail(img: Image.Image, side: int) -> Image.Image:
     scale = side / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -207,7 +197,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], config: ContactSheetConfig | 
     result = ContactSheet(sheet, [str(r["key"]) for r in rows])
     for i, row in enumerate(rows):
         x, y = cfg.padding + (i % cols) * cw, cfg.padding + (i // cols) * ch
-        img, err = decode_image(row["image"])
+        img, err = try_decode_image(row["image"])
         if img is None:
             draw.rectangle([x, y, x + cfg.cell - 1, y + cfg.cell - 1], fill=(200, 200, 200))
             for j, line in enumerate(textwrap.wrap(f"undecodable image: {err}", chars)[:6]):

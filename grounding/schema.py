@@ -7,6 +7,12 @@ hash, detector name and weights, package version) in the Parquet key-value metad
 
 Boxes are stored normalised (``boxes_norm``: integers 0..999, the rule in :mod:`grounding.boxes`)
 in the frame of the stored image, whose size is ``width`` x ``height``.
+
+``caption`` is the cleaned caption (:func:`grounding.captions.clean_caption`) that every phrase
+span indexes; ``caption_raw`` the caption as the source gave it (nullable). Schema versions:
+``"1"`` had no ``caption_raw``; ``"2"`` added it. Readers take both (:data:`READABLE_VERSIONS`):
+:func:`read_shard` gives old rows ``caption_raw=None``, :func:`shard_columns_sql` selects NULL for
+the missing column, and :func:`grounding.query.connect` unions shards by column name.
 """
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grounding.boxes import NORM
+from grounding.cli import UsageError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # "1": no caption_raw column
 ROW_GROUP_SIZE = 128  # image bytes dominate: keep row groups to a few MB-hundreds of MB
 META_VERSION = b"grounding.schema_version"
 META_PROVENANCE = b"grounding.provenance"
@@ -47,7 +55,8 @@ QA_TYPE = pa.struct([
 GROUNDING_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("url", pa.string()),
-    pa.field("caption", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),    # cleaned: the text every phrase span indexes
+    pa.field("caption_raw", pa.string()),                # as the source gave it (null in v1 shards)
     pa.field("width", pa.int32(), nullable=False),       # size of `image`: the frame of the boxes
     pa.field("height", pa.int32(), nullable=False),
     pa.field("original_width", pa.int32()),
@@ -78,6 +87,10 @@ METADATA_COLUMNS = [c for c in GROUNDING_COLUMNS if c != "image"]  # what a quer
 
 class SchemaError(ValueError):
     pass
+
+
+class ShardError(SchemaError, UsageError):
+    """A file that cannot be read as a shard of the wanted schema; the message names the file and what is wrong."""
 
 
 # --- typed rows ------------------------------------------------------------------------------
@@ -118,6 +131,7 @@ class GroundingRow:
     original_height: int | None = None
     source_shard: str | None = None
     source_row: int | None = None
+    caption_raw: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GroundingRow":
@@ -166,7 +180,7 @@ def to_table(rows: Iterable[GroundingRow | Mapping[str, Any]], schema: pa.Schema
     dicts = [row_to_dict(r) for r in rows]
     missing = [c for c in schema.names if dicts and any(c not in d for d in dicts[:1])]
     if missing and schema is GROUNDING_SCHEMA:
-        optional = {"original_width", "original_height", "source_shard", "source_row", "url"}
+        optional = {"original_width", "original_height", "source_shard", "source_row", "url", "caption_raw"}
         hard = [c for c in missing if c not in optional]
         if hard:
             raise SchemaError(f"rows lack required columns {hard}")
@@ -193,6 +207,94 @@ def check_table(table: pa.Table, schema: pa.Schema = GROUNDING_SCHEMA) -> pa.Tab
     if schema.equals(GROUNDING_SCHEMA):
         validate_rows(table.drop_columns(["image"]).to_pylist())
     return table
+
+
+def _compatible(actual: pa.DataType, wanted: pa.DataType) -> bool:
+    """Can a reader of ``wanted`` use a column of type ``actual``? Integer widths, large/small strings,
+    binaries and lists are interchangeable; nullability is ignored; a struct may carry extra fields."""
+    for group in (pa.types.is_integer, pa.types.is_floating):
+        if group(wanted):
+            return group(actual)
+    for a, b in ((pa.string(), pa.large_string()), (pa.binary(), pa.large_binary())):
+        if wanted in (a, b):
+            return actual in (a, b)
+    if pa.types.is_list(wanted) or pa.types.is_large_list(wanted):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(actual.value_type,
+                                                                                           wanted.value_type)
+    if pa.types.is_struct(wanted):
+        if not pa.types.is_struct(actual):
+            return False
+        have = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
+        return all(f.name in have and _compatible(have[f.name], f.type) for f in wanted)
+    return actual.equals(wanted)
+
+
+def read_footer(path: str, flag: str = "--shards") -> pq.FileMetaData:
+    """The Parquet footer of ``path``, or :class:`ShardError` naming the file when it is truncated, not
+    Parquet at all, or unreadable (``flag``: the option that named it)."""
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (OSError, pa.ArrowException) as e:  # ArrowInvalid: truncated or not Parquet at all
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"{path}: not a readable Parquet file ({detail}); remove it from {flag}") from e
+
+
+def check_shard(path: str, schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterable[str] | None = None,
+                flag: str = "--shards") -> pq.FileMetaData:
+    """Check one file before any row is read; return its Parquet footer (row group sizes, ...).
+
+    Raises :class:`ShardError`, one line naming the file, when it does not open as Parquet
+    (truncated, not Parquet, unreadable), is a rejects shard where a grounding shard is wanted,
+    lacks a column of ``columns`` (default: the schema's non-nullable ones; an older version may lack a
+    nullable one) or holds a column of the wrong type, or carries a ``schema_version`` this code does not
+    read (:data:`READABLE_VERSIONS`). Only the footer is read.
+    """
+    meta = read_footer(path, flag)
+    arrow = meta.schema.to_arrow_schema()
+    names = set(arrow.names)
+    wanted = list(columns) if columns is not None else [f.name for f in schema if not f.nullable]
+    if schema is not REJECTS_SCHEMA and {"stage", "reason"} <= names and not {"qa", "image"} & names:
+        raise ShardError(f"{path}: is a rejects shard (rows the pipeline dropped, with stage/reason), not a grounding "
+                         f"shard; give OUT/shards/*.parquet to {flag}, not OUT/rejects/")
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ShardError(f"{path}: not a grounding shard: missing column(s) {', '.join(missing)} "
+                         f"(it has {', '.join(arrow.names) or 'no columns'}); check {flag}")
+    for c in [c for c in schema.names if c in names]:
+        if not _compatible(arrow.field(c).type, schema.field(c).type):
+            raise ShardError(f"{path}: column {c!r} is {arrow.field(c).type}, the shard schema has "
+                             f"{schema.field(c).type}; check {flag}")
+    version = (meta.metadata or {}).get(META_VERSION)
+    if version is not None:
+        v = version.decode(errors="replace")
+        if v not in READABLE_VERSIONS:
+            newer = "newer than" if v.isdigit() and int(v) > int(SCHEMA_VERSION) else "not one"
+            raise ShardError(f"{path}: schema_version {v!r} is {newer} this code reads ({', '.join(READABLE_VERSIONS)}); "
+                             "update the code or give shards of a version it reads")
+    return meta
+
+
+def check_shards(paths: Iterable[str], schema: pa.Schema = GROUNDING_SCHEMA, columns: Iterable[str] | None = None,
+                 skip_bad: bool = False, flag: str = "--shards") -> tuple[dict[str, pq.FileMetaData], dict[str, str]]:
+    """:func:`check_shard` over many files: ``({path: footer} of the good ones, {path: what is wrong})``.
+
+    Without ``skip_bad`` the first bad file raises; with it, bad files are left out and reported,
+    and only a list with no good file at all raises.
+    """
+    good, bad = {}, {}
+    columns = list(columns) if columns is not None else None
+    for path in paths:
+        try:
+            good[path] = check_shard(path, schema, columns, flag)
+        except ShardError as e:
+            if not skip_bad:
+                raise
+            bad[path] = str(e)
+    if not good and bad:
+        raise ShardError(f"none of the {len(bad)} file(s) given is a readable shard; the first: {next(iter(bad.values()))}")
+    return good, bad
 
 
 # --- writing and reading ---------------------------------------------------------------------
@@ -244,11 +346,29 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+def shard_columns_sql(names: Iterable[str]) -> str:
+    """A SELECT list of every :data:`GROUNDING_SCHEMA` column over a shard whose columns are ``names``:
+    a nullable column an older schema version lacks is selected as a typed NULL."""
+    have = set(names)
+    out = []
+    for f in GROUNDING_SCHEMA:
+        if f.name in have:
+            out.append(f.name)
+        elif f.nullable:
+            out.append(f"NULL::{_DUCKDB_TYPES[f.type]} AS {f.name}")
+        else:
+            raise SchemaError(f"shard lacks required column {f.name!r}")
+    return ", ".join(out)
+
+
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
+
+
 def read_shard(path: str) -> Iterator[GroundingRow]:
-    """Typed rows of one grounding shard, a row group at a time."""
+    """Typed rows of one grounding shard (any of :data:`READABLE_VERSIONS`), a row group at a time."""
     version = read_metadata(path)["schema_version"]
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{path} has schema_version {version}, this code reads {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"{path} has schema_version {version}, this code reads {', '.join(READABLE_VERSIONS)}")
     fs, p = fsspec.core.url_to_fs(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)

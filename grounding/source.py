@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grounding.cli import UsageError
+
 STAGE_PREFILTER = "prefilter"
 
 SOURCE_SCHEMA = pa.schema([
@@ -165,7 +167,7 @@ def read_source(path: str, config: SourceConfig, start: int = 0, stop: int | Non
         found = {k: resolve_column(names, v) for k, v in wanted.items()}
         for k in ("url", "caption"):
             if found[k] is None:
-                raise ValueError(f"{path}: no {wanted[k]!r} column (has {names}); set SourceConfig.{k if k == 'url' else 'text'}_col")
+                raise UsageError(f"{path}: no {wanted[k]!r} column (has {names}); set --source-{k if k == 'url' else 'text'}-col")
         meta = pf.metadata
         stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
         groups, first, offset = [], None, 0

@@ -37,7 +37,7 @@ SHAPES = ("ball", "box", "kite", "cone")  # circle, square, diamond, triangle
 BACKGROUNDS = {"white": (245, 245, 245), "grey": (170, 170, 170), "beige": (225, 210, 180), "black": (25, 25, 25)}
 CATEGORY_IDS = {name: i + 1 for i, name in enumerate(SHAPES)}
 
-CAPTION_TEMPLATES = (
+WORLD_CAPTION_PATTERNS = (   # the alt-text the synthetic world writes (QA templates: grounding.boxes)
     "{objs} on a {bg} background",
     "Photo of {objs}",
     "{objs}. Stock photo",
@@ -127,7 +127,7 @@ def make_image(rng: random.Random, key: str, size: tuple[int, int] | None = None
     # The caption names every object: "a red ball, a blue box and a green kite".
     names = [o.named for o in objects]
     objs = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    template = rng.choice(CAPTION_TEMPLATES)
+    template = rng.choice(WORLD_CAPTION_PATTERNS)
     caption = template.format(objs=objs, bg=bg)
     caption = caption[0].upper() + caption[1:]
     pos = 0

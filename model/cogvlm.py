@@ -39,10 +39,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel, SiglipVisionModel
@@ -50,13 +48,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from grounding.boxes import format_question, prompt_and_target, try_parse_boxes
+from grounding.image import NORMALIZATION, ImageTransform, decode_image
 
 LM_TYPES = ("llama", "qwen2", "mistral")
 VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NORM_DEFAULTS = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                 "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 IGNORE_INDEX = -100
 
 
@@ -91,13 +88,6 @@ class VisualExpertConfig:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.adapter_intermediate_size is not None and self.adapter_intermediate_size <= 0:
             raise ValueError(f"adapter_intermediate_size must be positive, got {self.adapter_intermediate_size}")
-
-
-def debug(root: str | os.PathLike) -> VisualExpertConfig:
-    """Tiny Llama (+ world BPE tokenizer) and tiny CLIP written under ``root`` if absent."""
-    from model.tiny import write_debug_checkpoints
-    lm, vision = write_debug_checkpoints(root)
-    return VisualExpertConfig(lm=lm, vision=vision)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -388,19 +378,15 @@ class VisionTower(nn.Module):
             raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}")
         self.num_patches = (self.image_size // self.patch_size) ** 2
         self.hidden_size = tower.config.hidden_size
-        mean, std = NORM_DEFAULTS[kind]
+        mean, std = NORMALIZATION[kind]
         pre = directory / "preprocessor_config.json"
         if pre.exists():
             p = json.loads(pre.read_text())
             mean, std = p.get("image_mean", mean), p.get("image_std", std)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.transform = ImageTransform(int(self.image_size), tuple(mean), tuple(std))  # picklable: loader workers
 
     def preprocess(self, images) -> torch.Tensor:  # list[PIL] -> (B, 3, S, S) float32
-        S = self.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((S, S), Image.BICUBIC), dtype=np.float32) for im in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
-        return (x - self.mean) / self.std
+        return self.transform.batch(images)
 
     def forward(self, pixel_values):  # (B, 3, S, S) -> (B, N, Dv)
         t = self.tower
@@ -570,6 +556,11 @@ class VisualExpertForCausalLM(nn.Module):
             params[n].copy_(t)
 
     # ---- inputs ----
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """The tower's own PIL -> (3, S, S) transform (picklable: give it to data-loader workers)."""
+        return self.vision.transform
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> (B, 3, S, S) resized (no crop) and normalised for the tower."""
@@ -801,7 +792,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
     if args.debug_root:
-        config = dataclasses.replace(debug(args.debug_root), shallow=args.shallow, image_size=args.image_size)
+        from model.testing import write_debug_model
+        config = dataclasses.replace(write_debug_model(args.debug_root), shallow=args.shallow, image_size=args.image_size)
     elif args.lm and args.vision:
         config = VisualExpertConfig(lm=args.lm, vision=args.vision, image_size=args.image_size, shallow=args.shallow)
     else:
@@ -810,7 +802,7 @@ def main(argv=None) -> list[dict]:
     if args.trainable:
         from safetensors.torch import load_file
         model.load_trainable_state_dict(load_file(args.trainable), strict=False)
-    image = Image.open(args.image).convert("RGB")
+    image = decode_image(args.image)
     rows = []
     answers = model.predict_boxes([image] * len(args.phrase), args.phrase, args.template, args.max_new_tokens)
     for phrase, (boxes, reason) in zip(args.phrase, answers):

@@ -9,15 +9,23 @@ are tokenized separately, exactly as generation sees them (prompt in, target out
 
 Boxes in a shard are integers 0..999 in the frame of the stored image (``width`` x ``height``);
 they are relative coordinates, so resizing the image to the vision tower's square input (no crop,
-no padding) keeps them valid. That is why :class:`ImagePreprocessor` resizes and never crops.
+no padding) keeps them valid. That is why the model's image transform (grounding.image.ImageTransform) resizes and never crops.
 
 :class:`GroundingBatches` is an ``IterableDataset`` that yields whole collated batches. Its rows
 are split over ``(rank, loader worker)`` slots without overlap: by shard when there are at least as
 many shards as slots, else by row group, else by row. Every batch carries the slot's cursor
 (``epoch``, row index, sample offset) so a trainer can save the exact data position and resume
 from it (:meth:`GroundingBatches.resume`). A row whose image does not decode, or that has no QA
-pair of the wanted task, is skipped and counted (``batch["skipped"]``), never fatal. Samples longer
-than ``max_length`` are kept, cut, and counted apart (``batch["truncated"]``, samples in the batch).
+pair of the wanted task, is skipped and counted (``batch["skipped"]``, rows by reason; REC pairs whose
+answer does not parse are left out and counted as ``bad_answer: …``). Samples longer than
+``max_length`` are kept, cut, and counted apart (``batch["truncated"]``, samples in the batch); a
+sample cut before its first answer token teaches nothing and is skipped as ``too_long``.
+
+Bad data never loops silently: every shard is checked when opened (:func:`grounding.schema.check_shards`:
+a rejects shard, missing columns, a truncated or non-Parquet file stop at once with the file's name,
+or are left out and listed in :attr:`GroundingBatches.bad_shards` with ``skip_bad_shards``), and a
+pass over the data that yields no usable sample, or more skipped rows than ``max_skip_fraction``,
+raises :class:`DataError` with the skip counts and what each reason means.
 """
 from __future__ import annotations
 
@@ -28,18 +36,28 @@ from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from grounding.boxes import prompt_and_target
-from grounding.render import decode_image as render_decode_image
+from grounding.boxes import prompt_and_target, try_parse_boxes
+from grounding.cli import UsageError
+from grounding.image import try_decode_image
+from grounding.schema import ShardError, check_shards
 
 IGNORE_INDEX = -100
+SKIP_REASONS = {  # reason prefix -> what it means and what to change
+    "corrupt_image": "the image bytes do not decode",
+    "too_many_pixels": "the image header says more pixels than the decompression-bomb guard allows",
+    "preprocess_failed": "the decoded image failed the vision preprocessing",
+    "no_qa_for_mixture": "no QA pair of a task the mixture draws (--rec-weight / --caption-weight)",
+    "bad_answer": "a REC answer that is not [[x0,y0,x1,y1]] boxes in 0..999",
+    "too_long": "the prompt alone fills --max-length, no answer token is left to learn",
+    "unreadable_row_group": "a row group of the file does not read (corrupt pages)",
+}
 READ_COLUMNS = ["key", "image", "width", "height", "qa"]
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --- shards ----------------------------------------------------------------------------------
@@ -73,6 +91,19 @@ def row_group_sizes(path: str) -> list[int]:
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
+class DataError(UsageError):
+    """The shards yield (almost) no usable sample: the message gives the skip counts and their meaning."""
+
+
+def describe_skips(skipped: Counter) -> str:
+    """``"64 corrupt_image: UnidentifiedImageError (the image bytes do not decode), ..."``."""
+    parts = []
+    for reason, n in skipped.most_common():
+        meaning = SKIP_REASONS.get(reason.split(":", 1)[0], "")
+        parts.append(f"{n} {reason}" + (f" ({meaning})" if meaning else ""))
+    return ", ".join(parts) or "none"
+
+
 def read_row_group(path: str, index: int, columns: Sequence[str] = READ_COLUMNS) -> list[dict]:
     fs, p = fsspec.core.url_to_fs(path)
     with fs.open(p, "rb") as f:
@@ -80,43 +111,6 @@ def read_row_group(path: str, index: int, columns: Sequence[str] = READ_COLUMNS)
 
 
 # --- images ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ImagePreprocessor:
-    """PIL image -> ``(3, size, size)`` float tensor: RGB, bicubic resize to a square, normalised.
-
-    No crop and no padding: the 0..999 box coordinates stay valid after the resize. Picklable, so
-    loader workers get their own copy.
-    """
-    size: int
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-    def __post_init__(self):
-        if self.size <= 0:
-            raise ValueError(f"image size must be positive, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need 3 values each, std > 0")
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        img = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, S, S)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self(im) for im in images])  # (B, 3, S, S)
-
-
-def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``(RGB image, None)`` or ``(None, "corrupt_image: <ExceptionType>")``: :func:`grounding.render.decode_image`
-    with the reason cut to the exception type, so skip counts keep a few keys (PIL messages hold object addresses)."""
-    image, reason = render_decode_image(data)
-    return (image, None) if image is not None else (None, f"corrupt_image: {reason.split(':', 1)[0]}")
-
-
-# --- text ------------------------------------------------------------------------------------
 
 def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> tuple[list[int], list[int], bool]:
     """``BOS + prompt + target + EOS`` ids and labels (``-100`` on BOS and prompt); truncated flag."""
@@ -201,6 +195,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     repeat: bool = True                 # loop over epochs forever (training); False: one pass
+    skip_bad_shards: bool = False       # leave out unreadable / wrong-schema files (listed) instead of stopping
+    max_skip_fraction: float = 0.5      # stop when more of the rows read than this give no sample ...
+    skip_check_rows: int = 256          # ... checked from this many rows on, and at the end of every pass
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -213,6 +210,10 @@ class DataConfig:
             raise ValueError(f"qa_per_image must be >= 1, got {self.qa_per_image}")
         if self.max_length < 4:
             raise ValueError(f"max_length must be >= 4, got {self.max_length}")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.skip_check_rows < 1:
+            raise ValueError(f"skip_check_rows must be >= 1, got {self.skip_check_rows}")
 
 
 @dataclass(frozen=True)
@@ -237,13 +238,15 @@ class GroundingBatches(IterableDataset):
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
-        self.paths = resolve_shards(config.shards)
-        self.group_sizes = [row_group_sizes(p) for p in self.paths]
+        footers, self.bad_shards = check_shards(resolve_shards(config.shards), columns=READ_COLUMNS,
+                                                skip_bad=config.skip_bad_shards)
+        self.paths = list(footers)
+        self.group_sizes = [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in footers.values()]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.cursors: dict[int, tuple[int, int, int]] = {}   # logical worker -> (epoch, row, offset)
         self.worker_offset = 0                                # which logical worker physical worker 0 plays
         if sum(map(sum, self.group_sizes)) == 0:
-            raise ValueError(f"shards {self.paths} hold no rows")
+            raise DataError(f"shards {self.paths} hold no rows: check --shards")
 
     # -- splitting --
     @property
@@ -290,8 +293,16 @@ class GroundingBatches(IterableDataset):
         """The samples of one row (``qa_per_image`` QA pairs, drawn by the mixture), or [] and a count."""
         cfg = self.config
         rng = random.Random(f"{cfg.seed}-{epoch}-{ref.shard}-{ref.group}-{ref.row}")
-        qa = row.get("qa") or []
-        by_task = {"caption": [q for q in qa if q["task"] == "caption"], "rec": [q for q in qa if q["task"] == "rec"]}
+        qa = [q for q in row.get("qa") or [] if isinstance(q.get("question"), str) and isinstance(q.get("answer"), str)]
+        rec = []
+        for q in qa:
+            if q["task"] == "rec":
+                boxes, reason = try_parse_boxes(q["answer"])
+                if boxes is None:
+                    skipped[f"bad_answer: {reason}"] += 1
+                else:
+                    rec.append(q)
+        by_task = {"caption": [q for q in qa if q["task"] == "caption"], "rec": rec}
         weights = {"caption": cfg.caption_weight if by_task["caption"] else 0.0,
                    "rec": cfg.rec_weight if by_task["rec"] else 0.0}
         if weights["caption"] + weights["rec"] <= 0:
@@ -305,7 +316,7 @@ class GroundingBatches(IterableDataset):
                 break
             task = rng.choices(list(live), weights=list(live.values()))[0]
             picks.append((task, pools[task].pop(rng.randrange(len(pools[task])))))
-        image, reason = decode_image(row["image"])
+        image, reason = try_decode_image(row["image"])
         if image is None:
             skipped[reason] += 1
             return []
@@ -317,11 +328,28 @@ class GroundingBatches(IterableDataset):
         samples = []
         for task, q in picks:
             ids, labels, truncated = encode_qa(self.tokenizer, q["question"], q["answer"], cfg.max_length)
+            if truncated and all(x == IGNORE_INDEX for x in labels):
+                continue                                      # cut before the answer: nothing to learn
             samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "task": task, "key": row["key"],
                             "truncated": truncated})
+        if not samples:
+            skipped["too_long"] += 1
+            return []
         if cfg.pack_qa and len(samples) > 1:
             samples = [pack_samples(samples, cfg.max_length)]
         return samples
+
+    def read_group(self, shard: int, group: int) -> list[dict | None]:
+        """The rows of one row group; a group that does not read stops the run naming the file, or, with
+        ``skip_bad_shards``, gives ``None`` rows (skipped and counted as ``unreadable_row_group``)."""
+        path = self.paths[shard]
+        try:
+            return read_row_group(path, group)
+        except (OSError, pa.ArrowException) as e:
+            if self.config.skip_bad_shards:
+                return [None] * self.group_sizes[shard][group]
+            raise ShardError(f"{path}: row group {group} does not read ({str(e).splitlines()[0]}); "
+                             "remove the file from --shards or pass --skip-bad-shards true") from e
 
     def resume(self, state: dict) -> None:
         """Continue from a trainer's saved ``data_state`` (:meth:`state_after`)."""
@@ -349,17 +377,27 @@ class GroundingBatches(IterableDataset):
         pending: list[dict] = []
         skipped: Counter = Counter()
         truncated = 0                                         # kept samples cut at max_length (not skipped)
+        guard = SkipGuard(self.config, slot, self.num_slots)
         while True:
             order = self.epoch_order(slot, epoch)
+            guard.start_pass(whole=pos == 0)
             if not order:
                 raise ValueError(f"slot {slot} of {self.num_slots} got no rows: fewer rows than ranks x workers")
             while pos < len(order):
                 ref = order[pos]
                 if (ref.shard, ref.group) not in cache:
                     cache.clear()
-                    cache[(ref.shard, ref.group)] = read_row_group(self.paths[ref.shard], ref.group)
+                    cache[(ref.shard, ref.group)] = self.read_group(ref.shard, ref.group)
                 row = cache[(ref.shard, ref.group)][ref.row]
-                samples = self.row_samples(row, ref, epoch, skipped)[offset:]
+                row_skips: Counter = Counter()
+                if row is None:
+                    row_skips["unreadable_row_group"] += 1
+                    samples = []
+                else:
+                    samples = self.row_samples(row, ref, epoch, row_skips)
+                skipped.update(row_skips)
+                guard.count(bool(samples), row_skips, len(order))
+                samples = samples[offset:]
                 for k, s in enumerate(samples):
                     pending.append(s)
                     truncated += bool(s.get("truncated"))
@@ -371,6 +409,7 @@ class GroundingBatches(IterableDataset):
                         yield batch
                         pending, skipped, truncated = [], Counter(), 0
                 pos, offset = pos + 1, 0
+            guard.end_pass(len(order))
             epoch, pos = epoch + 1, 0
             if not self.config.repeat:
                 if pending:
@@ -379,6 +418,40 @@ class GroundingBatches(IterableDataset):
                     batch["truncated"] = truncated
                     yield batch
                 return
+
+
+class SkipGuard:
+    """Counts the rows of one loader slot that gave no sample and stops a run that would spin on them:
+    a whole pass without a usable row, or more than ``max_skip_fraction`` of the rows read (checked
+    from ``skip_check_rows`` rows on, or from a pass's worth of rows when a pass is shorter)."""
+
+    def __init__(self, config: DataConfig, slot: int, num_slots: int):
+        self.config, self.where = config, f"loader slot {slot} of {num_slots}" if num_slots > 1 else "the loader"
+        self.seen = self.unusable = self.pass_usable = 0
+        self.whole = False
+        self.reasons: Counter = Counter()
+        self.shards = ", ".join(config.shards[:3]) + (" ..." if len(config.shards) > 3 else "")
+
+    def start_pass(self, whole: bool) -> None:
+        """A pass begins: ``whole`` unless it resumes in the middle of one."""
+        self.whole, self.pass_usable = whole, 0
+
+    def count(self, usable: bool, row_skips: Counter, pass_rows: int) -> None:
+        """One row read: ``usable`` when it gave a sample; ``row_skips`` its skip reasons."""
+        self.seen += 1
+        self.unusable += not usable
+        self.pass_usable += usable
+        self.reasons.update(row_skips)
+        checked = self.seen >= min(self.config.skip_check_rows, pass_rows)
+        if checked and self.unusable > self.config.max_skip_fraction * self.seen:
+            raise DataError(f"{self.shards}: {self.unusable} of the first {self.seen} rows gave no usable sample, more "
+                            f"than --max-skip-fraction {self.config.max_skip_fraction:g} ({self.where}); "
+                            f"skipped: {describe_skips(self.reasons)}")
+
+    def end_pass(self, pass_rows: int) -> None:
+        if self.whole and not self.pass_usable:
+            raise DataError(f"{self.shards}: a whole pass over {pass_rows} rows gave no usable sample ({self.where}); "
+                            f"skipped: {describe_skips(self.reasons)}")
 
 
 def make_loader(dataset: GroundingBatches, seed: int = 0) -> torch.utils.data.DataLoader:

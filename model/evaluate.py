@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 from PIL import Image, ImageDraw
 
 from grounding.boxes import denormalize_box, box_iou, format_question, try_parse_boxes
+from grounding.cli import UsageError, run_cli
 
 THRESHOLD = 0.5
 
@@ -62,13 +64,8 @@ class RecExample:
             raise ValueError(f"example {self.key!r} has no true box")
 
     def load_image(self) -> Image.Image:
-        if self.image_bytes is not None:
-            import io
-            img = Image.open(io.BytesIO(self.image_bytes))
-        else:
-            img = Image.open(self.image_path)
-        img.load()
-        return img.convert("RGB")
+        from grounding.image import decode_image
+        return decode_image(self.image_bytes if self.image_bytes is not None else self.image_path)
 
 
 @dataclass
@@ -116,22 +113,37 @@ def summarize(results: Sequence[RecResult]) -> dict:
 
 # --- sources ---------------------------------------------------------------------------------
 
-def shard_examples(shards: Sequence[str], split: str = "held_out", limit: int | None = None) -> list[RecExample]:
-    """Every ``rec`` QA pair of the shards, truth = the answer's boxes (0..999 frame)."""
-    from model.data import READ_COLUMNS, read_row_group, resolve_shards, row_group_sizes
+def shard_examples(shards: Sequence[str], split: str = "held_out", limit: int | None = None,
+                   skip_bad_shards: bool = False, skipped: Counter | None = None) -> list[RecExample]:
+    """Every ``rec`` QA pair of the shards, truth = the answer's boxes (0..999 frame).
 
+    Each file is checked first (:func:`grounding.schema.check_shards`): a bad one stops with its name,
+    or with ``skip_bad_shards`` is left out and counted in ``skipped`` (``bad_shard``), as are pairs
+    whose true answer does not parse (``bad_truth: reason``): a malformed truth is the shard's
+    problem, not the model's.
+    """
+    from grounding.schema import check_shards
+    from model.data import READ_COLUMNS, read_row_group, resolve_shards
+
+    skipped = Counter() if skipped is None else skipped
+    columns = READ_COLUMNS + ["phrases"]
+    footers, bad = check_shards(resolve_shards(list(shards)), columns=columns, skip_bad=skip_bad_shards)
+    if bad:
+        skipped["bad_shard"] += len(bad)
     out: list[RecExample] = []
-    for path in resolve_shards(list(shards)):
-        for g in range(len(row_group_sizes(path))):
-            for row in read_row_group(path, g, READ_COLUMNS + ["phrases"]):
-                for q in row["qa"]:
+    for path, footer in footers.items():
+        for g in range(footer.num_row_groups):
+            for row in read_row_group(path, g, columns):
+                for q in row["qa"] or []:
                     if q["task"] != "rec":
                         continue
-                    boxes, reason = try_parse_boxes(q["answer"])
+                    boxes, reason = try_parse_boxes(q["answer"] or "")
                     if boxes is None:
-                        continue  # a malformed truth is the shard's problem, not the model's
-                    pi = q.get("phrase_index")
-                    phrase = (row["phrases"][pi].get("prompt") or row["phrases"][pi]["text"]) if pi is not None else q["question"]
+                        skipped[f"bad_truth: {reason}"] += 1
+                        continue
+                    pi, phrases = q.get("phrase_index"), row["phrases"] or []
+                    phrase = ((phrases[pi].get("prompt") or phrases[pi]["text"]) if pi is not None and 0 <= pi < len(phrases)
+                              else q["question"])
                     out.append(RecExample(row["key"], split, q["question"], phrase, [tuple(b) for b in boxes],
                                           "norm", row["width"], row["height"], image_bytes=row["image"]))
                     if limit is not None and len(out) >= limit:
@@ -141,18 +153,31 @@ def shard_examples(shards: Sequence[str], split: str = "held_out", limit: int | 
 
 def refcoco_examples(refs_path: str, instances_path: str, image_dir: str, splits: Iterable[str] | None = None,
                      template: str = "default", limit: int | None = None) -> list[RecExample]:
-    """One example per sentence of RefCOCO-format refs (JSON), truth = the annotation's pixel box."""
-    refs = json.loads(Path(refs_path).read_text())
-    inst = json.loads(Path(instances_path).read_text())
-    images = {im["id"]: im for im in inst["images"]}
-    anns = {a["id"]: a for a in inst["annotations"]}
+    """One example per sentence of RefCOCO-format refs (JSON), truth = the annotation's pixel box.
+
+    Files that are not JSON, or refs that point at no image or annotation, raise :class:`UsageError`
+    naming the file and the flag (``--refs`` / ``--instances``)."""
+    refs, inst = _read_json(refs_path, "--refs"), _read_json(instances_path, "--instances")
+    try:
+        images = {im["id"]: im for im in inst["images"]}
+        anns = {a["id"]: a for a in inst["annotations"]}
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"{instances_path}: not COCO instances JSON (images/annotations with ids: {e!r}); "
+                         "check --instances") from e
+    if not isinstance(refs, list):
+        raise UsageError(f"{refs_path}: RefCOCO refs JSON is a list of refs, got {type(refs).__name__}; check --refs")
     wanted = set(splits) if splits else None
     out: list[RecExample] = []
     for ref in refs:
         if wanted is not None and ref.get("split") not in wanted:
             continue
-        im = images[ref["image_id"]]
-        x, y, w, h = anns[ref["ann_id"]]["bbox"]
+        try:
+            im = images[ref["image_id"]]
+            x, y, w, h = anns[ref["ann_id"]]["bbox"]
+            ref["sentences"][0]["sent"]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UsageError(f"{refs_path}: ref {ref.get('ref_id') if isinstance(ref, dict) else ref!r} does not resolve "
+                             f"in {instances_path} ({type(e).__name__}: {e}); check --refs / --instances") from e
         for sent in ref["sentences"]:
             phrase = sent["sent"].strip()
             out.append(RecExample(f"{ref['ref_id']}:{sent.get('sent_id', len(out))}", ref.get("split", "all"),
@@ -161,6 +186,16 @@ def refcoco_examples(refs_path: str, instances_path: str, image_dir: str, splits
             if limit is not None and len(out) >= limit:
                 return out
     return out
+
+
+def _read_json(path: str, flag: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e}); check {flag}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not JSON ({e}); check {flag} (the original refs(unc).p pickle must be "
+                         "converted to JSON once)") from e
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -279,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default="rec_eval.json", help="JSON report; the PNG goes beside it")
     p.add_argument("--pictures", type=int, default=8, help="examples drawn in the PNG (0: none)")
+    p.add_argument("--skip-bad-shards", action="store_true",
+                   help="leave out shard files that do not read or are not grounding shards (counted) instead of stopping")
     return p
 
 
@@ -289,23 +326,33 @@ def _cuda() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from model.train import load_model_from_checkpoint
+    from model.checkpoint import load_model_from_checkpoint
 
     examples: list[RecExample] = []
+    skipped: Counter = Counter()
     for split, globs in parse_split_globs(args.shards).items():
-        examples += shard_examples(globs, split, args.limit)
+        try:
+            examples += shard_examples(globs, split, args.limit, args.skip_bad_shards, skipped)
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; check --shards") from e
     if args.refs:
         if not (args.instances and args.images):
-            raise SystemExit("--refs needs --instances and --images")
+            raise UsageError("--refs needs --instances and --images")
         examples += refcoco_examples(args.refs, args.instances, args.images, args.splits, limit=args.limit)
     if not examples:
-        raise SystemExit("nothing to evaluate: give --shards or --refs/--instances/--images")
-    model, info = load_model_from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+        if skipped:
+            raise UsageError("nothing to evaluate: every REC pair of --shards was skipped ("
+                             + ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) + ")")
+        raise UsageError("nothing to evaluate: give --shards or --refs/--instances/--images")
+    try:
+        model, info = load_model_from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    except FileNotFoundError as e:
+        raise UsageError(f"{e}; check --checkpoint (a checkpoint folder or a run folder)") from e
     from tqdm import tqdm
     with tqdm(total=len(examples), desc="REC eval", unit="ex") as bar:
         summary, results = evaluate_rec(model, examples, args.batch_size, args.max_new_tokens, bar.update)
     report = {**summary, "checkpoint": info, "max_new_tokens": args.max_new_tokens,
-              "results": [r.__dict__ for r in results]}
+              "skipped": {k: v for k, v in skipped.items() if v}, "results": [r.__dict__ for r in results]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.pictures:
@@ -316,4 +363,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -9,222 +9,54 @@
 
 What one run does: AdamW over the model's parameter groups (the LM's at ``lm_lr_mult`` times the
 learning rate when it is unfrozen), linear warmup then cosine decay to ``min_lr_ratio``, gradient
-clipping, gradient accumulation, bf16 autocast on GPU, an optional EMA of the trainable weights
+clipping, gradient accumulation, bfloat16 autocast on GPU, an optional EMA of the trainable weights
 (the paper used one). Logs go to the console (a progress bar) and to ``out_dir/log.jsonl``: loss,
 learning rate, gradient norm, tokens/s, samples/s and the data rows skipped (corrupt images...) and the
 samples truncated to ``max_length`` (kept, counted apart).
 
-Checkpoints (``out_dir/checkpoints/step_NNNNNNNN/``) hold the trainable weights and the EMA in
-safetensors, the optimizer state (``torch.save``; read back with ``weights_only=True``), every
-rank's RNG states and data position, and the resolved config; each is written to a temporary folder
-and renamed into place, and only the last ``keep_last`` are kept. A run whose ``out_dir`` holds a
-checkpoint resumes from it (``--resume auto``), exactly: with ``--deterministic`` on CPU, 2N steps
-straight and N steps + resume + N steps log identical losses (tests/model/test_train.py).
+A run whose ``out_dir`` holds a checkpoint resumes from it (``--resume auto``), exactly: with
+``--deterministic`` on CPU, 2N steps straight and N steps + resume + N steps log identical losses
+(tests/model/test_train.py). Every rank reads its own shards (model.data); rank 0 writes logs and checkpoints.
 
-Distributed: under ``torchrun`` the run uses DDP (gloo on CPU, NCCL on GPU) or, with
-``--parallel fsdp`` on GPUs, FSDP (``torch.distributed.fsdp.fully_shard``). Every rank reads its own
-shards (model.data); rank 0 writes logs and checkpoints.
+This file is the loop and its command line; the pieces live beside it: model.train_config (the run's
+configuration, in sections, and its presets), model.optim (AdamW, schedule, EMA), model.checkpoint (save,
+find, resume, load for inference), model.distributed (process group, DDP/FSDP wrapping, sync check).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
-import shutil
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from model.data import DataConfig, GroundingBatches, ImagePreprocessor, make_loader
-
-CKPT_PREFIX = "step_"
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-@dataclass
-class TrainConfig:
-    """One training run. Presets: :func:`debug` (tests, CPU), :func:`wiring` (the overfit proof), :func:`stage2`."""
-    out_dir: str = "runs/debug"
-    shards: list[str] = field(default_factory=list)
-    model: str = "debug"                    # "debug" (tiny random checkpoints under out_dir) or a JSON file of VisualExpertConfig fields
-    model_overrides: dict = field(default_factory=dict)   # VisualExpertConfig fields to change (image_size, freeze_lm, ...)
-    # optimisation
-    max_steps: int = 100                    # length of the schedule
-    stop_after: int | None = None           # stop (and checkpoint) at this step without changing the schedule
-    batch_size: int = 8                     # per rank and micro-step
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1               # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0                  # 0: no clipping
-    ema_decay: float = 0.0                  # 0: no EMA
-    # data
-    caption_weight: float = 0.0
-    rec_weight: float = 1.0
-    qa_per_image: int = 1
-    pack_qa: bool = False                   # the image's QA pairs in one sequence (one image pass for several answers)
-    max_length: int = 64
-    num_workers: int = 0
-    # evaluation during training (REC Acc@0.5 on held-out shards, rank 0)
-    eval_shards: list[str] = field(default_factory=list)
-    eval_every: int = 0                     # 0: never
-    eval_limit: int = 64
-    eval_batch_size: int = 32
-    # runtime
-    seed: int = 0
-    device: str = "auto"                    # auto | cpu | cuda
-    bf16: bool = True                       # autocast to bfloat16 on GPU (never on CPU)
-    parallel: str = "auto"                  # auto (DDP when distributed) | ddp | fsdp | none
-    deterministic: bool = False             # torch.use_deterministic_algorithms: exact replay on CPU
-    log_every: int = 1
-    save_every: int = 100                   # also saved at the last step; 0: only at the end
-    keep_last: int = 3
-    resume: str = "auto"                    # auto (latest in out_dir) | none | a checkpoint folder
-    init_from: str | None = None            # start from these weights (a checkpoint or run folder), fresh optimizer/data: stage 1 -> stage 2
-    progress: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
-        if isinstance(self.eval_shards, str):
-            self.eval_shards = [self.eval_shards]
-        checks = [
-            (self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.stop_after is None or 1 <= self.stop_after <= self.max_steps, "stop_after must be in 1..max_steps"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr > 0 and 0 <= min_lr_ratio <= 1 required"),
-            (0 <= self.warmup_steps <= self.max_steps, "warmup_steps must be in 0..max_steps"),
-            (self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
-            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device: auto | cpu | cuda[:i]"),
-            (self.parallel in ("auto", "ddp", "fsdp", "none"), "parallel: auto | ddp | fsdp | none"),
-            (self.keep_last >= 1 and self.save_every >= 0 and self.log_every >= 1, "keep_last/log_every >= 1, save_every >= 0"),
-            (self.eval_every == 0 or self.eval_shards, "eval_every needs eval_shards"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {msg}")
-        self.data_config()  # validates the data fields too
-
-    def data_config(self) -> DataConfig:
-        return DataConfig(shards=list(self.shards), batch_size=self.batch_size, caption_weight=self.caption_weight,
-                          rec_weight=self.rec_weight, qa_per_image=self.qa_per_image, pack_qa=self.pack_qa,
-                          max_length=self.max_length,
-                          seed=self.seed)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+from grounding.cli import UsageError, field_flags, flag_hint, run_cli
+from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
+from model.data import GroundingBatches, make_loader
+from model.distributed import (
+    Dist, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
+)
+from model.optim import EMA, build_optimizer, clip_gradients, set_lr
+from model.train_config import PRESETS, TrainConfig, flat_fields
 
 
-def debug(**overrides) -> TrainConfig:
-    """Tiny and quick on CPU: tests and smoke runs."""
-    base = dict(max_steps=20, batch_size=4, lr=1e-3, warmup_steps=2, save_every=10, keep_last=2, max_length=48,
-                progress=False)
-    return TrainConfig(**{**base, **overrides})
-
-
-def wiring(**overrides) -> TrainConfig:
-    """The overfit proof on a few dozen synthetic images: a from-scratch tiny model, LM unfrozen.
-
-    A random, frozen LM is no pretrained LM: in this from-scratch setting the LM must learn the
-    answer format too, so it is trained (``freeze_lm=False``) at the full learning rate.
-    """
-    base = dict(model="debug", max_steps=1500, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05,
-                weight_decay=0.0, grad_clip=1.0, max_length=48, save_every=0, keep_last=1,
-                model_overrides={"freeze_lm": False, "lm_lr_mult": 1.0})
-    return TrainConfig(**{**base, **overrides})
-
-
-def stage2(**overrides) -> TrainConfig:
-    """CogVLM's second stage as the paper sets it (per-GPU batch; scale with ranks and grad_accum).
-
-    Needs ``model``: a JSON file of VisualExpertConfig fields (the real LM and ViT), not the debug one.
-    """
-    if overrides.get("model", "debug") == "debug":
-        raise ValueError("the stage2 preset needs --model CONFIG.json (VisualExpertConfig fields: lm, vision, ...)")
-    base = dict(max_steps=60_000, batch_size=16, grad_accum=1, lr=1e-5, warmup_steps=500, min_lr_ratio=0.1,
-                weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999, caption_weight=1.0, rec_weight=1.0,
-                max_length=256, num_workers=4, save_every=1000, keep_last=3, parallel="auto", progress=True)
-    return TrainConfig(**{**base, **overrides})
-
-
-PRESETS = {"debug": debug, "wiring": wiring, "stage2": stage2}
-
-
-# --- distributed -----------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        dev = torch.device(device if ":" in device else f"cuda:{local}")
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local, dev)
-
-
-def gather_objects(obj: Any, dist: Dist) -> list[Any]:
-    if not dist.enabled:
-        return [obj]
-    out: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def mean_across(value: float, dist: Dist) -> float:
-    if not dist.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=dist.device if dist.device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t)
-    return t.item() / dist.world_size
-
-
-# --- model -----------------------------------------------------------------------------------
+# --- the run's pieces ------------------------------------------------------------------------
 
 def resolve_model_config(cfg: TrainConfig):
     """The VisualExpertConfig this run trains: the debug preset (written under out_dir) or a JSON file."""
     from model import cogvlm
 
     if cfg.model == "debug":
-        mcfg = cogvlm.debug(os.path.join(cfg.out_dir, "debug_model"))
+        from model.testing import write_debug_model
+        mcfg = write_debug_model(os.path.join(cfg.out_dir, "debug_model"))
     else:
         mcfg = cogvlm.VisualExpertConfig(**json.loads(Path(cfg.model).read_text()))
     return dataclasses.replace(mcfg, **cfg.model_overrides) if cfg.model_overrides else mcfg
@@ -237,275 +69,63 @@ def build_model(model_config, seed: int):
     return VisualExpertForCausalLM.from_config(model_config)
 
 
-def image_preprocessor(model) -> ImagePreprocessor:
-    """The data-side twin of ``model.preprocess`` (picklable for loader workers)."""
-    v = model.vision
-    return ImagePreprocessor(int(v.image_size), tuple(v.mean.flatten().tolist()), tuple(v.std.flatten().tolist()))
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    if device.type != "cuda" or cfg.autocast_dtype == "float32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, cfg.autocast_dtype))
 
 
-def init_weights(model, path: str) -> int:
-    """Copy a checkpoint's weights (EMA when it has them) into ``model``; any parameter, frozen or not.
-
-    Returns how many tensors were loaded; a name the model lacks or a wrong shape is an error.
-    """
-    ckpt = find_checkpoint(path)
-    f = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
-    weights = load_file(str(f))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise KeyError(f"{f} holds tensors this model lacks: {unknown[:5]}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            if params[name].shape != t.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
-            params[name].copy_(t)
-    return len(weights)
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-def wrap_parallel(model, cfg: TrainConfig, dist: Dist):
-    """DDP (CPU or GPU) or FSDP (GPU) when distributed; the bare model otherwise."""
-    if not dist.enabled or cfg.parallel == "none":
-        return model, "none"
-    mode = cfg.parallel
-    if mode == "auto":
-        mode = "ddp"
-    if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        gpu_bf16 = cfg.bf16 and dist.device.type == "cuda"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu_bf16 else None
-        layers = [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
-        for layer in layers:
-            fully_shard(layer, **({"mp_policy": mp} if mp else {}))
-        fully_shard(model, **({"mp_policy": mp} if mp else {}))
-        return model, "fsdp"
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False), "ddp"
-
-
-class EMA:
-    """Exponential moving average of the trainable weights, kept in float32."""
-
-    def __init__(self, model, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # warm start, as timm's ModelEmaV2
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``max_steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    t = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# --- checkpoints -----------------------------------------------------------------------------
-
-def list_checkpoints(out_dir: str) -> list[Path]:
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-                  and (p / "trainer_state.json").exists())
-
-
-def find_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or a run folder's latest checkpoint."""
-    p = Path(path)
-    if (p / "trainer_state.json").exists():
-        return p
-    found = list_checkpoints(str(p))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {path}")
-    return found[-1]
-
-
-def rng_state() -> dict:
-    state = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuplify(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _jsonable(x):
-    if isinstance(x, (tuple, list)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, state: dict, keep_last: int,
-                    dist: Dist, mode: str) -> Path | None:
-    """Every rank calls this; rank 0 writes ``checkpoints/step_N`` atomically and prunes old ones."""
-    weights, optim = trainable_and_optimizer_state(model, optimizer, mode)
-    rngs = gather_objects({k: (v if not isinstance(v, torch.Tensor) else v.clone()) for k, v in rng_state().items()}, dist)
-    data_states = gather_objects(state.pop("data_state_local"), dist)
-    if not dist.main:
-        return None
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CKPT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
-        rng_tensors, rng_json = {}, []
-        for r, s in enumerate(rngs):
-            rng_tensors[f"rank{r}.torch"] = s["torch"]
-            if "cuda" in s:
-                rng_tensors[f"rank{r}.cuda"] = s["cuda"]
-            rng_json.append({"python": s["python"], "numpy": s["numpy"]})
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "rng.json").write_text(json.dumps(rng_json))
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "data_states": data_states}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def trainable_and_optimizer_state(model, optimizer, mode: str) -> tuple[dict, dict]:
-    """Full (unsharded) trainable weights and optimizer state, keyed by parameter name."""
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-        )
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        full = get_model_state_dict(model, options=opts)
-        return {k: v for k, v in full.items() if k in names}, get_optimizer_state_dict(model, optimizer, options=opts)
-    inner = unwrap(model)
-    return inner.trainable_state_dict(), optimizer_state_by_name(inner, optimizer)
-
-
-def _param_index_names(model, optimizer, sd: dict) -> dict[int, str]:
-    """Optimizer state-dict parameter index -> the parameter's name in ``model``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {i: names[id(p)] for group, sd_group in zip(optimizer.param_groups, sd["param_groups"])
-            for p, i in zip(group["params"], sd_group["params"])}
-
-
-def optimizer_state_by_name(model, optimizer) -> dict:
-    """The optimizer state with parameter names instead of positions (robust to group order)."""
-    sd = optimizer.state_dict()
-    index_to_name = _param_index_names(model, optimizer, sd)
-    return {"state": {index_to_name[i]: s for i, s in sd["state"].items()},
-            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]]}
-
-
-def load_optimizer_state_by_name(model, optimizer, saved: dict) -> None:
-    sd = optimizer.state_dict()
-    name_of = _param_index_names(model, optimizer, sd)
-    index_of = {n: i for i, n in name_of.items()}
-    if len(saved["param_groups"]) != len(sd["param_groups"]):
-        raise ValueError("checkpoint optimizer has a different number of parameter groups")
-    groups = []
-    for g_saved, g_now in zip(saved["param_groups"], sd["param_groups"]):
-        if sorted(g_saved["params"]) != sorted(name_of[i] for i in g_now["params"]):
-            raise ValueError("checkpoint optimizer groups hold other parameters than this model's")
-        groups.append({**g_saved, "params": g_now["params"]})
-    state = {index_of[n]: s for n, s in saved["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, mode: str) -> dict:
-    """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state (step, data...)."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    if mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
-        )
-        opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, weights, options=opts)
-        set_optimizer_state_dict(model, optimizer, optim, options=opts)
-    else:
-        inner = unwrap(model)
-        inner.load_trainable_state_dict(weights)
-        load_optimizer_state_by_name(inner, optimizer, optim)
-    if ema is not None:
-        ema_path = path / "ema.safetensors"
-        if ema_path.exists():
-            ema.shadow = load_file(str(ema_path))
-    rng_tensors = load_file(str(path / "rng.safetensors"))
-    rng_json = json.loads((path / "rng.json").read_text())
-    if len(rng_json) == dist.world_size:
-        r = dist.rank
-        set_rng_state({**rng_json[r], "torch": rng_tensors[f"rank{r}.torch"],
-                       **({"cuda": rng_tensors[f"rank{r}.cuda"]} if f"rank{r}.cuda" in rng_tensors else {})})
-    return state
-
-
-def load_model_from_checkpoint(path: str, weights: str = "auto", device: str = "cpu"):
-    """Rebuild the model a checkpoint was trained from and load its trainable (or EMA) weights.
-
-    Returns ``(model, info)``; nothing is unpickled (safetensors and JSON only).
-    """
-    from model import cogvlm
-
-    ckpt = find_checkpoint(path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    mcfg = cogvlm.VisualExpertConfig(**state["model_config"])
-    model = cogvlm.VisualExpertForCausalLM.from_config(mcfg)
-    use_ema = (ckpt / "ema.safetensors").exists() if weights == "auto" else weights == "ema"
-    f = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")
-    if not f.exists():
-        raise FileNotFoundError(f"{f} not found (this checkpoint has no EMA weights?)")
-    model.load_trainable_state_dict(load_file(str(f)))
-    model.to(device).eval()
-    return model, {"path": str(ckpt), "step": state["step"], "weights": "ema" if use_ema else "raw"}
-
-
-# --- the loop --------------------------------------------------------------------------------
-
-def set_determinism(cfg: TrainConfig) -> None:
-    if cfg.deterministic:
+def set_determinism(deterministic: bool) -> None:
+    if deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@dataclass
+class Progress:
+    """Where the run is (saved in every checkpoint): optimizer steps, batches read, each loader worker's
+    data cursor, and totals over all ranks (samples, tokens, rows skipped by reason, samples truncated)."""
+    step: int = 0
+    batches: int = 0
+    cursors: dict = field(default_factory=dict)
+    totals: dict = field(default_factory=lambda: {"samples": 0, "tokens": 0, "skipped": {}, "truncated": 0})
+
+    def count(self, batch: dict, world_size: int) -> None:
+        self.batches += 1
+        self.cursors[batch["worker"]] = tuple(batch["cursor"])
+        for k, v in batch["skipped"].items():
+            self.totals["skipped"][k] = self.totals["skipped"].get(k, 0) + v
+        self.totals["truncated"] += batch.get("truncated", 0)
+        self.totals["samples"] += batch["input_ids"].shape[0] * world_size   # every micro-step: exact in checkpoints
+        self.totals["tokens"] += int(batch["attention_mask"].sum()) * world_size
+
+    def restore(self, state: dict, rank: int) -> dict:
+        """Take a checkpoint's trainer state; returns this rank's data state."""
+        ds = state["data_states"][rank]
+        self.step, self.batches = state["step"], ds["batches"]
+        self.cursors = {int(k): tuple(v) for k, v in ds["cursors"].items()}
+        self.totals = {**self.totals, **state.get("totals", {})}   # older checkpoints lack "truncated"
+        return ds
+
+
+class Throughput:
+    """Samples and tokens per second over the window since the last log, minus eval/save pauses."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.samples, self.tokens, self.paused = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, batch: dict) -> None:
+        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def rates(self, world_size: int) -> dict:
+        dt = max(time.perf_counter() - self.t - self.paused, 1e-9)
+        out = {"samples_per_s": self.samples * world_size / dt, "tokens_per_s": self.tokens * world_size / dt}
+        self.reset()
+        return out
 
 
 class JsonlLog:
@@ -520,6 +140,8 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
+# --- the loop --------------------------------------------------------------------------------
+
 def train(cfg: TrainConfig, model_config=None, on_eval=None) -> dict:
     """Run (or resume) training; returns a summary (``history``: the logged steps, ``model``: the trained
     model, unwrapped). ``model_config`` (a VisualExpertConfig) replaces ``cfg.model``."""
@@ -532,7 +154,7 @@ def train(cfg: TrainConfig, model_config=None, on_eval=None) -> dict:
 
 def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     dist = init_distributed(cfg.device)
-    set_determinism(cfg)
+    set_determinism(cfg.deterministic)
     out = Path(cfg.out_dir)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -541,153 +163,110 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     mcfg = model_config if model_config is not None else (resolve_model_config(cfg) if dist.main else None)
     if model_config is None and dist.enabled:
         mcfg = gather_objects(mcfg, dist)[0]  # rank 0 writes the debug checkpoints once
-    model = build_model(mcfg, cfg.seed)
-    if cfg.init_from:
-        init_weights(model, cfg.init_from)
-    model.to(dist.device)
-    model.train()
-    preprocess = image_preprocessor(model)
-    tokenizer = model.tokenizer
-    model, mode = wrap_parallel(model, cfg, dist)
-    inner = unwrap(model)
-    groups = inner.param_groups(cfg.lr, cfg.weight_decay)
-    for g in groups:
-        g.setdefault("base_lr", g["lr"])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if dist.device.type == "cuda" and mode != "fsdp" else {}))
-    ema = EMA(inner, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
-    dataset = GroundingBatches(cfg.data_config(), tokenizer, preprocess, dist.rank, dist.world_size, cfg.num_workers)
-    step, batches, cursors = 0, 0, {}
-    totals = {"samples": 0, "tokens": 0, "skipped": {}, "truncated": 0}
-    ckpt_path = None
-    if cfg.resume == "auto":
-        found = list_checkpoints(cfg.out_dir)
-        ckpt_path = found[-1] if found else None
-    elif cfg.resume != "none":
-        ckpt_path = find_checkpoint(cfg.resume)
+    # model, optimizer, data
+    model = build_model(mcfg, cfg.seed)
+    if cfg.checkpoint.init_from:
+        init_weights(model, cfg.checkpoint.init_from)
+    model.to(dist.device).train()
+    preprocess, tokenizer = model.image_transform, model.tokenizer
+    amp = getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype != "float32" else None
+    model, mode = wrap_parallel(model, "ddp" if cfg.parallel == "auto" else cfg.parallel, dist, amp)
+    inner = unwrap(model)
+    optimizer = build_optimizer(inner, cfg.optim, fused=dist.device.type == "cuda" and mode != "fsdp")
+    ema = EMA(inner, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    dataset = GroundingBatches(cfg.data, tokenizer, preprocess, dist.rank, dist.world_size, cfg.num_workers)
+
+    # fresh start or exact resume
+    progress = Progress()
+    ckpt_path = resume_path(cfg.checkpoint, cfg.out_dir)
     torch.manual_seed(cfg.seed + 1000 + dist.rank)  # dropout etc. differ by rank, replay exactly
     random.seed(cfg.seed + dist.rank)
     if ckpt_path is not None:
-        st = load_checkpoint(ckpt_path, model, optimizer, ema, dist, mode)
-        step = st["step"]
-        ds = st["data_states"][dist.rank]
-        dataset.resume(ds)
-        batches, cursors = ds["batches"], {int(k): tuple(v) for k, v in ds["cursors"].items()}
-        totals = {**totals, **st.get("totals", {})}   # older checkpoints lack "truncated"
+        dataset.resume(progress.restore(load_checkpoint(ckpt_path, model, optimizer, ema, dist, mode), dist.rank))
     log = JsonlLog(out / "log.jsonl" if dist.main else None)
     if dist.main:
         (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": _config_dict(mcfg)}, indent=1))
-        log.write({"event": "start" if ckpt_path is None else "resume", "step": step, "world_size": dist.world_size,
-                   "parallel": mode, "device": str(dist.device), "checkpoint": str(ckpt_path) if ckpt_path else None,
+        log.write({"event": "start" if ckpt_path is None else "resume", "step": progress.step,
+                   "world_size": dist.world_size, "parallel": mode, "device": str(dist.device),
+                   "checkpoint": str(ckpt_path) if ckpt_path else None, "bad_shards": dataset.bad_shards,
                    "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
                    "total_params": sum(p.numel() for p in inner.parameters())})
 
-    stop = cfg.stop_after or cfg.max_steps
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and dist.device.type == "cuda" else nullcontext())
+    stop, accum = cfg.stop, cfg.optim.grad_accum
     bar = None
-    if dist.main and cfg.progress and step < stop:
+    if dist.main and cfg.progress and progress.step < stop:
         from tqdm import tqdm
-        bar = tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=stop, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
     history: list[dict] = []
     data_iter = iter(make_loader(dataset, cfg.seed))
-    window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
-    paused = 0.0                                     # eval/save seconds inside the window: not training time
-    last_eval = None
-    while step < stop:
-        factor = lr_factor(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
+    meter, last_eval = Throughput(), None
+    while progress.step < stop:
+        lr = set_lr(optimizer, progress.step, cfg.optim)
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             batch = next(data_iter)
-            batches += 1
-            cursors[batch["worker"]] = tuple(batch["cursor"])
-            for k, v in batch["skipped"].items():
-                totals["skipped"][k] = totals["skipped"].get(k, 0) + v
-            totals["truncated"] += batch.get("truncated", 0)
-            sync = micro == cfg.grad_accum - 1 or mode != "ddp"
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                out_ = model(input_ids=batch["input_ids"].to(dist.device),
-                             attention_mask=batch["attention_mask"].to(dist.device),
-                             pixel_values=batch["pixel_values"].to(dist.device),
-                             labels=batch["labels"].to(dist.device))
-                loss = out_.loss / cfg.grad_accum
+            progress.count(batch, dist.world_size)
+            meter.add(batch)
+            sync = micro == accum - 1 or mode != "ddp"     # DDP: all-reduce gradients on the last micro-step only
+            with (nullcontext() if sync else model.no_sync()), autocast_context(cfg, dist.device):
+                loss = model(**{k: batch[k].to(dist.device)
+                                for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss / accum
             loss.backward()
             loss_sum += loss.item()
-            n_samples = batch["input_ids"].shape[0]
-            n_tokens = int(batch["attention_mask"].sum())
-            window_samples += n_samples
-            window_tokens += n_tokens
-            totals["samples"] += n_samples * dist.world_size   # every step, so a checkpoint's totals are exact
-            totals["tokens"] += n_tokens * dist.world_size
-        params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        grad_norm = clip_gradients(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(inner, step)
-        step += 1
-        loss_val = mean_across(loss_sum, dist)
+            ema.update(inner, progress.step)
+        progress.step += 1
+        step, loss_val = progress.step, mean_across(loss_sum, dist)
         if step % cfg.log_every == 0 or step == stop:
-            dt = max(time.perf_counter() - window_t - paused, 1e-9)
-            rec = {"step": step, "loss": loss_val, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
-                   "samples_per_s": window_samples * dist.world_size / dt,
-                   "tokens_per_s": window_tokens * dist.world_size / dt, "skipped": dict(totals["skipped"]),
-                   "truncated": totals["truncated"]}
-            window_t, window_samples, window_tokens, paused = time.perf_counter(), 0, 0, 0.0
+            rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+                   **meter.rates(dist.world_size), "skipped": dict(progress.totals["skipped"]),
+                   "truncated": progress.totals["truncated"]}
             history.append(rec)
             log.write(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
         pause_t = time.perf_counter()                # throughput counts training time only
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == stop):
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == stop):
             last_eval = evaluate_during_training(cfg, inner, ema, dist, step, log)
             if on_eval is not None and last_eval is not None:
                 on_eval(step, last_eval)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            local = dataset.state_after(cursors, batches)
+        if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or step == stop:
             save_checkpoint(cfg.out_dir, step, model, optimizer, ema,
-                            {"data_state_local": local, "totals": totals, "config": cfg.to_dict(),
-                             "model_config": _config_dict(mcfg)}, cfg.keep_last, dist, mode)
-        paused += time.perf_counter() - pause_t
+                            {"data_state_local": dataset.state_after(progress.cursors, progress.batches),
+                             "totals": progress.totals, "config": cfg.to_dict(), "model_config": _config_dict(mcfg)},
+                            cfg.checkpoint.keep_last, dist, mode)
+        meter.paused += time.perf_counter() - pause_t
     if bar is not None:
         bar.close()
-    summary = {"step": step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
-               "truncated": totals["truncated"], "totals": totals,
-               "out_dir": str(out), "model": inner}
-    checksums = gather_objects(param_checksum(inner), dist)
-    summary["ranks_in_sync"] = all(c == checksums[0] for c in checksums)
+
+    totals = progress.totals
+    in_sync = ranks_in_sync(model, optimizer, dist)
+    summary = {"step": progress.step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
+               "truncated": totals["truncated"], "totals": totals, "out_dir": str(out), "model": inner, **in_sync}
     if dist.main:
-        log.write({"event": "end", "step": step, "skipped": totals["skipped"], "truncated": totals["truncated"],
-                   "ranks_in_sync": summary["ranks_in_sync"],
-                   "rank_checksums": checksums})
+        log.write({"event": "end", "step": progress.step, "skipped": totals["skipped"], "truncated": totals["truncated"],
+                   **in_sync})
     return summary
 
 
-def param_checksum(model) -> list[float]:
-    """Sum and sum of squares of the trainable weights (float64): equal on every rank when in sync."""
-    with torch.no_grad():
-        ps = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()  # FSDP: DTensor shards
-              for p in model.parameters() if p.requires_grad]
-        return [float(sum(p.sum() for p in ps)), float(sum((p * p).sum() for p in ps))]
-
-
 def evaluate_during_training(cfg: TrainConfig, model, ema: EMA | None, dist: Dist, step: int, log: JsonlLog) -> dict | None:
-    """REC Acc@0.5 on ``eval_shards`` (rank 0; EMA weights when kept); the others wait."""
+    """REC Acc@0.5 on ``eval.shards`` (rank 0; EMA weights when kept); the others wait."""
     result = None
     if dist.main:
         from model.evaluate import evaluate_rec, shard_examples
 
-        examples = shard_examples(cfg.eval_shards, "eval", cfg.eval_limit)
+        examples = shard_examples(cfg.eval.shards, "eval", cfg.eval.limit)
         backup = None
         if ema is not None:
             backup = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
             model.load_trainable_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
-        summary, _ = evaluate_rec(model, examples, batch_size=cfg.eval_batch_size)
+        summary, _ = evaluate_rec(model, examples, batch_size=cfg.eval.batch_size)
         if backup is not None:
             model.load_trainable_state_dict(backup)
         result = {k: summary[k] for k in ("n", "acc@0.5", "mean_iou", "parse_failures")}
@@ -704,12 +283,14 @@ def _config_dict(mcfg) -> dict:
 # --- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """``--preset`` then one ``--field value`` per TrainConfig field (lists: several values; dicts: JSON)."""
+    """``--preset`` (or ``--config`` of an earlier run), then one ``--name value`` per field
+    (flat names, see model.train_config; lists: several values; dicts: JSON)."""
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="debug")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        t = str(f.type)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: debug")
+    p.add_argument("--config", default=None, help="replay a run: its out_dir/config.json (flags still override)")
+    for name, f in flat_fields():
+        flag = "--" + name.replace("_", "-")
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if t.startswith("list"):
             p.add_argument(flag, nargs="*", default=None)
         elif t == "dict":
@@ -738,27 +319,73 @@ def _optional_int(s: str) -> int | None:
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Flags -> a validated :class:`TrainConfig`; a value out of range is a :class:`UsageError` naming its flag."""
     args = vars(build_parser().parse_args(argv))
-    preset = PRESETS[args.pop("preset")]
-    return preset(**{k: v for k, v in args.items() if v is not None})
+    preset, config = args.pop("preset"), args.pop("config")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    if config is not None:
+        if preset is not None:
+            raise UsageError("give --preset or --config, not both")
+        try:
+            saved = json.loads(Path(config).read_text())["train"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--config {config}: not a run's config.json ({type(e).__name__}: {e})") from e
+    try:
+        if config is not None:
+            return TrainConfig.from_dict(saved).with_overrides(**overrides)
+        return PRESETS[preset or "debug"](**overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(flag_hint(str(e), field_flags([name for name, _ in flat_fields()]))) from e
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """What a run would otherwise find wrong only after building its model, or at its first eval: the model
+    JSON, the checkpoint to resume or start from, the training and eval shards (footers only)."""
+    from grounding.schema import check_shards
+    from model.data import READ_COLUMNS, resolve_shards
+
+    if not cfg.data.shards:
+        raise UsageError("no training data: give --shards GLOB [GLOB ...] (grounding shards, OUT/shards/*.parquet)")
+    if cfg.model != "debug" and not Path(cfg.model).is_file():
+        raise UsageError(f"--model {cfg.model}: no such file (a JSON of VisualExpertConfig fields, or 'debug')")
+    for flag, path in (("--resume", cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "none") else None),
+                       ("--init-from", cfg.checkpoint.init_from)):
+        if path:
+            try:
+                find_checkpoint(path)
+            except FileNotFoundError as e:
+                raise UsageError(f"{e}; check {flag} (a checkpoint folder or a run folder)") from e
+    for flag, shards in (("--shards", cfg.data.shards), ("--eval-shards", cfg.eval.shards)):
+        try:
+            files = resolve_shards(shards)
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; check {flag}") from e
+        columns = READ_COLUMNS + (["phrases"] if flag == "--eval-shards" else [])
+        check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards", flag=flag)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = config_from_args(argv)
+    check_inputs(cfg)
+    finished = False
     try:
-        return train(cfg)
+        summary = train(cfg)
+        finished = True
+        return summary
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears down while another still talks to it
+            if finished:  # a rank that failed (bad data in its slot) must exit, not wait in a barrier for the others:
+                torch.distributed.barrier()  # torchrun then stops them; no rank tears down while another talks to it
             torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    code = run_cli(main)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torch 2.13 + gloo/FSDP on CPU: after a clean run (logs and checkpoints written, process group
         # destroyed) the interpreter's teardown sometimes aborts ("terminate called without an active
         # exception", SIGABRT), failing the torchrun job; skip that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    sys.exit(code)

@@ -29,11 +29,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from grounding.cli import UsageError, flag_hint, run_cli  # noqa: E402
+from grounding.schema import read_footer  # noqa: E402
+from grounding.source import list_sources, resolve_column  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.sample import SampleConfig, sample_job, served_sample, with_sample_annotations  # noqa: E402
 
-SECTIONS = ("source", "filters", "download", "phrases", "detector", "ray")
+SECTIONS = ("source", "filters", "download", "phrases", "detector", "ray", "dedup")
 ALIASES = {  # short flag -> (section or None, field)
     "input": ("source", "paths"), "limit": ("source", "limit"), "shard-rows": ("source", "shard_rows"),
     "sample-fraction": ("source", "sample_fraction"), "detector": ("detector", "backend"),
@@ -116,11 +119,28 @@ def config_from_args(argv: Sequence[str] | None = None) -> JobConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, sample = parse(argv)
+    try:
+        config, sample = parse(argv)
+    except (ValueError, TypeError, OSError) as e:  # a value out of range, an unknown or unreadable --config
+        flags: dict[str, str] = {}
+        for action in parser()._actions:  # section flags before their short aliases
+            for name in (action.dest, action.dest.split(".", 1)[-1]):
+                if action.option_strings:
+                    flags.setdefault(name, action.option_strings[0])
+        raise UsageError(flag_hint(str(e), flags)) from e
+    if sample is None:
+        try:
+            for path in list_sources(config.source.paths):  # on the driver: a bad file is named here, not in a Ray task
+                names = read_footer(path, flag="--input").schema.to_arrow_schema().names
+                for flag, column in (("--source-url-col", config.source.url_col), ("--source-text-col", config.source.text_col)):
+                    if resolve_column(names, column) is None:
+                        raise UsageError(f"{path}: no {column!r} column (has {names}); set {flag}")
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; check --input") from e
     with served_sample(config, sample) if sample is not None else contextlib.nullcontext(config):
         report = run_job(config)
     return 0 if report["counts"]["adds_up"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from grounding.dedup import DedupConfig, parse_eval_sets
 from grounding.detect import DetectorConfig
 from grounding.phrases import PhraseConfig
 from grounding.source import FilterConfig, SourceConfig
@@ -57,6 +58,9 @@ class JobConfig:
     phrases: PhraseConfig = field(default_factory=PhraseConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # image hashes: phash size, Hamming threshold
+    eval_sets: tuple[str, ...] = ()    # NAME=PATH (a hash Parquet or an image folder): rows near them -> eval_overlap
+    dedupe_images: bool = True         # run-wide duplicate_image / near_duplicate after the shard tasks
     min_boxes: int = 2                 # CogVLM / GRIT keep images with at least two boxes
     rec_template: str = "default"
     caption_template: str = "default"
@@ -70,11 +74,12 @@ class JobConfig:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if not self.source.paths:
             raise ValueError("no input: give source paths (--input) or use the bundled sample (--sample)")
+        parse_eval_sets(self.eval_sets)  # NAME=PATH, names unique
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
         parts = {"source": SourceConfig, "filters": FilterConfig, "download": DownloadConfig,
-                 "phrases": PhraseConfig, "detector": DetectorConfig, "ray": RayConfig}
+                 "phrases": PhraseConfig, "detector": DetectorConfig, "ray": RayConfig, "dedup": DedupConfig}
         d = dict(d)
         d.pop("config_hash", None)
         for name, typ in parts.items():

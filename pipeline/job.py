@@ -7,6 +7,8 @@
     detector actor pool   GroundingDINO (or annotations) loaded once per actor; 1 GPU each on a GPU cluster
     shard tasks           pipeline.worker.process_shard: read, pre-filter (DNS), img2dataset, decode,
                           phrases, boxes (via the actor pool), assembly, atomic writes
+    image dedup           after the last shard task: map / reduce / apply over the shards' image hashes
+                          (pipeline.image_dedup): duplicate_image, near_duplicate
     report                from the shard tasks' summaries -> OUT/run_report.json
 
 Streaming and backpressure: at most ``ray.max_shards_in_flight`` shard tasks exist at once; a new
@@ -26,7 +28,7 @@ import random
 import time
 from typing import Iterator
 
-from pipeline import dedup
+from pipeline import dedup, image_dedup
 from pipeline.config import JobConfig, RayConfig, config_hash
 from pipeline.output import Layout, build_report, claim_output
 from pipeline.plan import WorkShard, id_digits, plan_digest, plan_shards
@@ -160,6 +162,37 @@ def run_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit:
     return partitions, {**counts, "partitions": partitions, "skipped": False}
 
 
+def run_image_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int,
+                    summaries: dict[str, dict]) -> dict:
+    """The image dedup post-pass (pipeline.image_dedup): map, reduce, apply; updates ``summaries``."""
+    import ray
+
+    partitions = config.ray.dedup_partitions or dedup.default_partitions(len(shards))
+    opts = {"num_cpus": config.ray.shard_cpus, "max_retries": 3}
+    map_task = ray.remote(image_dedup.map_shard).options(**opts)
+    reduce_task = ray.remote(image_dedup.reduce_bucket).options(**opts)
+    apply_task = ray.remote(image_dedup.apply_shard).options(**opts)
+    counts = {"partition_records": 0, "drops": 0, "shards_changed": 0}
+
+    def add(key):
+        return lambda _, n: counts.__setitem__(key, counts[key] + n)
+
+    def applied(shard: WorkShard, new: dict | None) -> None:
+        if new is not None:
+            summaries[shard.name] = {**summaries[shard.name], **new}
+            counts["shards_changed"] += 1
+
+    out = config.output
+    errors = bounded(lambda s: map_task.remote(out, s.index, partitions, config.dedup), shards, limit,
+                     add("partition_records"))
+    errors += bounded(lambda b: reduce_task.remote(out, b, len(shards), config.dedup), range(partitions), limit,
+                      add("drops"))
+    errors += bounded(lambda s: apply_task.remote(out, s.index, s.name, partitions), shards, limit, applied)
+    if errors:
+        raise RuntimeError(f"the image dedup pass failed (rerun to redo it): {errors[0][1]}") from errors[0][1]
+    return {**counts, "partitions": partitions}
+
+
 class Progress:
     """Shards done / total, input rows per second and the slowest stage so far, one line per shard."""
 
@@ -227,6 +260,11 @@ def run_job(config: JobConfig) -> dict:
             timings["detectors_loaded"] = max(0.0, t_loaded - (time.time() - (time.perf_counter() - t_start)))
         for a in actors:
             ray.kill(a)
+        image_stats: dict = {}
+        if config.dedupe_images and not errors:  # needs every shard's hashes: after the last shard task
+            t0 = time.perf_counter()
+            image_stats = run_image_dedup(config, layout, shards, limit, summaries)
+            timings["image_dedup"] = time.perf_counter() - t0
     if errors:
         names = [s.name for s, _ in errors]
         raise RuntimeError(f"{len(errors)} shards failed ({names[:10]}); rerun the same command to redo them: "
@@ -234,6 +272,7 @@ def run_job(config: JobConfig) -> dict:
     timings["total"] = time.perf_counter() - t_start
     report = build_report([summaries[s.name] for s in shards], config, digest, timings)
     report["dedup"] = dedup_stats
+    report["image_dedup"] = image_stats
     layout.write_json("run_report.json", report)
     c = report["counts"]
     print(f"done: {c['input']} input rows -> {c['kept']} kept, {c['filtered']} filtered, {c['failed']} failed "

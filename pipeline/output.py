@@ -28,12 +28,13 @@ from typing import Any
 
 import fsspec
 
+from grounding.dedup import REASON_EVAL_OVERLAP, eval_set_of
 from grounding.detect import DetectorConfig
 from grounding.reasons import FAILED, outcome
 from grounding.schema import read_metadata
 from pipeline.config import JobConfig
 
-STAGE_TIMES = ("read", "prefilter", "download", "decode", "phrases", "detect", "assemble", "write")
+STAGE_TIMES = ("read", "prefilter", "download", "decode", "dedup", "phrases", "detect", "assemble", "write")
 
 
 @dataclass
@@ -53,6 +54,10 @@ class Layout:
     @property
     def dedup(self) -> str:
         return self.join("dedup")
+
+    @property
+    def image_dedup(self) -> str:
+        return self.join("image_dedup")
 
     def shard(self, name: str) -> str:
         return self.join("shards", f"{name}.parquet")
@@ -85,7 +90,7 @@ class Layout:
                 self.fs.rm(p)
 
     def clear(self) -> None:
-        for sub in ("shards", "rejects", "downloads", "dedup"):
+        for sub in ("shards", "rejects", "downloads", "dedup", "image_dedup"):
             if self.fs.exists(f"{self.path}/{sub}"):
                 self.fs.rm(f"{self.path}/{sub}", recursive=True)
         for name in ("config.json", "run_report.json"):
@@ -154,9 +159,22 @@ def library_versions() -> dict[str, str]:
 
 # --- the report -------------------------------------------------------------------------------------
 
+def shard_counts(kept: pa.Table, rejects: pa.Table) -> dict:
+    """The counts a shard's summary carries, from its two tables (kept rows, rejects)."""
+    reasons = Counter(rejects["reason"].to_pylist())
+    failed = sum(n for r, n in reasons.items() if outcome(r) == FAILED)
+    eval_sets = Counter(eval_set_of(e) for r, e in zip(rejects["reason"].to_pylist(), rejects["error"].to_pylist())
+                        if r == REASON_EVAL_OVERLAP)
+    return {"kept": kept.num_rows, "kept_2plus": sum(1 for n in kept["num_boxes"].to_pylist() if n >= 2),
+            "filtered": rejects.num_rows - failed, "failed": failed, "reasons": dict(sorted(reasons.items())),
+            "stages": dict(sorted(Counter(rejects["stage"].to_pylist()).items())),
+            "eval_overlap_by_set": dict(sorted(eval_sets.items()))}
+
+
+
 def build_report(summaries: list[dict], config: JobConfig, digest: str, timings: dict[str, float]) -> dict:
     """The run report from the per-shard summaries (a skipped shard's comes from its file's provenance)."""
-    filtered, failed, stages, busy = Counter(), Counter(), Counter(), Counter()
+    filtered, failed, stages, busy, eval_sets = Counter(), Counter(), Counter(), Counter(), Counter()
     inputs = kept = kept2 = downloaded = detected = 0
     this_run = [s for s in summaries if not s.get("skipped")]
     for s in summaries:
@@ -166,6 +184,7 @@ def build_report(summaries: list[dict], config: JobConfig, digest: str, timings:
         for reason, n in s["reasons"].items():
             (failed if outcome(reason) == FAILED else filtered)[reason] += n
         stages.update(s["stages"])
+        eval_sets.update(s.get("eval_overlap_by_set", {}))
     for s in this_run:
         busy.update(s["seconds"])
         downloaded += s["downloaded"]
@@ -183,6 +202,7 @@ def build_report(summaries: list[dict], config: JobConfig, digest: str, timings:
         "filtered_by_reason": dict(sorted(filtered.items())),
         "failed_by_reason": dict(sorted(failed.items())),
         "rejects_by_stage": dict(sorted(stages.items())),
+        "eval_overlap_by_set": dict(sorted(eval_sets.items())),
         "kept_with_2plus_boxes": kept2,
         "kept_with_2plus_boxes_share": round(kept2 / kept, 4) if kept else None,
         "shards": {"total": len(summaries), "written_this_run": len(this_run),

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Sequence
 
 import pyarrow as pa
 from PIL import Image
 
 from grounding.boxes import normalize_box
-from grounding.records import build_record
+from grounding.captions import clean_caption
+from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
+from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
 from pipeline.download import OPTED_OUT_MESSAGE
 
@@ -32,6 +35,7 @@ WORK_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),
+    pa.field("caption_raw", pa.string()),     # the source's text; `caption` is cleaned before phrases
     pa.field("source_shard", pa.string()),
     pa.field("source_row", pa.int64()),
     pa.field("image", pa.binary()),
@@ -108,6 +112,33 @@ def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: f
     return _table(out, WORK_SCHEMA)
 
 
+# --- 1b. evaluation overlap ------------------------------------------------------------------------
+
+class EvalOverlapStage:
+    """Rows whose image lies within the phash threshold of an image of a named evaluation set leave
+    with ``eval_overlap`` (stage ``dedup``, the set and file in ``error``) before any phrase or box
+    work. The sets' hashes are indexed once per worker process (:class:`grounding.dedup.EvalIndex`)."""
+
+    def __init__(self, eval_sets: Sequence[str], config: DedupConfig):
+        self.config = config
+        self.index = EvalIndex(parse_eval_sets(eval_sets), config)
+
+    def _phash(self, image: bytes) -> str | None:
+        try:
+            return phash_hex(image, self.config.hash_size)
+        except ValueError:  # the decode stage reports it
+            return None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if r["stage"] is None and r["image"]]
+        for r, flag in zip(todo, self.index.flag({"phash": self._phash(r["image"])} for r in todo)):
+            if flag is not None:
+                _fail(r, "dedup", "eval_overlap", flag["error"])
+                r["image"] = None
+        return _table(rows, WORK_SCHEMA)
+
+
 # --- 2. noun phrases ------------------------------------------------------------------------------
 
 class PhraseStage:
@@ -121,6 +152,10 @@ class PhraseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["stage"] is None]
+        for r in todo:  # phrases and every span index the cleaned caption; the shard keeps both
+            r["caption_raw"] = r["caption"]
+            if isinstance(r["caption"], str):
+                r["caption"] = clean_caption(r["caption"])
         try:
             results = self.extractor([r["caption"] for r in todo]) if todo else []
         except Exception:  # noqa: BLE001 - isolate the caption that breaks the batch
@@ -225,7 +260,8 @@ def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
         if r["stage"] is None:
             phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in json.loads(r["phrases"])]
             record, reason = build_record(
-                key=r["key"], caption=r["caption"], image=r["image"], width=r["width"], height=r["height"],
+                key=r["key"], caption=r["caption"], caption_raw=r["caption_raw"], image=r["image"],
+                width=r["width"], height=r["height"],
                 phrases=phrases, url=r["url"], min_boxes=min_boxes, rec_template=rec_template,
                 caption_template=caption_template, original_width=r["original_width"],
                 original_height=r["original_height"], source_shard=r["source_shard"], source_row=r["source_row"])
@@ -233,7 +269,8 @@ def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
                 out.append({**record, **status})
                 continue
             nboxes = len({tuple(b) for p in phrases for b in p["boxes_norm"]})
-            status = {"stage": "filter", "reason": reason, "error": f"{nboxes} distinct boxes < {min_boxes}"}
+            status = {"stage": "filter", "reason": reason,
+                      "error": f"{nboxes} distinct boxes < {min_boxes}" if reason == REASON_TOO_FEW_BOXES else None}
         out.append({"key": r["key"], "url": r["url"], "caption": r["caption"], "source_shard": r["source_shard"],
                     "source_row": r["source_row"], **status})
     return _table(out, OUTPUT_SCHEMA)

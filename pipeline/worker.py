@@ -2,12 +2,13 @@
 
 :func:`process_shard` reads the shard's rows from its input file, samples and pre-filters them (DNS
 resolved here, cached per worker process, bounded and timed out), drops the run-wide duplicate
-URLs the dedup pre-pass found, downloads the rest with img2dataset's per-shard downloader, runs
-the stages of :mod:`pipeline.stages` (boxes through ``detect``, a detector actor in the Ray job),
-and writes the grounding shard and its rejects shard atomically to the output filesystem. It
-returns a small summary (counts per reason and stage, busy seconds per stage), the only thing the
-driver ever receives; the same summary is stored in both files' provenance, so a rerun skips the
-shard and still reports it.
+URLs the dedup pre-pass found, downloads the rest with img2dataset's per-shard downloader, drops
+images of named evaluation sets (``eval_overlap``), runs the stages of :mod:`pipeline.stages`
+(boxes through ``detect``, a detector actor in the Ray job), and writes its kept rows' image hashes
+(the input of :mod:`pipeline.image_dedup`), then the grounding shard and its rejects shard,
+atomically, to the output filesystem. It returns a small summary (counts per reason and stage,
+busy seconds per stage), the only thing the driver ever receives; the same summary is stored in
+both files' provenance, so a rerun skips the shard and still reports it.
 """
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ from typing import Callable
 
 import pyarrow as pa
 
-from grounding.reasons import FAILED, outcome
 from grounding.schema import REJECTS_SCHEMA, write_shard
 from grounding.source import prefilter, read_source, sample_rows
-from pipeline import dedup
+from pipeline import dedup, image_dedup
 from pipeline.config import JobConfig
 from pipeline.download import download_shard
-from pipeline.output import Layout, detector_weights, finished_summary, package_version
+from pipeline.output import Layout, detector_weights, finished_summary, package_version, shard_counts
 from pipeline.plan import WorkShard
-from pipeline.stages import OUTPUT_SCHEMA, PhraseStage, admit_downloads, assemble, split_output
+from pipeline.stages import OUTPUT_SCHEMA, EvalOverlapStage, PhraseStage, admit_downloads, assemble, split_output
 
 DOWNLOAD_COLUMNS = ["sample_key", "source_shard", "source_row", "url", "caption", "status", "error_message",
                     "original_width", "original_height", "jpg"]
@@ -41,6 +41,17 @@ def phrase_stage(config) -> PhraseStage:
     if key not in _phrase_stages:
         _phrase_stages[key] = PhraseStage(config)
     return _phrase_stages[key]
+
+
+_eval_stages: dict[str, EvalOverlapStage] = {}
+
+
+def eval_stage(config: JobConfig) -> EvalOverlapStage:
+    """The evaluation sets' hash index, built once per worker process (and config)."""
+    key = repr((config.eval_sets, config.dedup))
+    if key not in _eval_stages:
+        _eval_stages[key] = EvalOverlapStage(config.eval_sets, config.dedup)
+    return _eval_stages[key]
 
 
 def _batches(table: pa.Table, size: int):
@@ -88,6 +99,9 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
             batch = admit_downloads(downloaded.select(DOWNLOAD_COLUMNS).sort_by("source_row"), config.max_pixels,
                                     config.filters.min_aspect, config.filters.max_aspect)
             del downloaded
+        if config.eval_sets:
+            with timer("dedup"):
+                batch = eval_stage(config)(batch)
         with timer("phrases"):
             stage = phrase_stage(config.phrases)
             batch = pa.concat_tables([stage(b) for b in _batches(batch, config.ray.phrase_batch_size)])
@@ -105,14 +119,8 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
         if out_kept.num_rows + rejects.num_rows != rows.num_rows:
             raise RuntimeError(f"{shard.name}: {out_kept.num_rows} kept + {rejects.num_rows} rejected != "
                                f"{rows.num_rows} input rows")
-        reasons = Counter(rejects["reason"].to_pylist())
-        failed = sum(n for r, n in reasons.items() if outcome(r) == FAILED)
-        summary = {
-            "name": shard.name, "input": rows.num_rows, "kept": out_kept.num_rows,
-            "kept_2plus": sum(1 for n in out_kept["num_boxes"].to_pylist() if n >= 2),
-            "filtered": rejects.num_rows - failed, "failed": failed, "downloaded": kept.num_rows, "detected": detected,
-            "reasons": dict(sorted(reasons.items())), "stages": dict(sorted(Counter(rejects["stage"].to_pylist()).items())),
-        }
+        summary = {"name": shard.name, "input": rows.num_rows, **shard_counts(out_kept, rejects),
+                   "downloaded": kept.num_rows, "detected": detected}
         provenance = {
             "source_shard": shard.name, "source_file": shard.source_file, "source_rows": [shard.start, shard.stop],
             "config_hash": digest,
@@ -121,6 +129,8 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
             "phrase_model": getattr(config.phrases, "model", None), "package_version": package_version(),
             "counts": {k: summary[k] for k in ("input", "kept", "failed", "filtered")}, "summary": summary,
         }
+        if config.dedupe_images:  # the run-wide image dedup's input, written before the shard counts as finished
+            image_dedup.write_hashes(layout, shard, out_kept, config.dedup)
         write_shard(out_kept, layout.shard(shard.name), provenance)
         write_shard(rejects, layout.rejects(shard.name), provenance, schema=REJECTS_SCHEMA)
     return {**summary, "skipped": False, "seconds": dict(timer), "written_at": time.time()}

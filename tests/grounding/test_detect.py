@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from grounding.detect import (BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, PhraseBoxes, image_error,
-                              plan_prompts, save_tiny_detector, select_boxes, suppress_overlaps, token_span)
+                              plan_prompts, select_boxes, suppress_overlaps, token_span)
+from grounding.testing import save_tiny_detector
 from grounding.world import make_world, write_world
 
 HAS_GDPY = importlib.util.find_spec("groundingdino") is not None
@@ -47,7 +48,7 @@ def words_of(world):
 def test_tiny_detector_loads_from_disk_with_bert_ids(tiny_dir, open_detector, world):
     from transformers import GroundingDinoForObjectDetection
 
-    from grounding.detect import tiny_detector_config
+    from grounding.testing import tiny_detector_config
 
     tok = open_detector.model.tokenizer
     assert tok.convert_tokens_to_ids(list(BERT_SPECIAL_IDS)) == [101, 102, 1012, 1029]
@@ -353,8 +354,9 @@ def test_resize_override_reaches_the_processor(tiny_dir):
 
 
 def test_fp16_on_cpu_is_refused(tiny_dir):
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(ValueError, match="float16"):
         BoxDetector(DetectorConfig(model=tiny_dir, device="cpu", dtype="fp16"))
+    assert DetectorConfig(dtype="bf16").dtype == "bfloat16"        # old spellings land on torch's names
 
 
 @pytest.mark.skipif(HAS_GDPY, reason="groundingdino is installed here")
@@ -368,8 +370,8 @@ def test_groundingdino_py_missing_says_how_to_install(tmp_path):
 def test_bf16_autocast_on_gpu_matches_fp32(tiny_dir, world):
     images = [im.render() for im in world[:4]]
     phrases = [[o.phrase for o in im.objects] for im in world[:4]]
-    fp32 = BoxDetector(DetectorConfig(model=tiny_dir, device="cuda", dtype="fp32", **OPEN))(images, phrases)
-    bf16 = BoxDetector(DetectorConfig(model=tiny_dir, device="cuda", dtype="bf16", **OPEN))(images, phrases)
+    fp32 = BoxDetector(DetectorConfig(model=tiny_dir, device="cuda", dtype="float32", **OPEN))(images, phrases)
+    bf16 = BoxDetector(DetectorConfig(model=tiny_dir, device="cuda", dtype="bfloat16", **OPEN))(images, phrases)
     for a, b in zip(fp32, bf16):
         for pa, pb in zip(a, b):
             assert max(pa.scores) == pytest.approx(max(pb.scores), abs=0.05)
@@ -389,7 +391,7 @@ def test_groundingdino_py_backend_on_world_images(tmp_path, world):
     from groundingdino.util.slconfig import SLConfig
     from transformers import BertConfig, BertModel
 
-    from grounding.detect import save_bert_tokenizer, tiny_vocab
+    from grounding.testing import save_bert_tokenizer, tiny_vocab
 
     bert = tmp_path / "bert"
     save_bert_tokenizer(str(bert))

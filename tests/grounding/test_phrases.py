@@ -13,19 +13,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, clean_caption, debug,
-                               detect_non_english, main, nonvisual_nouns)
+from grounding.captions import clean_caption as clean_text
+from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan,
+                               clean_caption, debug, detect_non_english, head_counts, main, nonvisual_nouns,
+                               precision_recall)
 
 DATA = Path(__file__).parent / "data"
-# Floors set from what the extractor reaches (the test prints the values; README quotes them):
-# - dev set, labelled_captions.jsonl: 128 captions the filters were tuned on: P 0.970, R 0.974;
-# - held-out set, labelled_captions_heldout.jsonl: 82 captions labelled before the extractor ever ran
-#   on them (42 written mid-way, whose errors were then looked at, and 40 written at the end and
-#   scored once: P 0.987, R 0.974): P 0.954, R 0.948 over all 82.
-# Labels are head-noun lemmas a human would box; "optional" heads (scenes: beach, sky; contents:
-# coffee in a cup) count neither way.
-DEV_FLOOR = 0.93
-HELDOUT_FLOOR = 0.90
+# Floors, about 0.02 under what the extractor reaches (`python benchmarks/eval_phrases.py` prints the figures and
+# writes benchmarks/results/phrases_quality.json; README quotes them). Labels: head-noun lemmas a human would box,
+# "optional" heads count neither way; the rules are in tests/grounding/data/README.md.
+# (set file, precision floor, recall floor)
+FLOORS = {
+    "clean_dev": ("labelled_captions.jsonl", 0.95, 0.96),             # reaches P 0.966 R 0.979 (tuned on)
+    "clean_heldout": ("labelled_captions_heldout.jsonl", 0.95, 0.92),  # reaches P 0.973 R 0.935 (held out)
+    "noisy_tuning": ("noisy_captions_tuning.jsonl", 0.94, 0.93),       # reaches P 0.963 R 0.946 (tuned on)
+    "noisy_heldout": ("noisy_captions_heldout.jsonl", 0.86, 0.88),     # reaches P 0.882 R 0.905 (held out)
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,9 @@ def test_config_normalizes_extra_words():
 
 
 def test_extractor_disables_unused_components(extractor):
-    assert "ner" not in extractor.nlp.pipe_names          # disabled, not needed by default
-    assert {"parser", "tagger", "lemmatizer"} <= set(extractor.nlp.pipe_names)
+    assert {"parser", "tagger", "lemmatizer", "ner"} <= set(extractor.nlp.pipe_names)  # NER names people, places
+    without_ner = PhraseExtractor(PhraseConfig(ner=False))
+    assert "ner" not in without_ner.nlp.pipe_names         # disabled when not asked for
 
 
 def test_missing_model_fails_at_construction():
@@ -154,7 +158,7 @@ def test_expressions_can_be_turned_off(world):
     ("Only $19.99 - 2 pack cotton t-shirts for men", ["pack cotton t-shirts"], ["men"]),  # price, audience
     ("Happy Birthday! Best wishes for the new year", [], ["birthday", "wish", "year"]),
     ("Love quote: Life is better with you, on a pink background", [], ["love", "life", "pink background"]),
-    ("Vector illustration of a cute cartoon cat sitting on a pile of books", ["cute cartoon cat", "pile", "books"], ["vector illustration"]),
+    ("Vector illustration of a cute cartoon cat sitting on a pile of books", ["cute cartoon cat", "books"], ["vector illustration", "pile"]),
     ("Watercolor painting of a lighthouse", ["lighthouse"], ["watercolor painting"]),
     ("A painting on the wall above a sofa", ["painting", "wall", "sofa"], []),         # a frame noun as an object
     ("Royalty-free stock photo of a white cat on a sofa", ["white cat", "sofa"], ["stock photo"]),
@@ -278,31 +282,105 @@ def test_non_english_detection_keeps_english_with_foreign_names():
 
 # --- quality on labelled captions ---------------------------------------------------------------
 
-def score(extractor, path: Path) -> tuple[float, float, int]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    results = extractor([r["caption"] for r in rows])
-    tp = fp = fn = 0
-    for r, res in zip(rows, results):
+def read_rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_labelled_set_precision_recall(extractor, name):
+    """Captions go through grounding.captions.clean_caption first, as the pipeline does."""
+    file, p_floor, r_floor = FLOORS[name]
+    rows = read_rows(file)
+    results = extractor([clean_text(r["caption"]) for r in rows])
+    for res in results:
         assert_consistent(res)
-        pred = {p.head for p in chunks(res)}
-        gold, optional = set(r["heads"]), set(r["optional"])
-        tp += len(pred & gold)
-        fp += len(pred - gold - optional)
-        fn += len(gold - pred)
-    return tp / (tp + fp), tp / (tp + fn), len(rows)
+    p, r = precision_recall(head_counts(results, rows))
+    print(f"\n{file} ({len(rows)} captions): head-noun precision {p:.3f} recall {r:.3f}")
+    assert len(rows) >= 80
+    assert p >= p_floor and r >= r_floor, (p, r)
 
 
-def test_labelled_set_precision_recall(extractor):
-    p, r, n = score(extractor, DATA / "labelled_captions.jsonl")
-    print(f"\nlabelled_captions.jsonl ({n} captions): head-noun precision {p:.3f} recall {r:.3f}")
-    assert n >= 100
-    assert p >= DEV_FLOOR and r >= DEV_FLOOR
+def test_noisy_sets_are_big_enough_and_split_by_hash():
+    import hashlib
+
+    tuning, heldout = read_rows("noisy_captions_tuning.jsonl"), read_rows("noisy_captions_heldout.jsonl")
+    assert len(tuning) + len(heldout) >= 200
+    assert not {r["caption"] for r in tuning} & {r["caption"] for r in heldout}
+    for r in heldout:  # the held-out part is exactly the hash rule's, fixed before tuning
+        assert int(hashlib.sha1(r["caption"].encode("utf-8")).hexdigest(), 16) % 5 < 2
+    assert {r["kind"] for r in heldout} == {"product", "stock", "news", "markup", "long", "tricky"}
 
 
-def test_heldout_set_precision_recall(extractor):
-    p, r, n = score(extractor, DATA / "labelled_captions_heldout.jsonl")
-    print(f"\nlabelled_captions_heldout.jsonl ({n} captions): head-noun precision {p:.3f} recall {r:.3f}")
-    assert p >= HELDOUT_FLOOR and r >= HELDOUT_FLOOR
+def test_raw_noun_chunks_score_far_lower_on_noisy_captions(extractor):
+    """The control: spaCy's bare noun-chunk heads on the same held-out captions (what the extractor improves on)."""
+    rows = read_rows("noisy_captions_heldout.jsonl")
+    docs = extractor.nlp.pipe([clean_text(r["caption"]) for r in rows])
+    bare = [CaptionPhrases(r["caption"], [PhraseSpan(c.text, c.start_char, c.end_char, c.root.lemma_.lower(), "chunk",
+                                                     c.text, 0) for c in doc.noun_chunks]) for r, doc in zip(rows, docs)]
+    p_bare, _ = precision_recall(head_counts(bare, rows))
+    p, _ = precision_recall(head_counts(extractor([clean_text(r["caption"]) for r in rows]), rows))
+    assert p_bare < 0.7 and p - p_bare > 0.15, (p_bare, p)
+
+
+# --- the families of noisy captions (issue 18) -----------------------------------------------------
+
+def heads(res: CaptionPhrases) -> list[str]:
+    return [p.head for p in chunks(res)]
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("Senator greets voters at a town hall", ["senator", "voter", "hall"]),            # headline verbs
+    ("Chef slices onions in the kitchen", ["chef", "onion", "kitchen"]),
+    ("Firefighters battle a blaze at a warehouse", ["firefighter", "blaze", "warehouse"]),
+    ("A man rides his bicycle past a bakery", ["man", "bicycle", "bakery"]),
+])
+def test_headline_verbs_are_not_objects(extractor, caption, expected):
+    assert heads(one(extractor, caption)) == expected
+
+
+def test_named_people_get_a_groundable_prompt_and_keep_their_span(extractor):
+    res = one(extractor, "Coach Maria Lopez hugs her players after the game")
+    coach = chunks(res)[0]
+    assert (coach.text, coach.prompt, coach.head) == ("Coach Maria Lopez", "coach", "coach")
+    assert heads(res) == ["coach", "player"]
+    res = one(extractor, "Lionel Messi celebrates with the trophy")
+    name = chunks(res)[0]
+    assert (name.text, name.prompt, name.head) == ("Lionel Messi", "person", "person")
+    assert_consistent(res)
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("Protesters march in Lisbon on Friday during the parade", ["protester"]),         # place, date, event
+    ("Volunteers from the Red Cross hand out blankets in Kyiv, Ukraine", ["volunteer", "blanket"]),  # org, places
+    ("The Eiffel Tower at night, Paris, France", ["tower"]),                           # a landmark stays
+])
+def test_places_dates_events_and_organisations_are_dropped(extractor, caption, expected):
+    assert heads(one(extractor, caption)) == expected
+
+
+def test_hashtags_handles_urls_and_file_names_are_not_phrases(extractor):
+    res = one(extractor, "Cute puppy with a ball #dogsofinstagram @jane.doe https://x.io/p.jpg IMG_0042.JPG")
+    assert heads(res) == ["puppy", "ball"]
+    assert one(extractor, "#love #instagood @someone").reason == "boilerplate_only"
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("Stainless Steel Insulated Water Bottle 32oz Leak Proof BPA Free Gift for Boys Girls", ["bottle"]),
+    ("Men's Genuine Leather Bifold Wallet RFID Blocking with Coin Pocket Brown", ["wallet", "pocket"]),
+    ("Kids Wooden Toy Train Set with 40 Pieces", ["train"]),
+    ("Samsung 55 Inch Class Crystal UHD 4K Smart TV (2022 Model)", ["tv"]),
+])
+def test_product_titles_keep_the_product_not_its_attributes(extractor, caption, expected):
+    assert heads(one(extractor, caption)) == expected
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("A slice of watermelon on a plate", ["watermelon", "plate"]),
+    ("Group of penguins on an iceberg", ["penguin", "iceberg"]),
+    ("A bowl of soup next to a loaf of bread", ["bowl", "soup", "bread"]),   # a container counts, a loaf gives way
+])
+def test_quantity_nouns_give_way_to_their_contents(extractor, caption, expected):
+    assert heads(one(extractor, caption)) == expected
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -348,15 +426,25 @@ def test_two_processes_give_the_same_results(world):
     assert [[p.chunk for p in r.phrases] for r in two] == [[p.chunk for p in r.phrases] for r in one]
 
 
-def test_ner_option_drops_place_names_the_rules_miss(extractor):
+def test_ner_drops_place_names_the_rules_miss(extractor):
     caption = "Tourists visiting Paris in 2019"
-    assert [p.prompt for p in chunks(one(extractor, caption))] == ["Tourists", "Paris"]
-    with_ner = PhraseExtractor(PhraseConfig(ner=True))
-    assert "ner" in with_ner.nlp.pipe_names
-    assert [p.prompt for p in chunks(with_ner([caption])[0])] == ["Tourists"]
+    assert [p.prompt for p in chunks(one(extractor, caption))] == ["Tourists"]
+    without_ner = PhraseExtractor(PhraseConfig(ner=False))
+    assert [p.prompt for p in chunks(without_ner([caption])[0])] == ["Tourists", "Paris"]
 
 
 def test_shop_titles_lose_audience_words_in_the_prompt(extractor):
     res = one(extractor, "Nike Air Max 90 Mens Running Shoes | eBay")
     assert "Running Shoes" in [p.prompt for p in chunks(res)]
     assert_consistent(res)
+
+
+def test_without_sentence_frame_spans_still_index_the_caption(world):
+    ex = PhraseExtractor(PhraseConfig(sentence_frame=False))
+    caps = [w.caption for w in world] + ["Coach Maria Lopez hugs her players", "Salt &amp; pepper shakers #kitchen"]
+    res = ex(caps)
+    for r in res:
+        assert_consistent(r)
+    for w, r in zip(world, res):  # the synthetic world's objects are found either way
+        assert {(o.start, o.end) for o in w.objects} <= {(p.start, p.end) for p in chunks(r)}
+    assert [p.prompt for p in chunks(res[-2])] == ["coach", "players"]

@@ -411,13 +411,13 @@ def test_cli_reports_export_render(known_out, one_head_out, tmp_path, capsys, mo
 
 
 def test_cli_errors_are_messages_not_tracebacks(known_out, tmp_path, capsys):
-    assert main(["SELECT no_such_column FROM shards", "--data", str(known_out)]) == 1
+    assert main(["SELECT no_such_column FROM shards", "--data", str(known_out)]) == 2
     assert "no_such_column" in capsys.readouterr().err
     assert main(["report", "summary", "--data", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "sub" / "shards").mkdir(parents=True)
     (tmp_path / "sub" / "shards" / "00000.parquet").write_bytes(b"")
-    assert main(["export", str(tmp_path / "sub"), "--data", str(known_out)]) == 1
+    assert main(["export", str(tmp_path / "sub"), "--data", str(known_out)]) == 2
     assert "FileExistsError" in capsys.readouterr().err
 
 

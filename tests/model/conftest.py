@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from model import tiny
+from model import testing as tiny
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Shared pieces of the training/evaluation tests: tiny shards of the synthetic world and the
-debug model config (tiny random Llama + CLIP from model.tiny). Imported by the test modules."""
+debug model config (tiny random Llama + CLIP from model.testing). Imported by the test modules."""
 from __future__ import annotations
 
 import os
@@ -20,9 +20,9 @@ def make_shards(root, n_images: int = 8, rows_per_shard: int = 4, seed: int = 3,
 
 @pytest.fixture(scope="session")
 def debug_model_config(tmp_path_factory):
-    from model.cogvlm import debug
+    from model.testing import write_debug_model
 
-    return debug(tmp_path_factory.mktemp("debug_model"))
+    return write_debug_model(tmp_path_factory.mktemp("debug_model"))
 
 
 @pytest.fixture(scope="session")

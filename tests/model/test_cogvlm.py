@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionMode
 
 from grounding.boxes import format_answer, format_question, prompt_and_target
 from grounding.world import make_world
-from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM, debug
+from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
+from model.testing import write_debug_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 BOS = 1
@@ -102,11 +103,11 @@ def test_config_rejects_bad_values(bad):
         VisualExpertConfig(**kw)
 
 
-def test_debug_preset_writes_loadable_checkpoints(tmp_path, images):
-    cfg = debug(tmp_path)
+def test_write_debug_model_writes_loadable_checkpoints(tmp_path, images):
+    cfg = write_debug_model(tmp_path)
     m = VisualExpertForCausalLM.from_config(cfg)
     assert (m.num_image_tokens, m.lm_config.model_type, m.vision.kind) == (16, "llama", "clip")
-    assert debug(tmp_path) == cfg  # second call reuses what is there
+    assert write_debug_model(tmp_path) == cfg  # second call reuses what is there
     ids, mask = m.tokenize_prompts(["Question: Where is the red ball? Answer:", "Hi"])
     n_hi = len(m.tokenizer("Hi", add_special_tokens=False)["input_ids"])
     assert ids[0, 0] == BOS and mask[0].all() and mask[1].sum() == n_hi + 1  # left-padded, BOS first
@@ -440,7 +441,7 @@ def test_preprocess_resizes_without_crop_and_normalises(model):
     img = Image.new("RGB", (90, 30), (255, 0, 128))
     x = model.preprocess([img])
     assert x.shape == (1, 3, 32, 32)
-    mean, std = model.vision.mean.view(3), model.vision.std.view(3)
+    mean, std = torch.tensor(model.image_transform.mean), torch.tensor(model.image_transform.std)
     expect = (torch.tensor([255, 0, 128]) / 255.0 - mean) / std
     torch.testing.assert_close(x[0, :, 16, 16], expect)
 
@@ -494,7 +495,7 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(model):
 def test_predict_boxes_after_overfitting_one_example(tmp_path, images):
     """End to end: train on one REC pair (BOS + prompt + target + EOS), then predict_boxes parses it."""
     torch.manual_seed(0)
-    m = VisualExpertForCausalLM.from_config(dataclasses.replace(debug(tmp_path), freeze_lm=False, lm_lr_mult=1.0))
+    m = VisualExpertForCausalLM.from_config(dataclasses.replace(write_debug_model(tmp_path), freeze_lm=False, lm_lr_mult=1.0))
     box = (120, 345, 678, 901)
     prompt, target = prompt_and_target(format_question("red ball"), format_answer([box]))
     tok = lambda s: m.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -543,7 +544,7 @@ def test_full_clip_checkpoint_loads_its_vision_tower(llama_dir, tmp_path, images
 def test_tokenizer_without_bos_starts_sequences_with_eos(llama_dir, clip_dir, tmp_path):
     """Qwen2's tokenizer has no BOS and no pad token: EOS stands in for both (no new embeddings)."""
     import shutil
-    from model.tiny import EOS_ID, write_tokenizer
+    from model.testing import EOS_ID, write_tokenizer
     lm = tmp_path / "lm-no-bos"
     shutil.copytree(llama_dir, lm)
     write_tokenizer(lm, with_bos_and_pad=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections import Counter
 
@@ -13,10 +14,10 @@ from helpers_train import debug_model, debug_model_config, one_thread, make_shar
 from grounding.boxes import parse_boxes, prompt_and_target
 from grounding.schema import read_shard, write_shard, row_to_dict
 from model.data import (
-    IGNORE_INDEX, DataConfig, GroundingBatches, ImagePreprocessor, collate, encode_qa, make_loader, pad_left,
-    resolve_shards,
+    IGNORE_INDEX, DataConfig, DataError, GroundingBatches, collate, encode_prompt, encode_qa,
+    make_loader, pad_left, resolve_shards,
 )
-from model.train import image_preprocessor
+from grounding.image import NORMALIZATION, ImageTransform
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,11 @@ def tok(debug_model):
 
 @pytest.fixture(scope="module")
 def pre(debug_model):
-    return image_preprocessor(debug_model)
+    return debug_model.image_transform
+
+
+def read_rows(folder) -> list[dict]:
+    return [row_to_dict(r) for p in resolve_shards(folder) for r in read_shard(p)]
 
 
 def one_epoch(cfg: DataConfig, tok, pre, **kw) -> list[dict]:
@@ -72,13 +77,23 @@ def test_batches_hold_the_shards_qa_pairs_with_matching_images(shards8, tok, pre
         assert torch.equal(b["pixel_values"][i], want)
 
 
-def test_image_preprocessor_matches_the_model_and_keeps_boxes_valid(debug_model, pre):
-    from grounding.world import make_world
-    ims = [w.render() for w in make_world(3, seed=5)]                # non-square images
-    assert torch.equal(pre.batch(ims), debug_model.preprocess(ims))
-    assert pre.batch(ims).shape == (3, 3, debug_model.vision.image_size, debug_model.vision.image_size)
+def test_the_models_transform_squashes_without_crop_and_normalises(debug_model, pre):
+    """A 90x30 image, red left third, blue right third: resized (not cropped) to the tower's square, both
+    ends survive at the first and last columns, normalised with the tower's mean/std (hand-computed)."""
+    S = debug_model.vision.image_size
+    im = Image.new("RGB", (90, 30), (0, 255, 0))
+    im.paste((255, 0, 0), (0, 0, 30, 30))
+    im.paste((0, 0, 255), (60, 0, 90, 30))
+    mean, std = (torch.tensor(v) for v in NORMALIZATION["clip"])
+    want = lambda rgb: (torch.tensor(rgb, dtype=torch.float32) / 255 - mean) / std  # noqa: E731
+    x = pre(im)
+    assert x.shape == (3, S, S)
+    torch.testing.assert_close(x[:, S // 2, 0], want((255, 0, 0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:, S // 2, S - 1], want((0, 0, 255)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:, 0, S // 2], want((0, 255, 0)), atol=1e-5, rtol=0)
+    assert torch.equal(debug_model.preprocess([im, im]), torch.stack([x, x]))
     with pytest.raises(ValueError):
-        ImagePreprocessor(0)
+        ImageTransform(0)
 
 
 @pytest.mark.parametrize("n_shards,world,workers", [(4, 2, 1), (2, 2, 2), (1, 1, 3)])
@@ -121,7 +136,9 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
     rows[2]["image"] = rows[3]["image"] = b"not an image"            # PIL's messages differ (object address)
     bad_keys = {rows[i]["key"] for i in (1, 2, 3)}
     write_shard(rows, str(tmp_path / "bad.parquet"))
-    batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
+    with pytest.raises(DataError, match=r"3 of the first 4 rows gave no usable sample, more than --max-skip-fraction 0.5"):
+        one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2), tok, pre)
+    batches = one_epoch(DataConfig(shards=[str(tmp_path / "bad.parquet")], batch_size=2, max_skip_fraction=1.0), tok, pre)
     keys = [k for b in batches for k in b["keys"]]
     assert not bad_keys & set(keys) and len(keys) == len(rows) - 3
     skipped = Counter()
@@ -133,10 +150,29 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, shards8, tok, pre):
 def test_long_samples_are_kept_truncated_and_not_counted_as_skipped(shards8, tok, pre):
     full = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=64), tok, pre)
     assert sum(b["truncated"] for b in full) == 0 and max(b["input_ids"].shape[1] for b in full) > 8
-    cut = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
+    rec = [q["question"] for r in read_rows(shards8) for q in r["qa"] if q["task"] == "rec"]
+    longest_prompt = max(len(encode_prompt(tok, q)) for q in rec)  # BOS + prompt
+    cut_at = longest_prompt + 1                                      # one answer token left for every pair
+    cut = one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=cut_at), tok, pre)
     assert sorted(k for b in cut for k in b["keys"]) == sorted(k for b in full for k in b["keys"])   # all 8 kept
-    assert all(b["input_ids"].shape[1] == 8 for b in cut)
+    assert all(b["input_ids"].shape[1] == cut_at for b in cut)
+    assert all((b["labels"] != IGNORE_INDEX).sum(1).min() >= 1 for b in cut)
     assert sum(b["truncated"] for b in cut) == 8 and all(b["skipped"] == {} for b in cut)
+
+
+def test_samples_cut_before_their_answer_are_skipped_as_too_long(tmp_path, shards8, tok, pre):
+    with pytest.raises(DataError, match=r"8 of the first 8 rows gave no usable sample.*8 too_long .*--max-length"):
+        one_epoch(DataConfig(shards=[shards8], batch_size=4, max_length=8), tok, pre)
+    rows = read_rows(shards8)[:4]
+    for r in rows[:2]:                                               # a huge caption's phrase fills the prompt
+        for q in r["qa"]:
+            q["question"] = "Question: Where is the " + "very " * 60 + "big thing?"
+    write_shard(rows, str(tmp_path / "long.parquet"))
+    batches = one_epoch(DataConfig(shards=[str(tmp_path / "long.parquet")], batch_size=2, max_length=48,
+                                   qa_per_image=4, max_skip_fraction=1.0), tok, pre)
+    fits = {r["key"] for r in rows[2:]}
+    assert sum(b["skipped"].get("too_long", 0) for b in batches) == len(rows) - len(fits)
+    assert all((b["labels"] != IGNORE_INDEX).sum(1).min() >= 1 for b in batches)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -181,3 +217,26 @@ def test_packed_qa_pairs_share_one_image_pass_and_keep_their_masks(shards8, tok,
     answers = tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
     truth = {prompt_and_target(q.question, q.answer)[1] for q in row.qa if q.task == "rec"}
     assert answers.count("[[") == n_pairs and all(a in truth for a in answers.replace("]] [[", "]]| [[").split("|"))
+
+
+def test_a_row_group_that_does_not_read_names_its_file_or_is_skipped_and_counted(tmp_path, shards8, tok, pre):
+    """A valid footer over corrupt pages passes the open-time check; reading the group stops the run naming
+    the file, or with skip_bad_shards its rows are skipped as ``unreadable_row_group``."""
+    import pyarrow.parquet as pq
+
+    from grounding.schema import ShardError
+
+    bad = tmp_path / "pages.parquet"
+    data = bytearray(open(resolve_shards(shards8)[0], "rb").read())
+    chunk = pq.ParquetFile(resolve_shards(shards8)[0]).metadata.row_group(0).column(0)   # `key`'s pages
+    data[chunk.data_page_offset + 10: chunk.data_page_offset + chunk.total_compressed_size] = \
+        b"\x55" * (chunk.total_compressed_size - 10)
+    bad.write_bytes(bytes(data))
+    shards = [str(bad), resolve_shards(shards8)[1]]
+    with pytest.raises(ShardError, match=rf"{bad}: row group 0 does not read .*--skip-bad-shards"):
+        one_epoch(DataConfig(shards=shards, batch_size=2), tok, pre)
+    cfg = DataConfig(shards=shards, batch_size=2, skip_bad_shards=True, max_skip_fraction=1.0)
+    batches = list(itertools.islice(iter(GroundingBatches(cfg, tok, pre)), 3))  # a pass and a bit: all skips reported
+    good = {r["key"] for r in read_rows(shards[1])}
+    assert {k for b in batches for k in b["keys"]} <= good and len(batches) == 3
+    assert sum(b["skipped"].get("unreadable_row_group", 0) for b in batches) >= 4

@@ -9,6 +9,8 @@ import sys
 
 from helpers_train import make_shards
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -28,7 +30,8 @@ def test_two_process_gloo_ddp_stays_in_sync(tmp_path):
     start, end = log[0], log[-1]
     assert start["world_size"] == 2 and start["parallel"] == "ddp"
     assert end["event"] == "end" and end["step"] == 4
-    assert end["ranks_in_sync"] is True and end["rank_checksums"][0] == end["rank_checksums"][1]
+    assert end["ranks_in_sync"] is True and end["rank_digests"][0] == end["rank_digests"][1]
+    assert end["rank_weight_digests"][0] == end["rank_weight_digests"][1]          # DDP: full replicas
     assert sum("loss" in r for r in log) == 4
     state = json.loads(sorted((out / "checkpoints").iterdir())[-1].joinpath("trainer_state.json").read_text())
     r0, r1 = state["data_states"]
@@ -43,6 +46,43 @@ def test_two_process_fsdp_resumes_exactly(tmp_path):
     torchrun(tmp_path / "b", shards, "--parallel", "fsdp", "--deterministic", "true", "--stop-after", "2")
     resumed = torchrun(tmp_path / "b", shards, "--parallel", "fsdp", "--deterministic", "true")
     assert straight[0]["parallel"] == "fsdp" and straight[-1]["ranks_in_sync"] is True, straight
+    shard0, shard1 = straight[-1]["rank_weight_digests"]
+    assert shard0 != shard1                    # each rank hashed its own shard (nothing all-gathered)
     a, b = [r["loss"] for r in straight if "loss" in r], [r["loss"] for r in resumed if "loss" in r]
     assert a == b, (a, b)
     assert [r["event"] for r in resumed if "event" in r] == ["start", "end", "resume", "end"]
+
+
+def test_sync_check_sees_ranks_that_disagree(tmp_path):
+    """ranks_in_sync must be able to fail: rank 1 changes a buffer, its optimizer step count or its copy of a
+    weight after one step. DDP sees all three; FSDP sees the replicated ones (a shard has one owner), and
+    refuses at wrap time ranks that built different weights (FSDP2 never broadcasts them)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(HERE, "sync_worker.py"), str(tmp_path)]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([os.getcwd(), ENV.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1                                                     # every rank reaches the same verdict
+    verdict = {mode: {k: v["ranks_in_sync"] for k, v in r0[mode].items()} for mode in ("ddp", "fsdp")}
+    assert verdict == {"ddp": {"same": True, "buffer": False, "optimizer_step": False, "weight": False},
+                       "fsdp": {"same": True, "buffer": False, "optimizer_step": False, "weight": True}}
+    assert r0["fsdp"]["weight"]["rank_weight_digests"] != r0["fsdp"]["same"]["rank_weight_digests"]
+    assert "different weights before sharding" in r0["fsdp_different_start"]
+
+
+def test_torch_floor_is_the_tested_release():
+    """pyproject's torch floor is the release this suite runs on: a floor below it would claim untested releases."""
+    import re
+    from pathlib import Path
+
+    import torch
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    text = (Path(HERE).parents[1] / "pyproject.toml").read_text()
+    spec = SpecifierSet(re.search(r'"torch([^"]+)"', text).group(1))
+    floor = Version(next(s.version for s in spec if s.operator == ">="))
+    running = Version(torch.__version__.split("+")[0])
+    assert running in spec and (floor.major, floor.minor) == (running.major, running.minor), (str(spec), str(running))
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401  (needs >= 2.6)

@@ -90,7 +90,8 @@ def test_parse_split_globs():
 
 
 def test_cli_writes_report_and_picture_from_a_checkpoint(tmp_path, shards8, debug_model_config):
-    from model.train import debug, train
+    from model.train import train
+    from model.train_config import debug
     train(debug(out_dir=str(tmp_path / "run"), shards=[shards8], max_steps=2, save_every=0, ema_decay=0.5),
           model_config=debug_model_config)
     out = tmp_path / "report" / "val.json"
@@ -100,3 +101,125 @@ def test_cli_writes_report_and_picture_from_a_checkpoint(tmp_path, shards8, debu
     assert saved["n"] == 4 and set(saved["splits"]) == {"val"} and len(saved["results"]) == 4
     assert saved["checkpoint"]["weights"] == "ema" and saved["checkpoint"]["step"] == 2
     assert (tmp_path / "report" / "val.png").exists() and report["acc@0.5"] == saved["acc@0.5"]
+
+
+# --- the RefCOCO command line, end to end ------------------------------------------------------
+
+CONSTANT = [100, 200, 300, 400]   # the one answer the checkpoint below learns to give
+
+
+@pytest.fixture(scope="module")
+def constant_checkpoint(tmp_path_factory, debug_model_config):
+    """A checkpoint that answers every question with ``[[100,200,300,400]]``: its shards' REC answers
+    all hold that box, so its predictions are known and the Acc@0.5 of any truth can be worked out by hand."""
+    import dataclasses
+
+    import torch
+
+    from grounding.schema import write_shard
+    from grounding.world import truth_rows
+    from model.train import train
+    from model.train_config import wiring
+
+    root = tmp_path_factory.mktemp("constant")
+    rows = truth_rows(make_world(16, seed=31))
+    for r in rows:
+        r["qa"] = [{**q, "answer": format_answer([CONSTANT])} for q in r["qa"] if q["task"] == "rec"]
+    write_shard(rows, str(root / "shards" / "00000.parquet"))
+    mcfg = dataclasses.replace(debug_model_config, freeze_lm=False, lm_lr_mult=1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                 # module fixture: set up before the one_thread fixture
+    try:
+        train(wiring(out_dir=str(root / "run"), shards=[str(root / "shards")], max_steps=100, batch_size=8, lr=3e-3,
+                     warmup_steps=5, log_every=100, progress=False), model_config=mcfg)
+    finally:
+        torch.set_num_threads(threads)
+    return str(root / "run")
+
+
+def write_refcoco(root, world, designed: list[tuple[tuple[str, str], list[float]]]):
+    """The world's objects as RefCOCO refs (``refs(unc)`` converted to JSON: ``sent_ids``, ``sentences`` with
+    ``tokens``/``raw``/``sent``/``sent_id``, COCO-style ids and file names) and COCO instances; plus ``designed``
+    refs on the first image, ``((sentence, sentence), [x, y, w, h])``. Returns (refs, instances, images)."""
+    images_dir = root / "train2014"
+    images_dir.mkdir(parents=True)
+    images, anns, refs = [], [], []
+
+    def add_ref(image_id, file_name, bbox, sentences, split, category_id):
+        ann_id = 1719310 + len(anns)
+        anns.append({"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+                     "area": bbox[2] * bbox[3], "iscrowd": 0, "segmentation": [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1],
+                                                                               bbox[0] + bbox[2], bbox[1] + bbox[3]]]})
+        first = sum(len(r["sentences"]) for r in refs)
+        sents = [{"tokens": s.split(), "raw": s.capitalize(), "sent_id": first + k, "sent": s} for k, s in enumerate(sentences)]
+        refs.append({"sent_ids": [s["sent_id"] for s in sents], "file_name": f"{file_name[:-4]}_{ann_id}.jpg",
+                     "ann_id": ann_id, "ref_id": len(refs), "image_id": image_id, "split": split,
+                     "sentences": sents, "category_id": category_id})
+
+    for i, im in enumerate(world):
+        image_id = 581857 + 7 * i
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        (images_dir / file_name).write_bytes(im.jpeg())
+        images.append({"id": image_id, "file_name": file_name, "height": im.height, "width": im.width, "license": 1})
+        for o in im.objects:
+            x0, y0, x1, y1 = o.box
+            add_ref(image_id, file_name, [x0, y0, x1 - x0, y1 - y0], [o.phrase], "testB" if i % 3 else "train", 1)
+        if i == 0:
+            for sentences, bbox in designed:
+                add_ref(image_id, file_name, bbox, list(sentences), "testA", 1)
+    instances = {"info": {"description": "test world"}, "images": images, "annotations": anns,
+                 "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}]}
+    (root / "refs.json").write_text(json.dumps(refs))
+    (root / "instances.json").write_text(json.dumps(instances))
+    return root / "refs.json", root / "instances.json", images_dir
+
+
+def hand_iou(pred_norm, truth_xywh, width, height) -> float:
+    """IoU worked out here, apart from grounding.boxes: a 0..999 coordinate is the centre of its bin."""
+    px0, py0, px1, py1 = [(v + 0.5) * (width if k % 2 == 0 else height) / 1000 for k, v in enumerate(pred_norm)]
+    tx0, ty0, tx1, ty1 = truth_xywh[0], truth_xywh[1], truth_xywh[0] + truth_xywh[2], truth_xywh[1] + truth_xywh[3]
+    inter = max(0.0, min(px1, tx1) - max(px0, tx0)) * max(0.0, min(py1, ty1) - max(py0, ty0))
+    return inter / ((px1 - px0) * (py1 - py0) + truth_xywh[2] * truth_xywh[3] - inter)
+
+
+def test_refcoco_cli_end_to_end_matches_a_hand_computed_acc(constant_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    world = make_world(6, seed=41, size=(200, 100))
+    # On a 200 x 100 image the answer [[100,200,300,400]] is the pixel box (20.1, 20.05)-(60.1, 40.05), 40 x 20.
+    designed = [
+        (("red ball", "green ball"), [20, 20, 40, 20]),    # overlap 39.9 x 19.95 = 796.005, union 803.995: IoU 0.990, hit
+        (("blue box", "purple box"), [30, 20, 40, 20]),    # overlap 30.1 x 19.95 = 600.495, union 999.505: IoU 0.601, hit
+        (("orange kite", "red kite"), [40, 20, 40, 20]),   # overlap 20.1 x 19.95 = 400.995, union 1199.005: IoU 0.334, miss
+        (("yellow cone", "blue cone"), [150, 70, 40, 20]),  # no overlap: IoU 0, miss
+    ]
+    refs, instances, images = write_refcoco(tmp_path, world, designed)
+    out = tmp_path / "report" / "refcoco.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "model.evaluate", "--checkpoint", constant_checkpoint, "--refs", str(refs),
+                           "--instances", str(instances), "--images", str(images), "--splits", "testA", "testB",
+                           "--device", "cpu", "--batch-size", "8", "--out", str(out), "--pictures", "4"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (tmp_path / "report" / "refcoco.png").exists()
+
+    # the checkpoint answers its one box everywhere (else nothing below is known by hand)
+    assert [r["predicted"] for r in report["results"]] == [CONSTANT] * len(report["results"]), \
+        [r["answer"] for r in report["results"]][:5]
+    # testA: the designed refs, two sentences each: 2 hits of 4 refs -> 4 of 8 sentences
+    test_a = [r for r in report["results"] if r["split"] == "testA"]
+    assert [round(r["iou"], 3) for r in test_a] == [0.990, 0.990, 0.601, 0.601, 0.334, 0.334, 0.0, 0.0]
+    assert report["splits"]["testA"] == {"n": 8, "acc@0.5": 0.5, "mean_iou": pytest.approx((0.99005 + 0.60079 + 0.33444) / 4,
+                                                                                             abs=1e-4), "parse_failures": 0}
+    # testB: the world's own objects, scored by hand against the constant answer; "train" refs left out
+    truth = [(o.box, im) for i, im in enumerate(world) for o in im.objects if i % 3]
+    hand = [hand_iou(CONSTANT, [x0, y0, x1 - x0, y1 - y0], im.width, im.height) for (x0, y0, x1, y1), im in truth]
+    test_b = [r for r in report["results"] if r["split"] == "testB"]
+    assert len(test_b) == len(hand) and [r["iou"] for r in test_b] == pytest.approx(hand)
+    hits = 4 + sum(v >= 0.5 for v in hand)
+    assert report["n"] == 8 + len(hand) and report["acc@0.5"] == pytest.approx(hits / report["n"])
+    assert report["splits"]["testB"]["acc@0.5"] == pytest.approx(sum(v >= 0.5 for v in hand) / len(hand))

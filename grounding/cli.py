@@ -1,0 +1,59 @@
+"""How every command line of the project reports a user's mistake: one ``error: …`` line, exit code 2.
+
+A user error is something the person at the keyboard fixes by changing a flag or an input file: a
+glob that matches nothing, a rejects shard given as training data, a column name, a value out of
+range. Code raises :class:`UsageError` (or a subclass, e.g. :class:`grounding.schema.ShardError`)
+with a message that names the file and the flag to change; :func:`run_cli` prints it and exits 2,
+like argparse does for a malformed flag. Anything else is a bug and keeps its traceback.
+
+    if __name__ == "__main__":
+        sys.exit(run_cli(main))
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable, Mapping, Sequence
+
+USAGE_EXIT = 2
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its inputs; the message says what to change."""
+
+
+def flag_hint(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with the flags of the config fields it names: ``"batch_size must be >= 1"`` and
+    ``{"batch_size": "--batch-size"}`` give ``"batch_size must be >= 1 (flag --batch-size)"``."""
+    named = [flag for name, flag in flags.items() if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", message)]
+    named = list(dict.fromkeys(named))
+    return f"{message} (flag {', '.join(named)})" if named else message
+
+
+def field_flags(fields: Sequence[str], prefix: str = "") -> dict[str, str]:
+    """Dataclass field names -> their ``--kebab-case`` flags (``prefix`` for nested sections)."""
+    return {f: "--" + (prefix + f).replace("_", "-") for f in fields}
+
+
+def _one_line(message: str) -> str:
+    """The user's message out of a DataLoader worker's re-raised one (it appends the worker's traceback)."""
+    if "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)``; a :class:`UsageError` (or ``SystemExit("message")``) becomes ``error: message`` on
+    stderr and exit code 2. Returns ``main``'s int result (0 for anything else it returns)."""
+    try:
+        result = main(argv)
+    except UsageError as e:
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return USAGE_EXIT
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr)
+            return USAGE_EXIT
+        raise
+    return result if isinstance(result, int) else 0

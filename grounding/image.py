@@ -1,0 +1,107 @@
+"""Images, one way everywhere: decoding encoded bytes (header first, with the pixel limit), the reason a
+row's image is unusable, and the vision towers' transform (resize to a square, normalise).
+
+Used by the renderer (grounding.render), the detector (grounding.detect), the trainer's data
+(model.data), the evaluator (model.evaluate) and the model's vision tower (model.cogvlm), which ships
+its :class:`ImageTransform` so nobody re-implements normalisation.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 89_478_485          # PIL's decompression-bomb limit (img2dataset applies it too)
+
+# per-channel (mean, std) of the towers' training images, RGB in 0..1
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
+
+ImageSource = Union[bytes, str, os.PathLike]
+
+
+class ImageTooLarge(ValueError):
+    """The header declares more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def _open(source: ImageSource) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
+
+
+def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the encoded header, without decoding pixels.
+
+    Raises :class:`ImageTooLarge` when ``width * height > max_pixels`` (PIL's own bomb check maps to it
+    too) and PIL's errors for bytes that are not an image.
+    """
+    try:
+        with _open(source) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from e
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > {max_pixels}")
+    return w, h
+
+
+def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Encoded bytes (or a file) -> RGB image, the header's size checked before any pixel is decoded.
+
+    Raises :class:`ImageTooLarge` or PIL's error; :func:`try_decode_image` turns those into a reason.
+    """
+    image_header(source, max_pixels)
+    with _open(source) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def decode_failure(e: Exception) -> str:
+    """The reason a row carries for an image that did not decode: ``too_many_pixels`` or
+    ``corrupt_image: <ExceptionType>`` (the type only: PIL's messages hold object addresses, and skip
+    counts keyed by reason must stay few)."""
+    return "too_many_pixels" if isinstance(e, ImageTooLarge) else f"corrupt_image: {type(e).__name__}"
+
+
+def try_decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
+    """``(RGB image, None)`` or ``(None, reason)``: a broken image is data, not a crash."""
+    try:
+        return decode_image(source, max_pixels), None
+    except Exception as e:  # PIL raises many kinds for bad bytes
+        return None, decode_failure(e)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> ``(3, size, size)`` float32 tensor: RGB, bicubic resize to a square, normalised.
+
+    No crop and no padding: relative (0..999) box coordinates stay valid after the resize. Picklable, so
+    data-loader workers get their own copy. A vision tower owns one (``model.image_transform``).
+    """
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise ValueError(f"image size must be positive, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values each, std > 0")
+
+    def __call__(self, image: Image.Image):
+        import torch
+
+        img = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # (3, S, S)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
+
+    def batch(self, images: Sequence[Image.Image]):
+        import torch
+
+        return torch.stack([self(im) for im in images])  # (B, 3, S, S)

@@ -1,0 +1,56 @@
+"""grounding.image: one decoder (header checked against the pixel limit first), one reason vocabulary,
+one tower transform."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from grounding.image import (
+    CLIP_MEAN, CLIP_STD, MAX_PIXELS, ImageTooLarge, ImageTransform, decode_image, image_header, try_decode_image,
+)
+
+
+def png(w: int, h: int, color=(200, 30, 60), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color if mode == "RGB" else 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decodes_bytes_and_files_to_rgb(tmp_path):
+    data = png(40, 20, mode="L")
+    (tmp_path / "a.png").write_bytes(data)
+    for source in (data, str(tmp_path / "a.png")):
+        im = decode_image(source)
+        assert im.mode == "RGB" and im.size == (40, 20) and im.getpixel((3, 3)) == (128, 128, 128)
+
+
+def test_size_limit_is_read_from_the_header_before_decoding():
+    data = png(300, 200)
+    assert image_header(data, max_pixels=60_000) == (300, 200)
+    with pytest.raises(ImageTooLarge, match="300x200 = 60000 pixels > 59999"):
+        decode_image(data, max_pixels=59_999)
+    assert try_decode_image(data, max_pixels=59_999) == (None, "too_many_pixels")
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS                  # PIL's own bomb limit, defined once here
+
+
+def test_broken_bytes_give_a_short_reason_not_a_crash():
+    good = png(16, 16)
+    assert try_decode_image(b"not an image") == (None, "corrupt_image: UnidentifiedImageError")
+    assert try_decode_image(good[:60]) == (None, "corrupt_image: OSError")      # truncated after the header
+    image, reason = try_decode_image(good)
+    assert reason is None and image.size == (16, 16)
+
+
+def test_transform_resizes_without_crop_normalises_and_pickles():
+    t = ImageTransform(8)
+    x = t(Image.new("RGB", (90, 30), (255, 0, 128)))
+    expect = (torch.tensor([255, 0, 128]) / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert x.shape == (3, 8, 8)
+    torch.testing.assert_close(x[:, 4, 4], expect)
+    assert pickle.loads(pickle.dumps(t)) == t and t.batch([Image.new("RGB", (5, 5))] * 2).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError):
+        ImageTransform(0)
