@@ -9,11 +9,11 @@ returns the caption a reader would see::
     'Red square & blue circle'
 
 What it does, in order: literal control escapes become spaces; entities are decoded (only complete
-``&name;`` / ``&#123;`` / ``&#x1F;`` forms, so ``AT&T`` and ``&nothing`` stay as written; repeated
-while a pass changes something, at most 3 times); HTML tags and comments are removed (inline tags such
+``&name;`` / ``&#123;`` / ``&#x1F;`` forms, so ``AT&T`` and ``&nothing`` stay as written); HTML tags and comments are removed (inline tags such
 as ``<b>`` join their neighbours, other tags such as ``<br>`` separate words); control and format
 characters are dropped (tabs and line breaks become spaces); whitespace runs collapse to one space and
-the ends are trimmed; the result is Unicode NFC. Words, emoji, punctuation and case are kept: dropping
+the ends are trimmed; the result is Unicode NFC. The whole sequence repeats until a pass changes nothing
+(text escaped four times over still comes out clean), so cleaning a cleaned caption returns it unchanged. Words, emoji, punctuation and case are kept: dropping
 words is the phrase extractor's job, and the raw caption is stored beside the cleaned one.
 """
 from __future__ import annotations
@@ -32,16 +32,10 @@ TAG_RE = re.compile(r"<!--.*?-->|<\s*(/?)\s*([A-Za-z][A-Za-z0-9:-]*)(?:\s[^<>]*)
 # Escapes left in text by a bad export: "\n", "\t", "\0", "\x07", "\u200b" spelled out with a backslash.
 ESCAPE_RE = re.compile(r"\\(?:[0abfnrtv](?![0-9])|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
 WHITESPACE_RE = re.compile(r"\s+")
-MAX_ENTITY_PASSES = 3
 
 
 def _unescape_entities(text: str) -> str:
-    for _ in range(MAX_ENTITY_PASSES):
-        decoded = ENTITY_RE.sub(lambda m: html.unescape(m.group()), text)
-        if decoded == text:
-            break
-        text = decoded
-    return text
+    return ENTITY_RE.sub(lambda m: html.unescape(m.group()), text)
 
 
 def _strip_tags(text: str) -> str:
@@ -79,6 +73,15 @@ def clean_caption(text: str) -> str:
     collapsed, NFC. ``None`` or a non-string is a caller error (a shard row says why instead)."""
     if not isinstance(text, str):
         raise TypeError(f"clean_caption takes a str, got {type(text).__name__}")
+    for _ in range(len(text) + 1):       # bounded: a changing pass almost always shortens the text
+        cleaned = _clean_once(text)
+        if cleaned == text:
+            break
+        text = cleaned
+    return text
+
+
+def _clean_once(text: str) -> str:
     text = ESCAPE_RE.sub(_escape_repl, text)
     text = _strip_tags(text)             # real markup first: "<b>" in the raw text
     text = _unescape_entities(text)

@@ -53,4 +53,10 @@ def test_clean_caption_output_is_clean_and_stable(raw):
     assert out == out.strip() and "  " not in out
     assert not any(unicodedata.category(c) == "Cc" for c in out)
     assert unicodedata.is_normalized("NFC", out)
-    assert clean_caption(out) == out or "&" in out or "<" in out or "\\" in out  # idempotent unless text decodes further
+    assert clean_caption(out) == out      # idempotent: what build_record checks (caption_not_clean)
+
+
+def test_escaped_many_times_over_still_cleans_to_a_fixed_point():
+    raw = "&amp;amp;amp;amp;lt;b&amp;amp;amp;amp;gt;red ball&amp;amp;amp;amp; a box"
+    assert clean_caption(raw) == "red ball& a box"
+    assert clean_caption(clean_caption(raw)) == clean_caption(raw)
