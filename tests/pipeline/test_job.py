@@ -150,18 +150,21 @@ def test_killed_job_resumes_to_the_clean_result(clean_run, world_server, tmp_pat
     proc = subprocess.Popen(python_cmd(*argv), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     seen_partial = []
 
-    def first_shard_written():
-        shards = killed / "shards"
-        names = [n for n in os.listdir(shards) if n.endswith(".parquet")] if shards.exists() else []
-        for n in names:  # anything visible under a shard name must be a complete Parquet file
-            try:
-                pq.read_metadata(shards / n)
-            except Exception as e:  # noqa: BLE001
-                seen_partial.append((n, repr(e)))
-        return names
+    def first_shard_finished():
+        """A shard's rejects file (written after its grounding shard) exists; nothing partial is visible."""
+        names = {}
+        for sub in ("shards", "rejects"):
+            d = killed / sub
+            names[sub] = [n for n in os.listdir(d) if n.endswith(".parquet")] if d.exists() else []
+            for n in names[sub]:  # anything visible under a shard name must be a complete Parquet file
+                try:
+                    pq.read_metadata(d / n)
+                except Exception as e:  # noqa: BLE001
+                    seen_partial.append((n, repr(e)))
+        return names["rejects"]
 
     try:
-        assert wait_for(first_shard_written, timeout=200, interval=0.01), (tmp_path / "killed.log").read_text()[-3000:]
+        assert wait_for(first_shard_finished, timeout=200, interval=0.01), (tmp_path / "killed.log").read_text()[-3000:]
     finally:
         kill_tree(proc)
         log.close()
