@@ -294,25 +294,41 @@ def run(args) -> dict:
     argvs = [[me, *args.argv, "--task", f"{s}:{v}", "--task-out", str(o)] for (s, v), o in zip(tasks, outs)]
     t0 = time.perf_counter()
     learnlib.run_tasks(argvs, args.jobs, [o.with_suffix(".log") for o in outs])
-    runs = [json.loads(o.read_text()) for o in outs]
+    return collect(args, [json.loads(o.read_text()) for o in outs], conditions, round(time.perf_counter() - t0, 1))
+
+
+def collect(args, runs: list[dict], conditions: dict, wall_s: float | None) -> dict:
+    """The proof's JSON from its finished runs (one per seed and variant) and the baselines of each seed."""
     base = {}
-    for s in args.seeds:
+    for s in sorted({r["seed"] for r in runs}):
         data = learnlib.proof_data(args.work, s, {"train": args.train_images, "dev": args.dev_images,
                                                   "test": args.test_images}, overrides=overrides(args))
         base[str(s)] = {split: learnlib.baselines([data["train_multi"]], data[f"{split}_multi"]) for split in ("dev", "test")}
-    result = {"tier": "generalise", "recipe": "pretrained LM (text only), then stage 1 + stage 2 with the LM "
-                                               + ("FROZEN" if args.freeze_lm else "unfrozen"),
-              **conditions, "wall_s_total": round(time.perf_counter() - t0, 1),
-              "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-              "config": {k: v for k, v in vars(args).items() if k not in ("argv", "task", "task_out")},
-              "summary": summarize(runs, base), "baselines": base,
-              "baselines_mean": {split: {k: learnlib.spread([base[s][split][k] for s in base])["mean"]
-                                         for k in ("mean_box_acc@0.5", "random_object_acc@0.5")} for split in ("dev", "test")},
-              "diagnosis": DIAGNOSIS, "tried": TRIED, "runs": runs,
-              "note": "Two runs at a time (one thread each) on a 2-core machine shared with other engineers' work: "
-                      "wall times are noisy, cpu_s is the process's own. dev = the split watched while developing; "
-                      "test = never used for a decision."}
-    return result
+    return {"tier": "generalise", "recipe": "pretrained LM (text only), then stage 1 + stage 2 with the LM "
+                                            + ("FROZEN" if args.freeze_lm else "unfrozen"),
+            **conditions, "wall_s_total": wall_s,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "config": {k: v for k, v in vars(args).items() if k not in ("argv", "task", "task_out", "from_tasks")},
+            "seeds_completed": sorted({r["seed"] for r in runs}),
+            "summary": summarize(runs, base), "baselines": base,
+            "baselines_mean": {split: {k: learnlib.spread([base[s][split][k] for s in base])["mean"]
+                                       for k in ("mean_box_acc@0.5", "random_object_acc@0.5")} for split in ("dev", "test")},
+            "diagnosis": DIAGNOSIS, "tried": TRIED, "runs": runs,
+            "note": "Two runs at a time (one thread each) on a 2-core machine shared with other engineers' work: "
+                    "wall times are noisy, train_cpu_s is the process's own. dev = the split watched while developing; "
+                    "test = never used for a decision."}
+
+
+def from_tasks(args) -> dict:
+    """``--from-tasks RUN_ID``: the JSON of a run whose parent did not finish (session over, killed), from
+    the per-run files its children wrote (``work/tasks/RUN_ID-*.json``); which seeds completed is recorded."""
+    files = sorted((Path(args.work) / "tasks").glob(f"{args.from_tasks}-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no finished runs {args.from_tasks}-*.json under {args.work}/tasks")
+    runs = [json.loads(f.read_text()) for f in files]
+    conditions = learnlib.run_conditions("learn_generalise.py", args.argv, args.threads)
+    conditions["collected_from"] = [str(f) for f in files]
+    return collect(args, runs, conditions, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/learn_generalise")
     p.add_argument("--out", default=str(learnlib.RESULTS / "learn_generalise.json"))
+    p.add_argument("--from-tasks", metavar="RUN_ID", help="write the JSON from the finished runs of an interrupted run")
     p.add_argument("--task", help=argparse.SUPPRESS)       # SEED:VARIANT, one run (the parent's children)
     p.add_argument("--task-out", help=argparse.SUPPRESS)
     return p
@@ -365,7 +382,7 @@ def main(argv=None) -> dict:
         learnlib.write_json(args.task_out, result)
         print(json.dumps({k: v for k, v in result.items() if k not in ("curves", "pretrain")}), flush=True)
         return result
-    result = run(args)
+    result = from_tasks(args) if args.from_tasks else run(args)
     learnlib.write_json(args.out, result)
     print(json.dumps(result["summary"], indent=1))
     return result
