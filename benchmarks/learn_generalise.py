@@ -189,7 +189,8 @@ def text_only_logits(model, texts: list[tuple[str, str]]) -> torch.Tensor:
     was = model.training
     model.eval()
     ids, mask = model.tokenize_prompts([f"{q} {a}" for q, a in texts], add_eos=True)
-    logits = model(ids, mask).logits
+    dev = model.lm_head.weight.device
+    logits = model(ids.to(dev), mask.to(dev)).logits
     model.train(was)
     return logits
 
@@ -218,11 +219,12 @@ def run_one(seed: int, variant: str, args) -> dict:
     mcfg = VisualExpertConfig(lm=lm, vision=vit, shallow=VARIANTS[variant], freeze_lm=args.freeze_lm,
                               freeze_vision=args.freeze_vision, lm_lr_mult=1.0, seed=seed)
     probe_texts = qa_texts(data["dev_multi"])[:32]
-    before = text_only_logits(VisualExpertForCausalLM.from_config(mcfg), probe_texts)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    before = text_only_logits(VisualExpertForCausalLM.from_config(mcfg).to(device), probe_texts).cpu()
     run_dir = Path(args.work) / "runs" / f"{variant}-s{seed}-{os.getpid()}"
     common = dict(batch_size=args.batch_size, lr=args.lr, min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0,
                   max_length=args.max_length, qa_per_image=args.qa_per_image, pack_qa=True, save_every=0,
-                  keep_last=1, eval_batch_size=64, seed=seed, progress=False, resume="none")
+                  keep_last=1, eval_batch_size=64, seed=seed, progress=False, resume="none", device=device)
     t0, c0 = time.perf_counter(), time.process_time()
     stages, init = [], None
     if args.stage1_steps:
@@ -241,7 +243,7 @@ def run_one(seed: int, variant: str, args) -> dict:
     stages.append(("stage2", run_dir / "stage2", args.stage2_steps))
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     model = summary["model"]
-    after = text_only_logits(model, probe_texts)
+    after = text_only_logits(model, probe_texts).cpu()
     result = {"seed": seed, "variant": variant, "dev": learnlib.score(model, data["dev_multi"]),
               "test": learnlib.score(model, data["test_multi"]),
               "dev_one_object": learnlib.score(model, data["dev_one"]),
@@ -366,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-shards")
     p.add_argument("--test-shards")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available (bf16 autocast there, as the trainer does)")
     p.add_argument("--work", default="/tmp/learn_generalise")
     p.add_argument("--out", default=str(learnlib.RESULTS / "learn_generalise.json"))
     p.add_argument("--from-tasks", metavar="RUN_ID", help="write the JSON from the finished runs of an interrupted run")
