@@ -62,7 +62,7 @@ DIAGNOSIS = [
     "(held-out one-object Acc@0.5 0.98 visual expert / 0.83 shallow), so the tower's spatial signal and the reading "
     "of location were there; stage 2 (which object the phrase names) did not happen in time. On seed 0 stage 2 "
     "emerged abruptly late in a 5000-step cosine schedule (0.14 at step 2000 -> 0.52 at 3500 -> 0.59 at 5000); "
-    "seed 1 ended at 0.256, where seed 0 stood at ~step 2500. So the cause is the schedule: a fixed budget that "
+    "seed 1 ended at 0.256, where seed 0 stood at ~step 2500. So the likely cause (not verified by a re-run) is the schedule: a fixed budget that "
     "ends around the emergence point of phrase binding, whose timing varies with seed (data order, init, world), "
     "with the learning rate already decayed when it would start. A recipe is robust only with a budget well past "
     "emergence on every seed, which this session's CPU share could not pay for.",
