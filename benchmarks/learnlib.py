@@ -171,6 +171,45 @@ def check_disjoint(data: dict[str, str]) -> None:
                 raise ValueError(f"splits {a} and {b} share {len(by_split[a] & by_split[b])} image keys")
 
 
+# --- the wiring world: answers that depend on the image ------------------------------------------
+
+SAME_KINDS = (("red", "ball"), ("blue", "box"), ("green", "kite"))
+
+
+def same_objects_world(n_images: int, seed: int = 0, blank: bool = False) -> list:
+    """``n_images`` 64x64 images that all hold the same three objects (SAME_KINDS) at fresh, non-overlapping
+    places: each question has ``n_images`` different answers, so text alone can learn one box per phrase at
+    best. ``blank=True``: the same captions, boxes and QA pairs, every picture a uniform grey (the control)."""
+    import random
+
+    from PIL import Image
+
+    from grounding.world import WorldImage, WorldObject
+
+    class BlankImage(WorldImage):
+        def render(self) -> Image.Image:
+            return Image.new("RGB", (self.width, self.height), (128, 128, 128))
+
+    rng = random.Random(seed)
+    world = []
+    for i in range(n_images):
+        objects: list = []
+        while len(objects) < len(SAME_KINDS):
+            colour, shape = SAME_KINDS[len(objects)]
+            side = rng.randint(14, 24)
+            x0, y0 = rng.randint(0, 64 - side), rng.randint(0, 64 - side)
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(box[2] <= o.box[0] or o.box[2] <= box[0] or box[3] <= o.box[1] or o.box[3] <= box[1] for o in objects):
+                objects.append(WorldObject(shape, colour, box))
+        caption = "A red ball, a blue box and a green kite"
+        pos = 0
+        for o in objects:
+            o.start = caption.lower().index(o.named, pos)
+            o.end = pos = o.start + len(o.named)
+        world.append((BlankImage if blank else WorldImage)(f"w{i:04d}", 64, 64, "white", caption, objects))
+    return world
+
+
 # --- baselines and scoring -------------------------------------------------------------------------
 
 def baselines(train_dirs: Sequence[str], eval_dir: str) -> dict:

@@ -9,46 +9,18 @@ blank grey one, measures exactly that; real images must beat it by a wide margin
 """
 from __future__ import annotations
 
-import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers_train import one_thread  # noqa: F401  (one torch thread: the tiny matrices only spin on two)
-from PIL import Image
 
-from grounding.world import WorldImage, WorldObject, write_truth_shards
+from grounding.world import WorldImage, write_truth_shards
 from model.train import TrainConfig, train
 
-KINDS = (("red", "ball"), ("blue", "box"), ("green", "kite"))
-
-
-class BlankImage(WorldImage):
-    """The same caption, boxes and QA pairs; the picture is a uniform grey."""
-
-    def render(self) -> Image.Image:
-        return Image.new("RGB", (self.width, self.height), (128, 128, 128))
-
-
-def same_objects_world(n_images: int, seed: int = 0, blank: bool = False) -> list[WorldImage]:
-    """``n_images`` 64x64 images, each with the three KINDS at fresh, non-overlapping places."""
-    rng = random.Random(seed)
-    world = []
-    for i in range(n_images):
-        objects: list[WorldObject] = []
-        while len(objects) < len(KINDS):
-            colour, shape = KINDS[len(objects)]
-            side = rng.randint(14, 24)
-            x0, y0 = rng.randint(0, 64 - side), rng.randint(0, 64 - side)
-            box = (x0, y0, x0 + side, y0 + side)
-            if all(box[2] <= o.box[0] or o.box[2] <= box[0] or box[3] <= o.box[1] or o.box[3] <= box[1] for o in objects):
-                objects.append(WorldObject(shape, colour, box))
-        caption = "A red ball, a blue box and a green kite"
-        pos = 0
-        for o in objects:
-            o.start = caption.lower().index(o.named, pos)
-            o.end = pos = o.start + len(o.named)
-        world.append((BlankImage if blank else WorldImage)(f"w{i:04d}", 64, 64, "white", caption, objects))
-    return world
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from learnlib import SAME_KINDS as KINDS, same_objects_world  # noqa: E402  (shared with benchmarks/learn_wiring.py)
 
 
 @pytest.fixture(scope="module")
