@@ -55,7 +55,7 @@ def save_small_detector(path: str) -> str:
     import torch
     from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
 
-    from grounding.detect import save_tokenizer_and_processor
+    from grounding.testing import save_tokenizer_and_processor
 
     tokenizer = save_tokenizer_and_processor(path, 480, 640)
     config = GroundingDinoConfig(

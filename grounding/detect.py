@@ -50,9 +50,6 @@ from PIL import Image
 
 from grounding.boxes import strip_article
 from grounding.image import decode_image
-# re-exports while pipeline/job.py, tests/pipeline, benchmarks/bench_*.py, detector/train.py and --save-tiny
-# import the fixtures from here; new code imports grounding.testing
-from grounding.testing import save_tiny_detector, save_tokenizer_and_processor, tiny_detector_config  # noqa: F401
 from grounding.cli import UsageError, field_flags, flag_hint, run_cli
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
@@ -598,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = ap.parse_args(argv)
     if args.save_tiny:
+        from grounding.testing import save_tiny_detector
         print(save_tiny_detector(args.save_tiny))
         return 0
     try:

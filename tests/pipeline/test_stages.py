@@ -125,7 +125,7 @@ def test_min_boxes_rule_and_expression_inherits_chunk(world, world_files, phrase
 
 
 def test_tiny_transformers_detector_stage(world, tmp_path, phrase_stage):
-    from grounding.detect import save_tiny_detector
+    from grounding.testing import save_tiny_detector
 
     model = save_tiny_detector(str(tmp_path / "tiny"))
     detect = DetectStage(DetectorConfig(model=model, box_threshold=0.0, text_threshold=0.0, batch_size=2))
