@@ -13,6 +13,7 @@ from typing import Any
 
 from grounding.dedup import DedupConfig, parse_eval_sets
 from grounding.detect import DetectorConfig
+from grounding.image import MAX_PIXELS
 from grounding.phrases import PhraseConfig
 from grounding.source import FilterConfig, SourceConfig
 from pipeline.download import DownloadConfig
@@ -64,7 +65,7 @@ class JobConfig:
     min_boxes: int = 2                 # CogVLM / GRIT keep images with at least two boxes
     rec_template: str = "default"
     caption_template: str = "default"
-    max_pixels: int = 89_478_485       # decompression-bomb guard, checked from the header before decoding
+    max_pixels: int = MAX_PIXELS       # decompression-bomb guard, checked from the header before decoding
     overwrite: bool = False            # replace an output folder that holds a run with another config
 
     def __post_init__(self):

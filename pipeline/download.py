@@ -36,6 +36,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grounding.image import MAX_PIXELS
 from grounding.source import check_url
 
 CARRIED_COLUMNS = ["sample_key", "source_shard", "source_row"]
@@ -53,7 +54,7 @@ class DownloadConfig:
     resize_only_if_bigger: bool = True
     encode_format: str = "jpg"
     encode_quality: int = 95
-    max_image_area: float = 89_478_485     # PIL's decompression-bomb limit, applied by img2dataset too
+    max_image_area: float = MAX_PIXELS     # PIL's decompression-bomb limit, applied by img2dataset too
     user_agent_token: str | None = None
     # X-Robots-Tag directives that opt an image out (img2dataset's default); [] fetches regardless
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])

@@ -27,6 +27,7 @@ from importlib import metadata
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
 from grounding.dedup import REASON_EVAL_OVERLAP, eval_set_of
 from grounding.detect import DetectorConfig

@@ -13,15 +13,14 @@ Reject reasons and whether they count as filtered or failed: :mod:`grounding.rea
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Sequence
 
 import pyarrow as pa
-from PIL import Image
 
 from grounding.boxes import normalize_box
 from grounding.captions import clean_caption
+from grounding.image import MAX_PIXELS, ImageTooLarge, decode_image, image_header
 from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
@@ -60,27 +59,7 @@ def _fail(row: dict, stage: str, reason: str, error: str | None = None) -> dict:
 
 # --- 1. downloads in, cheap image checks --------------------------------------------------------
 
-class ImageTooLarge(ValueError):
-    """The header declares more pixels than allowed (a decompression bomb, or just too big)."""
-
-
-def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """``(width, height)`` from the encoded header, without decoding pixels.
-
-    Raises :class:`ImageTooLarge` when ``width * height > max_pixels`` (checked before any load;
-    PIL's own bomb check also maps to it) and PIL's errors for bytes that are not an image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(str(e)) from e
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > {max_pixels}")
-    return w, h
-
-
-def admit_downloads(batch: pa.Table, max_pixels: int = 89_478_485, min_aspect: float = 1 / 6,
+def admit_downloads(batch: pa.Table, max_pixels: int = MAX_PIXELS, min_aspect: float = 1 / 6,
                     max_aspect: float = 6.0) -> pa.Table:
     """img2dataset rows -> :data:`WORK_SCHEMA`: failed downloads marked, image headers checked."""
     out = []
@@ -182,14 +161,6 @@ class PhraseStage:
 
 # --- 3. boxes -------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Full decode to RGB, after the header's size was checked against ``max_pixels``."""
-    image_header(data, max_pixels)
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
-
-
 def detection_targets(phrases: list[dict]) -> list[int]:
     """Indices of the phrases the detector is asked about: chunks; an expression inherits its chunk's boxes."""
     return [i for i, p in enumerate(phrases) if source_chunk(phrases, i) == i]
@@ -205,7 +176,7 @@ def source_chunk(phrases: list[dict], i: int) -> int:
 class DetectStage:
     """Boxes for each row's phrases; the detector (or annotation index) is loaded once per actor."""
 
-    def __init__(self, config=None, max_pixels: int = 89_478_485):
+    def __init__(self, config=None, max_pixels: int = MAX_PIXELS):
         from grounding.detect import BoxDetector
 
         self.detector = BoxDetector(config)
