@@ -212,7 +212,7 @@ def detector_only(config, downloads: str) -> tuple:
 
     from grounding.detect import BoxDetector
     from grounding.phrases import PhraseExtractor
-    from pipeline.stages import detection_targets
+    from grounding.schema import detection_targets, phrase_prompt
 
     rows = []
     for name in sorted(os.listdir(downloads)):
@@ -224,10 +224,10 @@ def detector_only(config, downloads: str) -> tuple:
     for r, res in zip(rows, extractor([r["caption"] for r in rows])):
         if not res.phrases:
             continue
-        phrases = [dict(s.to_dict(), chunk=s.chunk) for s in res.phrases]
+        phrases = [s.to_dict() for s in res.phrases]
         with Image.open(io.BytesIO(r["jpg"])) as im:
             images.append(im.convert("RGB"))
-        prompts.append([phrases[i]["prompt"] or phrases[i]["text"] for i in detection_targets(phrases)])
+        prompts.append([phrase_prompt(phrases[i]) for i in detection_targets(phrases)])
         keys.append(r["sample_key"])
     return images, prompts, keys, BoxDetector(config.detector)
 

@@ -347,6 +347,7 @@ def section_job(cfg: SuiteConfig, tmp: Path) -> dict:
     import pyarrow.parquet as pq
 
     from grounding.detect import BoxDetector, DetectorConfig
+    from grounding.schema import phrase_prompt
     from grounding.world import WorldServer, make_world, write_world
     from pipeline import build_grounding
 
@@ -373,7 +374,7 @@ def section_job(cfg: SuiteConfig, tmp: Path) -> dict:
             if "images" not in state:  # the detector-only side's input: the job's own images and prompts
                 rows = table.to_pylist()
                 state["images"] = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
-                state["prompts"] = [list(dict.fromkeys((p["prompt"] or p["text"]) for p in r["phrases"]
+                state["prompts"] = [list(dict.fromkeys(phrase_prompt(p) for p in r["phrases"]
                                                        if p["kind"] == "chunk")) for r in rows]
 
         def detector_only():

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from grounding.detect import box_ious
+from grounding.schema import phrase_prompt
 
 Box = tuple[float, float, float, float]
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -163,7 +164,7 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
             continue
         w, h = info["width"], info["height"]
         phrases = list(row["phrases"] or [])
-        prompts = [p.get("prompt") or p["text"] for p in phrases]
+        prompts = [phrase_prompt(p) for p in phrases]
         truths = index.lookup(key, prompts)
         asked = set()
         for p, prompt, truth in zip(phrases, prompts, truths):

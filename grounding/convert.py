@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 
 from grounding.boxes import NORM, denormalize_box, normalize_box
 from grounding.records import build_record
+from grounding.schema import phrase_prompt
 
 FORMATS = ("coco", "odvg", "grit")
 ANNOTATION_FILES = {"coco": "annotations.json", "odvg": "odvg.jsonl", "grit": "grit.jsonl"}
@@ -75,7 +76,7 @@ class ConvertResult:
 
 def phrase_name(phrase: Mapping[str, Any]) -> str:
     """The category / region name of a phrase: its detector prompt, else its text, lower case."""
-    return " ".join(str(phrase.get("prompt") or phrase["text"]).lower().split())
+    return " ".join(str(phrase_prompt(phrase)).lower().split())
 
 
 def _pixel_box(box: list[int], width: int, height: int) -> list[float]:

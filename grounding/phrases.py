@@ -116,11 +116,6 @@ def debug() -> PhraseConfig:
     return PhraseConfig(batch_size=32)
 
 
-def fast() -> PhraseConfig:
-    """Throughput preset for a large job: two processes, big batches."""
-    return PhraseConfig(batch_size=512, n_process=2)
-
-
 @dataclass
 class PhraseSpan:
     text: str          # == caption[start:end]
@@ -133,7 +128,7 @@ class PhraseSpan:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "start": self.start, "end": self.end, "head": self.head,
-                "kind": self.kind, "prompt": self.prompt}
+                "kind": self.kind, "prompt": self.prompt, "chunk": self.chunk}
 
 
 @dataclass
@@ -1144,8 +1139,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-chars", type=int, default=d.max_chars)
     ap.add_argument("--no-ner", action="store_true",
                     help="skip NER (faster; places, dates, organisations and named people are then not recognised)")
-    ap.add_argument("--chunk-index", action="store_true",
-                    help="also write each phrase's `chunk`: the index of the chunk whose boxes it inherits")
     args = ap.parse_args(argv)
     try:
         config = PhraseConfig(model=args.model, max_phrases=args.max_phrases, expressions=not args.no_expressions,
@@ -1158,11 +1151,7 @@ def main(argv=None) -> int:
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for res in extractor.stream(captions):
-            d = res.to_dict()
-            if args.chunk_index:
-                for pd, p in zip(d["phrases"], res.phrases):
-                    pd["chunk"] = p.chunk
-            out.write(json.dumps(d, ensure_ascii=False) + "\n")
+            out.write(json.dumps(res.to_dict(), ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

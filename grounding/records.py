@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from grounding.boxes import CAPTION_TEMPLATES, format_answer, format_question, grounded_caption
 from grounding.captions import clean_caption
+from grounding.schema import phrase_prompt
 
 REASON_TOO_FEW_BOXES = "too_few_boxes"
 REASON_CAPTION_NOT_CLEAN = "caption_not_clean"
@@ -42,7 +43,7 @@ def build_record(*, key: str, caption: str, image: bytes, width: int, height: in
     cap = CAPTION_TEMPLATES[caption_template]
     qa = [{"task": "caption", "question": cap.question, "answer": cap.answer.format(caption=caption), "phrase_index": None}]
     for i, p in enumerate(kept):
-        qa.append({"task": "rec", "question": format_question(p.get("prompt") or p["text"], rec_template),
+        qa.append({"task": "rec", "question": format_question(phrase_prompt(p), rec_template),
                    "answer": format_answer(p["boxes_norm"], rec_template), "phrase_index": i})
     chunks = [(p["start"], p["end"], p["boxes_norm"]) for p in kept if p["kind"] == "chunk"]
     row = {"key": key, "url": url, "caption": caption, "caption_raw": caption_raw, "width": width, "height": height,

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from grounding.boxes import denormalize_box
 from grounding.image import try_decode_image
+from grounding.schema import phrase_prompt
 
 RGB = tuple[int, int, int]
 BLACK: RGB = (0, 0, 0)
@@ -93,7 +94,7 @@ def load_font(size: int) -> ImageFont.ImageFont:
 
 def phrase_label(phrase: Mapping[str, Any]) -> str:
     """What a box is called on the picture: the detector prompt, else the caption text."""
-    return (phrase.get("prompt") or phrase["text"]).strip()
+    return phrase_prompt(phrase).strip()
 
 
 @dataclass

@@ -20,7 +20,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -105,6 +105,26 @@ class Phrase:
     prompt: str | None = None
     boxes_norm: list[list[int]] = field(default_factory=list)
     det_scores: list[float] = field(default_factory=list)
+
+
+# --- rules over a row's phrase list (dicts with the Phrase fields; "chunk" while in the pipeline) -------
+
+def phrase_prompt(phrase: Mapping[str, Any]) -> str:
+    """What the detector and the REC question name: the phrase's prompt, else its text."""
+    return phrase.get("prompt") or phrase["text"]
+
+
+def source_chunk(phrases: Sequence[Mapping[str, Any]], i: int) -> int:
+    """The phrase whose boxes phrase ``i`` takes: an expression inherits its head chunk's, a chunk its own."""
+    c = phrases[i].get("chunk")
+    if phrases[i].get("kind") == "expression" and isinstance(c, int) and 0 <= c < len(phrases) and c != i:
+        return c
+    return i
+
+
+def detection_targets(phrases: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of the phrases the detector is asked about (the others inherit, :func:`source_chunk`)."""
+    return [i for i in range(len(phrases)) if source_chunk(phrases, i) == i]
 
 
 @dataclass

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from grounding.boxes import denormalize_box, box_iou, format_question, try_parse_boxes
 from grounding.cli import UsageError, run_cli
+from grounding.schema import phrase_prompt
 
 THRESHOLD = 0.5
 
@@ -142,7 +143,7 @@ def shard_examples(shards: Sequence[str], split: str = "held_out", limit: int | 
                         skipped[f"bad_truth: {reason}"] += 1
                         continue
                     pi, phrases = q.get("phrase_index"), row["phrases"] or []
-                    phrase = ((phrases[pi].get("prompt") or phrases[pi]["text"]) if pi is not None and 0 <= pi < len(phrases)
+                    phrase = (phrase_prompt(phrases[pi]) if pi is not None and 0 <= pi < len(phrases)
                               else q["question"])
                     out.append(RecExample(row["key"], split, q["question"], phrase, [tuple(b) for b in boxes],
                                           "norm", row["width"], row["height"], image_bytes=row["image"]))

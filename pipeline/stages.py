@@ -23,7 +23,7 @@ from grounding.captions import clean_caption
 from grounding.image import MAX_PIXELS, ImageTooLarge, decode_image, image_header
 from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
-from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA
+from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, detection_targets, phrase_prompt, source_chunk
 from pipeline.download import OPTED_OUT_MESSAGE
 
 PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
@@ -150,28 +150,11 @@ class PhraseStage:
             elif not res.phrases:
                 _fail(r, "phrases", res.reason or "no_noun_phrases")
             else:
-                phrases = []
-                for span in res.phrases:
-                    p = span.to_dict()
-                    p["chunk"] = getattr(span, "chunk", None)
-                    phrases.append(p)
-                r["phrases"] = json.dumps(phrases)
+                r["phrases"] = json.dumps([span.to_dict() for span in res.phrases])
         return _table(rows, WORK_SCHEMA)
 
 
 # --- 3. boxes -------------------------------------------------------------------------------------
-
-def detection_targets(phrases: list[dict]) -> list[int]:
-    """Indices of the phrases the detector is asked about: chunks; an expression inherits its chunk's boxes."""
-    return [i for i, p in enumerate(phrases) if source_chunk(phrases, i) == i]
-
-
-def source_chunk(phrases: list[dict], i: int) -> int:
-    c = phrases[i].get("chunk")
-    if phrases[i].get("kind") == "expression" and isinstance(c, int) and 0 <= c < len(phrases) and c != i:
-        return c
-    return i
-
 
 class DetectStage:
     """Boxes for each row's phrases; the detector (or annotation index) is loaded once per actor."""
@@ -197,7 +180,7 @@ class DetectStage:
             idx = detection_targets(phrases)
             todo.append((r, phrases, idx))
             images.append(image)
-            prompts.append([phrases[i].get("prompt") or phrases[i]["text"] for i in idx])
+            prompts.append([phrase_prompt(phrases[i]) for i in idx])
         try:
             results = self.detector(images, prompts, keys=[r["key"] for r, _, _ in todo]) if todo else []
         except Exception as e:  # noqa: BLE001 - the detector isolates images itself; this is a last guard

@@ -392,7 +392,7 @@ def test_cli_reads_stdin_and_writes_json_lines(monkeypatch, capsys):
     assert [d["caption"] for d in lines] == ["A dog in a field of flowers", "", "Stock photo"]
     first = lines[0]
     assert set(first) == {"caption", "phrases", "reason"} and first["reason"] is None
-    assert set(first["phrases"][0]) == {"text", "start", "end", "head", "kind", "prompt"}
+    assert set(first["phrases"][0]) == {"text", "start", "end", "head", "kind", "prompt", "chunk"}
     assert [(p["text"], p["kind"]) for p in first["phrases"]][:2] == [("A dog", "chunk"),
                                                                       ("A dog in a field of flowers", "expression")]
     assert lines[1]["reason"] == "empty_caption" and lines[2]["reason"] == "boilerplate_only"
@@ -402,7 +402,7 @@ def test_cli_reads_a_parquet_column(tmp_path, capsys):
     path = tmp_path / "laion.parquet"
     pq.write_table(pa.table({"TEXT": ["Photo of a red ball and a yellow cone", None], "URL": ["u1", "u2"]}), path)
     out = tmp_path / "phrases.jsonl"
-    assert main(["--parquet", str(path), "--column", "TEXT", "--no-expressions", "--chunk-index", "-o", str(out)]) == 0
+    assert main(["--parquet", str(path), "--column", "TEXT", "--no-expressions", "-o", str(out)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["prompt"] for p in lines[0]["phrases"]] == ["red ball", "yellow cone"]
     assert [p["chunk"] for p in lines[0]["phrases"]] == [0, 1]
