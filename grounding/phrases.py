@@ -111,7 +111,7 @@ class PhraseConfig:
         self.extra_nonvisual = tuple(w.strip().lower() for w in words)
 
 
-def debug() -> PhraseConfig:
+def small_batches() -> PhraseConfig:
     """Tiny batches for tests."""
     return PhraseConfig(batch_size=32)
 
@@ -261,7 +261,7 @@ def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
     return [(s, e) for s, e in merged], bool(urls), bool(boiler)
 
 
-def clean_caption(caption: str, lowercase_titles: bool = True) -> CleanText:
+def parse_view(caption: str, lowercase_titles: bool = True) -> CleanText:
     """The caption as the parser should see it, with an offset map back to the caption.
 
     HTML entities are decoded (``&amp;`` -> ``&``); HTML tags, URLs, file names and boilerplate
@@ -386,7 +386,7 @@ MIN_LETTERS = 2
 MAX_WORD_CHARS = 30  # a longer "word" is a hash, a glued hashtag run or noise, not a noun
 # Captions are mostly verbless fragments ("Lighthouse on a rocky cliff"), which a parser trained on
 # sentences mis-tags (initial "Lighthouse" as a verb). Parsing them inside a sentence frame (and with
-# the first word lower-cased, see clean_caption) fixes some of that; token offsets are shifted back by
+# the first word lower-cased, see parse_view) fixes some of that; token offsets are shifted back by
 # the frame's length, and no phrase is taken from the frame itself. PhraseConfig(sentence_frame=False)
 # turns it off: the two extra tokens cost ~20 % of the parse for ~0.005-0.01 of head-noun precision and
 # recall on the tuning sets (lower-casing the first word does most of the work).
@@ -1037,7 +1037,7 @@ class PhraseExtractor:
             return CaptionPhrases(caption, [], "empty_caption"), None, ""
         head = truncate_caption(caption, self.config.max_chars)
         truncated = len(head) < len(caption)
-        clean = clean_caption(head, self.config.lowercase_titles)
+        clean = parse_view(head, self.config.lowercase_titles)
         if not WORD_RE.search(clean.text):
             reason = "url_only" if clean.masked_url else "boilerplate_only" if clean.masked_boilerplate else "no_words"
             return CaptionPhrases(caption, [], reason, truncated), None, ""

@@ -13,7 +13,6 @@ Reject reasons and whether they count as filtered or failed: :mod:`grounding.rea
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import pyarrow as pa
@@ -27,6 +26,8 @@ from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, dete
 from pipeline.download import OPTED_OUT_MESSAGE
 
 PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
+# a phrase between the stages: the shard's typed record (boxes filled in by the detect stage) + its chunk
+WORK_PHRASE_TYPE = pa.struct([f.with_nullable(True) for f in PHRASE_TYPE] + [pa.field("chunk", pa.int32())])
 
 _STATUS = [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("error", pa.string())]
 
@@ -42,7 +43,7 @@ WORK_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("original_width", pa.int32()),
     pa.field("original_height", pa.int32()),
-    pa.field("phrases", pa.string()),         # JSON list of phrase dicts (PHRASE_TYPE fields + "chunk")
+    pa.field("phrases", pa.list_(WORK_PHRASE_TYPE)),
     *_STATUS,
 ])
 OUTPUT_SCHEMA = pa.schema([f.with_nullable(True) for f in GROUNDING_SCHEMA] + _STATUS)
@@ -150,7 +151,7 @@ class PhraseStage:
             elif not res.phrases:
                 _fail(r, "phrases", res.reason or "no_noun_phrases")
             else:
-                r["phrases"] = json.dumps([span.to_dict() for span in res.phrases])
+                r["phrases"] = [span.to_dict() for span in res.phrases]
         return _table(rows, WORK_SCHEMA)
 
 
@@ -166,6 +167,8 @@ class DetectStage:
         self.max_pixels = max_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from grounding.detect import image_error   # loaded with the detector in __init__
+
         rows = batch.to_pylist()
         attempted = [r for r in rows if r["stage"] is None]
         todo, images, prompts = [], [], []
@@ -176,7 +179,7 @@ class DetectStage:
                 _fail(r, "decode", "decode_error", f"{type(e).__name__}: {e}")
                 r["image"] = None
                 continue
-            phrases = json.loads(r["phrases"])
+            phrases = r["phrases"]
             idx = detection_targets(phrases)
             todo.append((r, phrases, idx))
             images.append(image)
@@ -189,7 +192,7 @@ class DetectStage:
             if isinstance(res, Exception):
                 _fail(r, "detect", "detect_error", f"{type(res).__name__}: {res}")
                 continue
-            err = next((pb.error for pb in res if pb.error and not pb.error.startswith("phrase_")), None)
+            err = image_error(res)
             if err is not None:
                 _fail(r, "detect", err.split(":", 1)[0].strip() or "detect_error", err)
                 continue
@@ -199,7 +202,7 @@ class DetectStage:
                 found[i] = ([list(normalize_box(b, w, h)) for b in pb.boxes], [float(s) for s in pb.scores])
             for i, p in enumerate(phrases):
                 p["boxes_norm"], p["det_scores"] = found.get(source_chunk(phrases, i), ([], []))
-            r["phrases"] = json.dumps(phrases)
+            r["phrases"] = phrases
         return _table(rows, WORK_SCHEMA)
 
 
@@ -212,7 +215,7 @@ def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
     for r in batch.to_pylist():
         status = {"stage": r["stage"], "reason": r["reason"], "error": r["error"]}
         if r["stage"] is None:
-            phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in json.loads(r["phrases"])]
+            phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in r["phrases"]]
             record, reason = build_record(
                 key=r["key"], caption=r["caption"], caption_raw=r["caption_raw"], image=r["image"],
                 width=r["width"], height=r["height"],

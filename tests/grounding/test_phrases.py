@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from grounding.captions import clean_caption as clean_text
 from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan,
-                               clean_caption, debug, detect_non_english, head_counts, main, nonvisual_nouns,
-                               precision_recall)
+                               parse_view, detect_non_english, head_counts, main, nonvisual_nouns,
+                               precision_recall, small_batches)
 
 DATA = Path(__file__).parent / "data"
 # Floors, about 0.02 under what the extractor reaches (`python benchmarks/eval_phrases.py` prints the figures and
@@ -33,7 +33,7 @@ FLOORS = {
 
 @pytest.fixture(scope="module")
 def extractor() -> PhraseExtractor:
-    return PhraseExtractor(debug())
+    return PhraseExtractor(small_batches())
 
 
 def one(extractor, caption: str) -> CaptionPhrases:
@@ -266,9 +266,9 @@ def test_any_text_gives_consistent_results(extractor, captions):
         assert_consistent(r)
 
 
-def test_clean_caption_offset_map():
+def test_parse_view_offset_map():
     cap = "Salt &amp; pepper  shakers, stock photo"
-    c = clean_caption(cap)
+    c = parse_view(cap)
     assert c.display == "Salt & pepper shakers,"
     s, e = c.span(0, len("Salt & pepper shakers"))
     assert cap[s:e] == "Salt &amp; pepper  shakers"

@@ -132,7 +132,6 @@ def test_tiny_transformers_detector_stage(world, tmp_path, phrase_stage):
     batch = detect(phrase_stage(world_batch(world, 3)))
     rows = batch.to_pylist()
     assert [r["stage"] for r in rows] == [None, None, None]
-    import json
     for r in rows:
-        boxes = [b for p in json.loads(r["phrases"]) for b in p["boxes_norm"]]
+        boxes = [b for p in r["phrases"] for b in p["boxes_norm"]]
         assert boxes and all(len(b) == 4 and 0 <= min(b) and max(b) <= 999 for b in boxes)
