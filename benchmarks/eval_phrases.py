@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grounding.captions import clean_caption  # noqa: E402
-from grounding.phrases import PhraseConfig, PhraseExtractor, head_counts, precision_recall  # noqa: E402
+from grounding.phrase_quality import head_counts, precision_recall  # noqa: E402
+from grounding.phrases import PhraseConfig, PhraseExtractor  # noqa: E402
 
 DATA = ROOT / "tests" / "grounding" / "data"
 SETS = {"clean_dev": "labelled_captions.jsonl", "clean_heldout": "labelled_captions_heldout.jsonl",

@@ -10,7 +10,8 @@ For each caption, :class:`PhraseExtractor` returns the phrases a detector should
   or masked boilerplate; only expressions not contained in another are kept. An expression points
   at its head chunk (``PhraseSpan.chunk``), whose boxes it inherits.
 
-What a careful dataset builder drops (each list is package data in ``grounding/data/``):
+What a careful dataset builder drops (each list is package data in ``grounding/data/``, read by
+:mod:`grounding.lexicon`):
 
 - pronouns, determiner-only chunks, numbers, prices, dates, model numbers, units, one-letter heads;
 - non-visual heads (``nonvisual.txt``: the image frame itself, time, commerce, units, abstract
@@ -29,11 +30,11 @@ What a careful dataset builder drops (each list is package data in ``grounding/d
 - Title-Case product titles are read lexically (:func:`_title_chunks`, ``title_words.txt``): one product
   per run of object nouns in each part of the title.
 
-The parser reads a cleaned copy of the caption (entities decoded, tags, emoji and control
-characters turned into spaces, boilerplate removed, Title-Case product titles lower-cased, all
-inside a "There is ..." sentence frame, because captions are verbless fragments a sentence-trained
-parser mis-tags). :class:`CleanText` keeps an offset map back to the caption, so every span is a
-span of the original caption: ``caption[start:end] == text`` always.
+The parser reads a cleaned copy of the caption (:mod:`grounding.parse_view`: entities decoded, tags,
+emoji and control characters turned into spaces, boilerplate removed, Title-Case product titles
+lower-cased), inside a "There is ..." sentence frame, because captions are verbless fragments a
+sentence-trained parser mis-tags. :class:`CleanText` keeps an offset map back to the caption, so every
+span is a span of the original caption: ``caption[start:end] == text`` always.
 
 Captions longer than ``PhraseConfig.max_chars`` (default 2,000; LAION captions are rarely over
 300) are cut at the last space before that limit and only the kept prefix is parsed; the result
@@ -51,15 +52,15 @@ Command line (one JSON line per caption)::
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import re
 import sys
-import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from typing import Iterable, Iterator, Sequence
+
+from grounding.lexicon import (attribute_words, frame_nouns, nonvisual_nouns, person_roles, quantity_nouns,
+                               title_words)
+from grounding.parse_view import PRICE_RE, WORD_RE, CleanText, detect_non_english, parse_view, truncate_caption
 
 # Every CaptionPhrases.reason there is (None when there are phrases).
 REASONS = ("empty_caption", "not_text", "url_only", "boilerplate_only", "no_words", "non_english",
@@ -140,238 +141,6 @@ class CaptionPhrases:
 
     def to_dict(self) -> dict:
         return {"caption": self.caption, "phrases": [p.to_dict() for p in self.phrases], "reason": self.reason}
-
-
-# --- word lists (package data) -----------------------------------------------------------------
-
-def read_word_list(name: str) -> tuple[str, ...]:
-    """A ``grounding/data/<name>`` list: one entry a line, ``#`` comments, blank lines ignored."""
-    text = resources.files("grounding").joinpath("data", name).read_text(encoding="utf-8")
-    return tuple(line.split("#", 1)[0].strip().lower() for line in text.splitlines()
-                 if line.split("#", 1)[0].strip())
-
-
-@lru_cache(maxsize=1)
-def nonvisual_nouns() -> frozenset[str]:
-    return frozenset(read_word_list("nonvisual.txt"))
-
-
-@lru_cache(maxsize=1)
-def attribute_words() -> frozenset[str]:
-    return frozenset(read_word_list("attributes.txt"))
-
-
-@lru_cache(maxsize=1)
-def quantity_nouns() -> frozenset[str]:
-    return frozenset(read_word_list("quantities.txt"))
-
-
-@lru_cache(maxsize=1)
-def person_roles() -> frozenset[str]:
-    return frozenset(read_word_list("person_roles.txt"))
-
-
-@lru_cache(maxsize=1)
-def title_words() -> frozenset[str]:
-    return frozenset(read_word_list("title_words.txt"))
-
-
-@lru_cache(maxsize=1)
-def frame_nouns() -> frozenset[str]:
-    return frozenset(read_word_list("frames.txt"))
-
-
-@lru_cache(maxsize=1)
-def boilerplate_pattern() -> re.Pattern:
-    phrases = sorted(read_word_list("boilerplate.txt"), key=len, reverse=True)
-    alts = [r"[\s\-_.]*".join(re.escape(w) for w in p.split()) for p in phrases]
-    # "Size 10", "size: XL" are shop boilerplate too; so are bare site suffixes like "| Etsy".
-    alts.append(r"size\s*:?\s*(?:\d+(?:[.,]\d+)?|x*[sml]|xx?l)")
-    return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
-
-
-HASHTAG_RE = re.compile(r"(?<![\w#@&])[#@][^\W_][\w.]*(?<![.])")  # "#dogsofinstagram", "@jane.doe"
-SPACED_SEPARATOR_RE = re.compile(r"(?<=\s)([-–—|•·~]+)(?=\s)")
-CREDIT_RE = re.compile(r"\(?\b(?:REUTERS|AFP|AP|EPA|Getty Images|Xinhua|Anadolu|Bloomberg)(?: Photo)?\s*/\s*[\w.' -]+\)?")
-URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b", re.IGNORECASE)
-FILE_RE = re.compile(
-    r"(?<![\w])[\w\-.()]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg|pdf|html?|php|aspx?|mp4|mov)(?![\w])"
-    r"|(?<![\w])(?:img|dsc|dscn|dscf|pxl|mvimg|vid|screenshot)[_\-]?\d[\w\-]*(?![\w])", re.IGNORECASE)
-TAG_RE = re.compile(r"<[^<>]{0,200}>")
-ENTITY_RE = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,30});")
-WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
-PRICE_RE = re.compile(r"[$€£¥]|\b(?:usd|eur|gbp)\b", re.IGNORECASE)
-
-# Function words that mark a caption in another Latin-script language (words that are also
-# English or common in English names, e.g. "a", "de", "la", "die", "in", are left out).
-FOREIGN_FUNCTION_WORDS = frozenset("""
-der das und mit im ein eine einem einer eines auf für von zu ist nicht dem des beim vom zum zur über unter
-le les une avec dans sur pour est du au aux sous chez et des ce cette sont
-el los las con en por para y del una unos unas es muy sobre entre
-il gli della delle degli con per di è nel nella sul sulla uno
-os um uma com em dos das na nas ao pelo pela
-het een met op voor bij naar ook niet
-och att med på för är
-""".split())
-ENGLISH_FUNCTION_WORDS = frozenset("""
-the a an of with and in on at for to from by is are was this that these those his her their its
-my your our over under near next behind into onto while who which as or but
-""".split())
-
-
-# --- cleaning with an offset map ------------------------------------------------------------------
-
-@dataclass
-class CleanText:
-    """A caption made parseable, with the way back: cleaned character ``i`` came from
-    ``caption[starts[i]:ends[i]]``, so a cleaned span ``[s, e)`` is the caption span
-    ``[starts[s], ends[e - 1])``."""
-    text: str            # what spaCy parses (maybe lower-cased)
-    display: str         # the same characters in their original case: what prompts are read from
-    starts: list[int]
-    ends: list[int]
-    masked_url: bool = False
-    masked_boilerplate: bool = False
-    title: bool = False  # a Title-Case product title (parsed lower-cased)
-
-    def span(self, start: int, end: int) -> tuple[int, int]:
-        """The caption span of the cleaned span ``[start, end)``."""
-        return self.starts[start], self.ends[end - 1]
-
-
-MASK = "\n"  # what a masked URL / file name / boilerplate run becomes: a break the parser sees
-
-
-def _is_noise_char(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return cat in ("Cc", "Cf", "Cs", "Co", "Cn", "So", "Sk", "Mn", "Me", "Zl", "Zp") or (cat == "Zs" and ch != " ")
-
-
-def _masked_regions(text: str) -> tuple[list[tuple[int, int]], bool, bool]:
-    """Sorted, merged ``[start, end)`` runs to drop: URLs, file names, boilerplate."""
-    urls = [m.span() for rx in (URL_RE, FILE_RE) for m in rx.finditer(text)]
-    breaks = [m.span(1) for m in SPACED_SEPARATOR_RE.finditer(text)]  # "Board - Custom Gift": a break, not a flag
-    boiler = [m.span() for rx in (boilerplate_pattern(), HASHTAG_RE, CREDIT_RE) for m in rx.finditer(text)]
-    merged: list[list[int]] = []
-    for s, e in sorted(urls + boiler + breaks):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return [(s, e) for s, e in merged], bool(urls), bool(boiler)
-
-
-def parse_view(caption: str, lowercase_titles: bool = True) -> CleanText:
-    """The caption as the parser should see it, with an offset map back to the caption.
-
-    HTML entities are decoded (``&amp;`` -> ``&``); HTML tags, URLs, file names and boilerplate
-    ("stock photo", "free shipping", site names) become a line break; control characters, emoji
-    and odd spaces become spaces; runs of spaces collapse to one. Title-Case or ALL-CAPS captions
-    are lower-cased, and so is a first word like "Lighthouse", which the tagger would call a verb.
-    """
-    plain = caption.isascii() and caption.isprintable()  # the common case: no character needs a look-up
-    base = caption if plain else "".join(" " if _is_noise_char(ch) else ch for ch in caption)
-    if "<" in base:
-        base = TAG_RE.sub(lambda m: " " * len(m.group()), base)  # "<b>Red</b> car": tags are spaces
-    regions, masked_url, masked_boilerplate = _masked_regions(base)
-    if plain and not regions and "&" not in base and "  " not in base and base == base.strip():
-        return _finish(base, list(range(len(base))), list(range(1, len(base) + 1)), False, False, lowercase_titles)
-    entities = {m.start(): m for m in ENTITY_RE.finditer(base)}
-    chars: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-
-    def emit(ch: str, s: int, e: int) -> None:
-        if ch.isspace() and ch != MASK and (not chars or chars[-1].isspace()):
-            if chars and chars[-1] == " ":
-                ends[-1] = e
-            return  # collapse spaces; drop leading ones
-        if ch == MASK and chars and chars[-1] == " ":
-            chars[-1], ends[-1] = MASK, e
-            return
-        chars.append(ch)
-        starts.append(s)
-        ends.append(e)
-
-    i, r = 0, 0
-    while i < len(base):
-        if r < len(regions) and i >= regions[r][0]:
-            emit(MASK, regions[r][0], regions[r][1])
-            i = regions[r][1]
-            r += 1
-            continue
-        m = entities.get(i)
-        if m is not None and (r >= len(regions) or m.end() <= regions[r][0]):
-            decoded = html.unescape(m.group())
-            if decoded != m.group() and len(decoded) == 1:
-                emit(" " if _is_noise_char(decoded) or decoded.isspace() else decoded, m.start(), m.end())
-                i = m.end()
-                continue
-        ch = base[i]
-        emit(" " if ch.isspace() else ch, i, i + 1)
-        i += 1
-    while chars and chars[-1].isspace():
-        chars.pop(), starts.pop(), ends.pop()
-    return _finish("".join(chars), starts, ends, masked_url, masked_boilerplate, lowercase_titles)
-
-
-def _finish(display: str, starts: list[int], ends: list[int], masked_url: bool, masked_boilerplate: bool,
-            lowercase_titles: bool) -> CleanText:
-    title = _is_title_like(display)
-    if lowercase_titles and title:
-        parse = "".join(c.lower() if len(c.lower()) == 1 else c for c in display)
-    else:
-        parse = _lower_first_word(display)
-    return CleanText(parse, display, starts, ends, masked_url, masked_boilerplate, title)
-
-
-FIRST_WORDS_RE = re.compile(r"^\W*([^\W\d_])([^\W\d_]*)\W+([^\W\d_]?)")
-
-
-def _lower_first_word(text: str) -> str:
-    """"Lighthouse on a cliff" -> "lighthouse on a cliff" (but not "Taylor Swift", "LED lights")."""
-    m = FIRST_WORDS_RE.match(text)
-    if not m or not m.group(1).isupper() or not m.group(2).islower() or m.group(3).isupper():
-        return text
-    i = m.start(1)
-    low = text[i].lower()
-    return text[:i] + low + text[i + 1:] if len(low) == 1 else text
-
-
-TITLE_UNIT_RE = re.compile(r"inch(?:es)?|pcs|pieces|pack|lbs|ounces?|feet|months|years|yards|meters|count", re.IGNORECASE)
-
-
-def _is_title_like(text: str) -> bool:
-    """Product-title casing ("Mens Running Shoes Size 10") or shouting ("LED STRIP LIGHTS")."""
-    words = [w for w in WORD_RE.findall(text) if len(w) > 3 and w.lower() not in ENGLISH_FUNCTION_WORDS
-             and not TITLE_UNIT_RE.fullmatch(w)]
-    if len(words) < 3:
-        return False
-    upper = sum(w.isupper() for w in words)
-    capital = sum(any(c.isupper() for c in w) for w in words)  # "iPhone" counts
-    return upper >= 0.8 * len(words) or capital == len(words)
-
-
-def detect_non_english(text: str) -> bool:
-    """Mostly non-Latin letters, or more foreign than English function words (Latin script)."""
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return False
-    latin = sum(1 for c in letters if c < "\u0250" or "\u1e00" <= c <= "\u1eff")
-    if latin < 0.5 * len(letters):
-        return True
-    words = [w.lower() for w in WORD_RE.findall(text)]
-    foreign = sum(w in FOREIGN_FUNCTION_WORDS for w in words)
-    english = sum(w in ENGLISH_FUNCTION_WORDS for w in words)
-    return foreign >= 2 and foreign > 2 * english
-
-
-def truncate_caption(caption: str, max_chars: int) -> str:
-    """``caption`` cut to at most ``max_chars`` characters, at the last space when one is near."""
-    if len(caption) <= max_chars:
-        return caption
-    cut = caption.rfind(" ", max_chars - 200, max_chars)
-    return caption[: cut if cut > 0 else max_chars]
 
 
 # --- extraction over one parsed caption ----------------------------------------------------------
@@ -1082,27 +851,6 @@ class PhraseExtractor:
             return extract_phrases(doc, caption, clean, self.config, self.lexicon, truncated)
         except Exception:  # noqa: BLE001 - errors are data
             return CaptionPhrases(caption, [], "parse_error", truncated)
-
-
-# --- quality against labels -------------------------------------------------------------------------
-
-def head_counts(results: Sequence[CaptionPhrases], rows: Sequence[dict]) -> dict[str, int]:
-    """True/false positives and misses of chunk head lemmas against labelled rows
-    (``{"heads": [...], "optional": [...]}``: optional heads count neither way), per caption as sets."""
-    tp = fp = fn = 0
-    for row, res in zip(rows, results, strict=True):
-        pred = {p.head for p in res.phrases if p.kind == "chunk"}
-        gold, optional = set(row["heads"]), set(row.get("optional", ()))
-        tp += len(pred & gold)
-        fp += len(pred - gold - optional)
-        fn += len(gold - pred)
-    return {"tp": tp, "fp": fp, "fn": fn}
-
-
-def precision_recall(counts: dict[str, int]) -> tuple[float, float]:
-    """Head-noun precision and recall from :func:`head_counts` (1.0 when there is nothing to count)."""
-    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    return (tp / (tp + fp) if tp + fp else 1.0), (tp / (tp + fn) if tp + fn else 1.0)
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grounding.captions import clean_caption as clean_text
-from grounding.phrases import (REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan,
-                               parse_view, detect_non_english, head_counts, main, nonvisual_nouns,
-                               precision_recall, small_batches)
+from grounding.lexicon import nonvisual_nouns
+from grounding.parse_view import detect_non_english, parse_view
+from grounding.phrase_quality import head_counts, precision_recall
+from grounding.phrases import REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, main, small_batches
 
 DATA = Path(__file__).parent / "data"
 # Floors, about 0.02 under what the extractor reaches (`python benchmarks/eval_phrases.py` prints the figures and
