@@ -34,11 +34,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from benchmarks.measure import interleaved, load_now, machine, paired_ratios, spread, write_result  # noqa: E402
+from benchmarks.measure import PEAK_BF16_TFLOPS, interleaved, load_now, machine, paired_ratios, spread, write_result  # noqa: E402
 from model import testing as tiny  # noqa: E402
 from model.cogvlm import DTYPES, VisualExpertConfig, VisualExpertForCausalLM  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense
 
 
 @dataclass

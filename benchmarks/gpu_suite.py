@@ -62,14 +62,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.measure import interleaved, load_now, machine, paired_ratios, spread  # noqa: E402
+from benchmarks.measure import PEAK_BF16_TFLOPS, interleaved, load_now, machine, paired_ratios, spread  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("detector", "feeding", "job", "training", "evaluation")
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, no sparsity); the first name found in the device name wins
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H20": 148.0,
-                    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
-                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "A6000": 155.0}
 PROMPT_16 = ["red ball", "blue box", "green kite", "yellow star", "white cup", "black hat", "orange chair",
              "purple umbrella", "brown dog", "grey cat", "wooden table", "small boat", "tall tree",
              "person on the left", "car in the background", "sky"]  # ~50 BERT tokens

@@ -121,3 +121,10 @@ def write_result(path: str | os.PathLike, result: dict, quick: bool, headline: d
 
 def command(script: str, argv) -> str:
     return f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+# A GPU's dense bf16 peak (TFLOP/s) for MFU, by a substring of torch.cuda.get_device_name(): more
+# specific names first ("H100 PCIe" before "H100"). Pass --peak-tflops for anything else.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H20": 148.0,
+                    "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
+                    "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "A6000": 155.0}

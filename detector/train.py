@@ -38,6 +38,7 @@ import torch
 from detector.data import Collator, Example, batches, load_examples
 from detector.evaluate import evaluate_detector
 from detector.loss import detection_loss
+from grounding.cli import apply_flags
 
 
 @dataclass
@@ -333,14 +334,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     args.pop("config", None)
     for section in ("data", "model", "optim"):
         base.setdefault(section, {})
-    for k, v in args.items():
-        if v is None:
-            continue
-        if "." in k:
-            s, name = k.split(".", 1)
-            base[s][name] = v
-        else:
-            base[k] = v
+    apply_flags(base, args)
     return TrainConfig(**{k: v for k, v in base.items() if k not in ("data", "model", "optim")},
                        data=DataConfig(**base["data"]), model=ModelConfig(**base["model"]),
                        optim=OptimConfig(**base["optim"]))

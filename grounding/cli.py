@@ -43,6 +43,19 @@ def _one_line(message: str) -> str:
     return message
 
 
+def apply_flags(base: dict, flags: Mapping[str, object]) -> dict:
+    """Overlay parsed flags on a config dict: ``"section.field"`` or ``"field"`` -> value (``None``: not given)."""
+    for dest, value in flags.items():
+        if value is None:
+            continue
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            base.setdefault(section, {})[name] = value
+        else:
+            base[dest] = value
+    return base
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call ``main(argv)``; a :class:`UsageError` (or ``SystemExit("message")``) becomes ``error: message`` on
     stderr and exit code 2. Returns ``main``'s int result (0 for anything else it returns)."""

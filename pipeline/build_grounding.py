@@ -29,7 +29,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from grounding.cli import UsageError, flag_hint, run_cli  # noqa: E402
+from grounding.cli import UsageError, apply_flags, flag_hint, run_cli  # noqa: E402
 from grounding.schema import read_footer  # noqa: E402
 from grounding.source import list_sources, resolve_column  # noqa: E402
 from pipeline.config import JobConfig  # noqa: E402
@@ -103,14 +103,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[JobConfig, SampleConfig | 
         base = {f.name: dataclasses.asdict(f.default_factory()) if f.default_factory is not dataclasses.MISSING
                 else f.default for f in dataclasses.fields(JobConfig)}
     base.pop("config_hash", None)
-    for dest, value in args.items():
-        if value is None:
-            continue
-        if "." in dest:
-            section, name = dest.split(".", 1)
-            base[section][name] = value
-        else:
-            base[dest] = value
+    apply_flags(base, args)
     return JobConfig.from_dict(with_sample_annotations(base) if sample is not None else base), sample
 
 
