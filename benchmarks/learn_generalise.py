@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,10 +79,18 @@ TRIED = [
     "(earlier round, LM from scratch and unfrozen) sin/cos + lr 1e-3 + one-object stage 1 (3000) + stage 2 (5000): visual "
     "expert 0.587 vs shallow 0.243 on seed 0, but 0.256 vs 0.175 on seed 1 (below the random object, 0.337): the "
     "recipe was not robust (issue 19).",
-    "(this round, pilots on seed 1, dev split only, stopped early for compute) pretrained LM frozen, tower trainable, "
+    "(round 2, pilots on seed 1, dev split only, stopped early for compute) pretrained LM frozen, tower trainable, "
     "lr 1e-3: stage-1 dev one-object Acc@0.5 0.02 at 500 steps (two runs); tower frozen, lr 2e-3: 0.01 at 500, 0.06 "
     "at 750, 0.11 at 1000, stage 2 at 0.01 after 250 steps. The final run uses the frozen tower at lr 2e-3.",
-    "(this round) budget: the machine gave each process ~13% of a core (load average 10-16 on 2 cores), so a "
+    "(round 3, pilots on seed 1, dev split only, frozen LM + frozen tower) stage-1 one-object dev Acc@0.5 at 1000 "
+    "steps: lr 2e-3 0.11, lr 5e-3 0.32, lr 1e-2 0.00; lr 5e-3 for 3000 steps 0.45, then stage 2 (3000 steps) stayed at "
+    "0.01 for both variants (the LM never binds the phrase to an image token). In-context lookup pretraining "
+    "(--pretrain-lookup 0.5: texts listing each object's box before the question; the LM copies 63% of answer tokens "
+    "teacher-forced) let shallow learn stage 1 (0.18 vs 0.02 at 1500) but stage 2 stayed at 0.02-0.05; 4x4-pixel "
+    "patches (--patch-size 4, 64 image tokens) raised stage 1 to 0.50 at 1500 steps, stage 2 still 0.01-0.02 at 1500; "
+    "the same with a 3000-step, 0.75-lookup LM: stage 1 0.02 (stage 1 itself depends on the frozen LM it gets); "
+    "training the tower (lr 2e-3): stage 1 0.02. No frozen-LM setting tried bound phrases to objects in stage 2.",
+    "(round 2) budget: the machine gave each process ~13% of a core (load average 10-16 on 2 cores), so a "
     "3-seed x 2-variant run had to fit ~3 CPU-minutes per run: 600 stage-1 + 500 stage-2 steps, far short of the "
     "previous round's 3000 + 5000 (a first attempt at 800 + 700 was stopped: it would have ended after the session).",
 ]
@@ -102,8 +111,54 @@ def qa_texts(folder: str) -> list[tuple[str, str]]:
     return out
 
 
-def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[str, str]], args, seed: int) -> None:
-    """A random Llama (+ the world tokenizer) trained as a plain LM on ``BOS question answer EOS`` texts."""
+def qa_groups(folder: str) -> list[list[tuple[str, str]]]:
+    """The (question, answer) pairs of each image of a shards folder, grouped by image; no images read."""
+    import pyarrow.parquet as pq
+
+    from model.data import resolve_shards
+
+    return [[(q["question"], q["answer"]) for q in qa] for p in resolve_shards([folder])
+            for qa in pq.read_table(p, columns=["qa"]).column("qa").to_pylist() if qa]
+
+
+PHRASE_OF = re.compile(r"^Where is the (.+)\?$")
+
+
+def lookup_text(group: list[tuple[str, str]], rng: random.Random) -> tuple[str, str, str]:
+    """``(context, question, answer)``: a text that lists each named thing of an image with its box, then
+    asks for one of them. Text only, no image: it teaches the LM to look a named thing's coordinates up
+    in its context and copy them, the in-context retrieval a pretrained LLM brings to CogVLM."""
+    items = [(m.group(1), a) for q, a in group if (m := PHRASE_OF.match(q))] or [(q, a) for q, a in group]
+    rng.shuffle(items)
+    context = "; ".join(f"the {phrase} {answer}" for phrase, answer in items) + "."
+    q, a = rng.choice(group)
+    return context, q, a
+
+
+@torch.no_grad()
+def lookup_accuracy(lm, tok, cqas: list[tuple[str, str, str]], encode_lookup) -> float:
+    """Teacher-forced accuracy of the LM on the answer tokens of lookup texts (1.0: it copies every box)."""
+    from model.data import prompt_and_target
+
+    lm.eval()
+    hits = total = 0
+    for context, q, a in cqas:
+        ids = encode_lookup((context, q, a))
+        n_answer = len(tok(prompt_and_target(q, a)[1], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        logits = lm(input_ids=torch.tensor([ids])).logits[0]
+        pred = logits[-n_answer - 1:-1].argmax(-1)
+        hits += int((pred == torch.tensor(ids[-n_answer:])).sum())
+        total += n_answer
+    lm.train()
+    return round(hits / max(1, total), 4)
+
+
+def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[str, str]], args, seed: int,
+                groups: list[list[tuple[str, str]]] | None = None,
+                dev_groups: list[list[tuple[str, str]]] | None = None) -> None:
+    """A random Llama (+ the world tokenizer) trained as a plain LM on ``BOS question answer EOS`` texts and,
+    for a ``--pretrain-lookup`` share of each batch, on ``BOS context question answer EOS`` lookup texts
+    (:func:`lookup_text`) made from ``groups``."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from model.data import IGNORE_INDEX, encode_qa
@@ -115,6 +170,11 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
     lm = LlamaForCausalLM.from_pretrained(str(out))
     encode = lambda pairs: [encode_qa(tok, q, a, args.max_length)[0] for q, a in pairs]  # noqa: E731
     train_ids, dev_ids = encode(texts), encode(dev_texts[:512])
+
+    def encode_lookup(cqa: tuple[str, str, str]) -> list[int]:
+        context, q, a = cqa
+        qa_ids = encode_qa(tok, q, a, args.max_length)[0]
+        return (qa_ids[:1] + tok(context, add_special_tokens=False)["input_ids"] + qa_ids[1:])[-args.max_length:]
 
     def batch_of(rows):
         T = max(len(r) for r in rows)
@@ -142,7 +202,10 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             f = (step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.pretrain_steps - warm)))
             for g in opt.param_groups:
                 g["lr"] = args.pretrain_lr * f
-            ids, labels = batch_of(rng.sample(train_ids, args.batch_size * 2))
+            n_lookup = round(args.batch_size * 2 * args.pretrain_lookup) if groups else 0
+            rows = rng.sample(train_ids, args.batch_size * 2 - n_lookup)
+            rows += [encode_lookup(lookup_text(g, rng)) for g in rng.sample(groups, n_lookup)] if n_lookup else []
+            ids, labels = batch_of(rows)
             loss = lm(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -151,6 +214,9 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             if step % max(1, args.pretrain_steps // 20) == 0 or step == args.pretrain_steps - 1:
                 log["loss_curve"].append({"step": step + 1, "loss": round(float(loss), 4)})
     log["dev_loss_after"] = dev_loss()
+    if dev_groups:
+        log["dev_lookup_answer_token_acc"] = lookup_accuracy(lm, tok, [lookup_text(g, random.Random(i)) for i, g in
+                                                                       enumerate(dev_groups[:256])], encode_lookup)
     lm.save_pretrained(str(out))
     (out / "pretrain.json").write_text(json.dumps(log, indent=1))
 
@@ -194,12 +260,22 @@ def text_only_logits(model, texts: list[tuple[str, str]]) -> torch.Tensor:
     return logits
 
 
-def models_for(seed: int, data: dict, args) -> tuple[str, str]:
-    """The pretrained LM and the tower of this seed, each built once (shared by the variants)."""
+def models_for(seed: int, args) -> tuple[str, str]:
+    """The pretrained LM and the tower of this seed, each built once (shared by the variants).
+
+    The LM is always pretrained on the texts of the world's own training splits, also when stage two
+    trains on other shards (``--train-shards``), so that two arms of a comparison differ only in the
+    image-box pairs of stage two, not in their language model."""
     models = Path(args.work) / "models"
-    lm = models / f"lm-{args.lm_hidden}x{args.lm_layers}-pt{args.pretrain_steps}-lr{args.pretrain_lr:g}-s{seed}"
+    lookup = f"-lk{args.pretrain_lookup:g}" if args.pretrain_lookup else ""
+    lm = models / f"lm-{args.lm_hidden}x{args.lm_layers}-pt{args.pretrain_steps}-lr{args.pretrain_lr:g}{lookup}-s{seed}"
+    data = learnlib.proof_data(args.work, seed, {"train": args.train_images, "dev": args.dev_images,
+                                                 "test": args.test_images})
     texts = qa_texts(data["train_one"]) + qa_texts(data["train_multi"])
-    learnlib.build_once(lm, lambda tmp: pretrain_lm(tmp, texts, qa_texts(data["dev_multi"]), args, seed))
+    groups = qa_groups(data["train_one"]) + qa_groups(data["train_multi"]) if args.pretrain_lookup else None
+    dev_groups = qa_groups(data["dev_multi"]) if args.pretrain_lookup else None
+    learnlib.build_once(lm, lambda tmp: pretrain_lm(tmp, texts, qa_texts(data["dev_multi"]), args, seed, groups,
+                                                    dev_groups))
     vit = models / (f"vit-{args.image_size}p{args.patch_size}-{args.vision_hidden}x{args.vision_layers}"
                     f"{'-sincos' if args.sincos_positions else ''}-s{seed}")
     learnlib.build_once(vit, lambda tmp: write_vit(tmp, args, seed))
@@ -213,8 +289,8 @@ def run_one(seed: int, variant: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = learnlib.proof_data(args.work, seed, {"train": args.train_images, "dev": args.dev_images,
-                                                 "test": args.test_images}, overrides=overrides(args))
-    lm, vit = models_for(seed, data, args)
+                                                 "test": args.test_images}, overrides=overrides(args, seed))
+    lm, vit = models_for(seed, args)
     mcfg = VisualExpertConfig(lm=lm, vision=vit, shallow=VARIANTS[variant], freeze_lm=args.freeze_lm,
                               freeze_vision=args.freeze_vision, lm_lr_mult=1.0, seed=seed)
     probe_texts = qa_texts(data["dev_multi"])[:32]
@@ -257,9 +333,10 @@ def run_one(seed: int, variant: str, args) -> dict:
     return result
 
 
-def overrides(args) -> dict[str, str]:
-    return {k: v for k, v in (("train_multi", args.train_shards), ("dev_multi", args.dev_shards),
-                              ("test_multi", args.test_shards)) if v}
+def overrides(args, seed: int) -> dict[str, str]:
+    """Shard folders replacing the world's splits; ``{seed}`` in a path is the run's seed (one folder per seed)."""
+    return {k: v.format(seed=seed) for k, v in (("train_multi", args.train_shards), ("dev_multi", args.dev_shards),
+                                                ("test_multi", args.test_shards)) if v}
 
 
 # --- the whole proof -------------------------------------------------------------------------------
@@ -305,10 +382,14 @@ def collect(args, runs: list[dict], conditions: dict, wall_s: float | None) -> d
     base = {}
     for s in sorted({r["seed"] for r in runs}):
         data = learnlib.proof_data(args.work, s, {"train": args.train_images, "dev": args.dev_images,
-                                                  "test": args.test_images}, overrides=overrides(args))
+                                                  "test": args.test_images}, overrides=overrides(args, s))
         base[str(s)] = {split: learnlib.baselines([data["train_multi"]], data[f"{split}_multi"]) for split in ("dev", "test")}
-    return {"tier": "generalise", "recipe": "pretrained LM (text only), then stage 1 + stage 2 with the LM "
-                                            + ("FROZEN" if args.freeze_lm else "unfrozen"),
+    lm = (f"LM pretrained on text ({args.pretrain_steps} steps"
+          + (f", {args.pretrain_lookup:g} of each batch in-context lookup" if args.pretrain_lookup else "") + ")"
+          if args.pretrain_steps else "random LM (no text pretraining)")
+    recipe = f"{lm}, then stage 1 + stage 2 with the LM {'FROZEN' if args.freeze_lm else 'trained'}" \
+             f" and the vision tower {'frozen' if args.freeze_vision else 'trained'}"
+    return {"tier": "generalise", "recipe": recipe,
             **conditions, "wall_s_total": wall_s,
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "config": {k: v for k, v in vars(args).items() if k not in ("argv", "task", "task_out", "from_tasks")},
@@ -345,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", type=int, default=100)
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--pretrain-lookup", type=float, default=0.0,
+                   help="share of each pretraining batch that is in-context lookup text (see lookup_text)")
     p.add_argument("--freeze-lm", type=b, default=True, help="the paper's recipe (default true)")
     p.add_argument("--freeze-vision", type=b, default=False, help="keep the tower as written (sin/cos positions)")
     p.add_argument("--stage1-steps", type=int, default=1500)
@@ -363,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sincos-positions", type=b, default=True)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--dev-eval-limit", type=int, default=150, help="dev REC pairs scored during training")
-    p.add_argument("--train-shards", help="stage-two training shards instead of the world's (e.g. pseudo-labels)")
+    p.add_argument("--train-shards", help="stage-two training shards instead of the world's (e.g. pseudo-labels); "
+                                         "'{seed}' in the path is replaced by the run's seed")
     p.add_argument("--dev-shards")
     p.add_argument("--test-shards")
     p.add_argument("--threads", type=int, default=1)
