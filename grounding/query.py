@@ -52,6 +52,7 @@ import duckdb
 import pyarrow as pa
 
 from grounding.cli import USAGE_EXIT, run_cli
+from grounding.reasons import RENAMED
 from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA
 
 ENV_DATA = "GROUNDING_SHARDS"
@@ -154,12 +155,19 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
         _empty_view(con, "shards", GROUNDING_SCHEMA)
         con.execute("CREATE OR REPLACE VIEW shard_files AS SELECT NULL::VARCHAR AS file WHERE false")
     if src.rejects is not None and _matches(src.rejects):
-        con.execute(f"CREATE OR REPLACE VIEW rejects AS SELECT * FROM read_parquet({_sql_str(src.rejects)})")
+        con.execute(f"CREATE OR REPLACE VIEW rejects AS SELECT * REPLACE ({_renamed_reasons_sql()} AS reason) "
+                    f"FROM read_parquet({_sql_str(src.rejects)})")
     elif rejects is not None:
         raise FileNotFoundError(f"no rejects shards match {src.rejects}")
     else:
         _empty_view(con, "rejects", REJECTS_SCHEMA)
     return con
+
+
+def _renamed_reasons_sql() -> str:
+    """SQL giving ``reason`` under today's name (grounding.reasons.RENAMED), so older rejects shards count with new ones."""
+    cases = " ".join(f"WHEN {_sql_str(a)} THEN {_sql_str(b)}" for a, b in RENAMED.items())
+    return f"CASE reason {cases} ELSE reason END" if cases else "reason"
 
 
 def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> None:

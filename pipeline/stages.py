@@ -82,7 +82,7 @@ def admit_downloads(batch: pa.Table, max_pixels: int = MAX_PIXELS, min_aspect: f
             row["image"] = None
             continue
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds; a bad image is data
-            _fail(row, "decode", "decode_error", f"{type(e).__name__}: {e}")
+            _fail(row, "decode", "corrupt_image", f"{type(e).__name__}: {e}")
             row["image"] = None
             continue
         row["width"], row["height"] = w, h
@@ -176,7 +176,7 @@ class DetectStage:
             try:
                 image = decode_image(r["image"], self.max_pixels)
             except Exception as e:  # noqa: BLE001
-                _fail(r, "decode", "decode_error", f"{type(e).__name__}: {e}")
+                _fail(r, "decode", "corrupt_image", f"{type(e).__name__}: {e}")
                 r["image"] = None
                 continue
             phrases = r["phrases"]

@@ -171,6 +171,22 @@ def test_rejects_and_per_source_shard(con):
         ("s0", 2, 5, 3, 0.4), ("s1", 2, 3, 0, 1.0), ("s2", 0, 0, 1, 0.0)]
 
 
+def test_rejects_written_under_an_old_reason_name_count_with_the_new_name(known_out, tmp_path):
+    """A rejects shard from before the rename (``decode_error``, now ``corrupt_image``) reads under today's name,
+    so a folder holding both counts them as one reason."""
+    old = [{"key": "r9", "url": "http://x/r9", "caption": "c", "source_shard": "s3", "source_row": 0,
+            "stage": "decode", "reason": "decode_error", "error": "OSError: truncated"}]
+    out = tmp_path / "mixed"
+    (out / "rejects").mkdir(parents=True)
+    for f in (known_out / "rejects").glob("*.parquet"):
+        (out / "rejects" / f.name).write_bytes(f.read_bytes())
+    write_shard(old, str(out / "rejects" / "00001.parquet"), schema=REJECTS_SCHEMA)
+    c = connect(out)
+    rows = {(r["stage"], r["reason"]): r["rows"] for r in records(report(c, "rejects_by_reason"))}
+    assert rows == {("download", "http_404"): 2, ("decode", "corrupt_image"): 2, ("filter", "too_few_boxes"): 1}
+    assert c.sql("SELECT count(*) FROM rejects WHERE reason = 'decode_error'").fetchall() == [(0,)]
+
+
 def test_reports_on_world_truth_match_the_world(world, tmp_path):
     write_truth_shards(world, tmp_path / "shards", rows_per_shard=5)
     c = connect(tmp_path)
