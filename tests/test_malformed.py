@@ -322,6 +322,29 @@ def test_detect_names_the_bad_image_and_flag(corpus, tmp_path, capsys):
     one_error_line(capsys.readouterr().err, "cannot load the detector")
 
 
+# --- detector.train ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, text", [
+    ("coco_text", "not COCO instances"), ("coco_missing", "not COCO instances"), ("coco_empty", "no trainable image"),
+    ("config_text", "not a JSON config"), ("steps", "(flag --steps, --batch-size, --threads)"), ("lr", "(flag --optim-lr")])
+def test_detector_train_names_the_bad_file_and_flag(case, text, corpus, tmp_path, capsys):
+    from detector.train import main
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    coco = {"coco_text": corpus["text"], "coco_missing": str(tmp_path / "no.json"), "coco_empty": str(empty)}.get(case, str(empty))
+    extra = {"config_text": ["--config", corpus["text"]], "steps": ["--steps", "0"], "lr": ["--optim-lr", "-1"]}.get(case, [])
+    assert run_cli(main, ["--coco", coco, "--images", str(tmp_path), "--output", str(tmp_path / "out"), *extra]) == 2
+    one_error_line(capsys.readouterr().err, text, coco if case.startswith("coco") else None)
+
+
+def test_detector_train_command_line_prints_one_error_line(corpus, tmp_path):
+    proc = run_bounded([sys.executable, "-m", "detector.train", "--coco", corpus["text"], "--images", str(tmp_path),
+                        "--output", str(tmp_path / "out")], 100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    one_error_line(proc.stderr, "not COCO instances", corpus["text"])
+
+
 def test_phrases_names_the_missing_column(corpus, capsys):
     from grounding.phrases import main
 
