@@ -169,13 +169,17 @@ def test_train_on_each_case(case, corpus, model_json, tmp_path, capsys):
     check(code, capsys.readouterr().err, TRAIN[case], corpus[case], case in BAD_FILE)
 
 
-def test_train_skips_bad_files_when_asked_and_counts_them(corpus, model_json, tmp_path, capsys):
+SKIP_FORMS = [("--skip-bad-shards",), ("--skip-bad-shards", "true")]   # the same two forms on both command lines
+
+
+@pytest.mark.parametrize("form", SKIP_FORMS, ids=" ".join)
+def test_train_skips_bad_files_when_asked_and_counts_them(form, corpus, model_json, tmp_path, capsys):
     from model.train import main
 
     shards = [corpus["good"], corpus["truncated"], corpus["rejects"]]
-    assert run_cli(main, train_args(shards, tmp_path / "stop", model_json)) == 2
+    assert run_cli(main, train_args(shards, tmp_path / "stop", model_json, "--skip-bad-shards", "false")) == 2
     one_error_line(capsys.readouterr().err, "is a rejects shard", corpus["rejects"])  # the first bad file, sorted
-    assert run_cli(main, train_args(shards, tmp_path / "run", model_json, "--skip-bad-shards", "true")) == 0
+    assert run_cli(main, train_args(shards, tmp_path / "run", model_json, *form)) == 0
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert sorted(start["bad_shards"]) == sorted([corpus["truncated"], corpus["rejects"]])
     assert "is a rejects shard" in start["bad_shards"][corpus["rejects"]]
@@ -232,10 +236,14 @@ def test_evaluate_on_each_case(case, corpus, checkpoint, tmp_path, capsys):
         assert report["parse_failure_reasons"] == {"image: UnidentifiedImageError": 4}
 
 
-def test_evaluate_skips_bad_files_when_asked(corpus, checkpoint, tmp_path):
+@pytest.mark.parametrize("form", SKIP_FORMS, ids=" ".join)
+def test_evaluate_skips_bad_files_when_asked(form, corpus, checkpoint, tmp_path, capsys):
     from model.evaluate import main
 
-    report = main(eval_args(checkpoint, [corpus["good"], corpus["text"]], tmp_path / "r.json", "--skip-bad-shards"))
+    shards = [corpus["good"], corpus["text"]]
+    assert run_cli(main, eval_args(checkpoint, shards, tmp_path / "r.json", "--skip-bad-shards", "false")) == 2
+    one_error_line(capsys.readouterr().err, "not a readable Parquet file", corpus["text"])
+    report = main(eval_args(checkpoint, shards, tmp_path / "r.json", *form))
     assert report["n"] == 4 and report["skipped"] == {"bad_shard": 1}
 
 
