@@ -263,7 +263,7 @@ def test_evaluate_names_the_checkpoint_and_refs_flags(corpus, checkpoint, tmp_pa
 
 @pytest.mark.parametrize("case", sorted(QUERY))
 def test_query_on_each_case(case, corpus, capsys):
-    from grounding.query import main
+    from grounding.query_cli import main
 
     code = run_cli(main, ["SELECT count(*) AS n FROM shards", "--shards", corpus[case], "-f", "csv"])
     captured = capsys.readouterr()
@@ -273,7 +273,7 @@ def test_query_on_each_case(case, corpus, capsys):
 
 
 def test_query_wants_rejects_under_rejects(corpus, capsys):
-    from grounding.query import main
+    from grounding.query_cli import main
 
     assert run_cli(main, ["SELECT count(*) AS n FROM rejects", "--shards", corpus["good"], "--rejects", corpus["good"]]) == 2
     one_error_line(capsys.readouterr().err, "missing column(s) stage", corpus["good"])
@@ -317,7 +317,7 @@ def test_build_grounding_user_errors_name_the_flag(args, text, corpus, tmp_path,
 # --- grounding.detect and grounding.phrases ----------------------------------------------------
 
 def test_detect_names_the_bad_image_and_flag(corpus, tmp_path, capsys):
-    from grounding.detect import main
+    from grounding.detect_cli import main
 
     assert run_cli(main, [corpus["text"], "--phrases", "red ball"]) == 2
     one_error_line(capsys.readouterr().err, "not a readable image", corpus["text"])
@@ -351,6 +351,13 @@ def test_detector_train_command_line_prints_one_error_line(corpus, tmp_path):
                         "--output", str(tmp_path / "out")], 100)
     assert proc.returncode == 2, proc.stderr[-2000:]
     one_error_line(proc.stderr, "not COCO instances", corpus["text"])
+
+
+def test_detect_command_line_runs_as_a_module(corpus):
+    """``python -m grounding.detect`` (README) still reaches the command line, which lives in grounding.detect_cli."""
+    proc = run_bounded([sys.executable, "-m", "grounding.detect", corpus["text"], "--phrases", "red ball"], 100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    one_error_line(proc.stderr, "not a readable image", corpus["text"])
 
 
 def test_phrases_names_the_missing_column(corpus, capsys):

@@ -318,7 +318,7 @@ def test_annotation_backend_head_nouns_unknown_keys_and_scaling(world_files, wor
 
 
 def test_cli_prints_boxes_as_json(world_files, world, capsys):
-    from grounding.detect import main
+    from grounding.detect_cli import main
 
     im = world[0]
     assert main([str(world_files.images / f"{im.key}.jpg"), "--phrases", im.objects[0].phrase, "zebra",

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from grounding.export import ExportConfig, balance_sql, export_shards, llava_balance
-from grounding.query import REPORTS, ReadStats, connect, main, measure_read, records, report, resolve_source, scan_columns
+from grounding.query import REPORTS, ReadStats, connect, measure_read, records, report, resolve_source, scan_columns
+from grounding.query_cli import main
 from grounding.records import build_record
 from grounding.render import (ContactSheetConfig, contrast_ratio, draw_boxes, phrase_colour, render_contact_sheet,
                               render_rows, sample_keys, text_colour)
