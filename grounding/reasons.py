@@ -42,7 +42,8 @@ REASONS: dict[str, Reason] = {
     "failed_to_resize": Reason(FAILED, ("download",), "img2dataset fetched bytes it could not decode or resize"),
     "opted_out": Reason(FILTERED, ("download",), "the server's X-Robots-Tag carries a disallowed directive (noai, noimageai, ...)"),
     # decode
-    "too_many_pixels": Reason(FILTERED, ("decode", "train"), "the header declares more than max_pixels pixels (decompression-bomb guard)"),
+    "too_many_pixels": Reason(FILTERED, ("download", "decode", "train"), "more than max_pixels pixels (--max-pixels: img2dataset's "
+                              "limit on the fetched image, the header check on the stored one; decompression-bomb guard)"),
     "corrupt_image": Reason(FAILED, ("decode", "train"), "the image bytes do not decode"),
     # phrases (grounding/phrases.py: CaptionPhrases.reason, plus the stage's own guard)
     "empty_caption": Reason(FILTERED, ("prefilter", "phrases"), "no caption text"),

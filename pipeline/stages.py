@@ -23,7 +23,7 @@ from grounding.image import MAX_PIXELS, ImageTooLarge, decode_image, image_heade
 from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, detection_targets, phrase_prompt, source_chunk
-from pipeline.download import OPTED_OUT_MESSAGE
+from pipeline.download import AREA_TOO_LARGE_MESSAGE, OPTED_OUT_MESSAGE
 
 PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
 # a phrase between the stages: the shard's typed record (boxes filled in by the detect stage) + its chunk
@@ -71,7 +71,9 @@ def admit_downloads(batch: pa.Table, max_pixels: int = MAX_PIXELS, min_aspect: f
                "phrases": None, "stage": None, "reason": None, "error": None}
         out.append(row)
         if d.get("status") != "success" or not row["image"]:
-            reason = "opted_out" if d.get("error_message") == OPTED_OUT_MESSAGE else d.get("status") or "failed_to_download"
+            reason = ("opted_out" if d.get("error_message") == OPTED_OUT_MESSAGE else
+                      "too_many_pixels" if d.get("error_message") == AREA_TOO_LARGE_MESSAGE else
+                      d.get("status") or "failed_to_download")   # img2dataset's status
             _fail(row, "download", reason, d.get("error_message"))
             row["image"] = None
             continue

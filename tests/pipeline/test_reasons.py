@@ -35,7 +35,7 @@ def emitted() -> dict[str, set[str]]:
                 out.setdefault(r, set()).add("detect")
     for stage, r in re.findall(r'_fail\(\w+, "(\w+)", "(\w+)"', inspect.getsource(pipeline.stages)):
         out.setdefault(r, set()).add(stage)
-    for r in ("failed_to_download", "failed_to_resize", "opted_out"):  # img2dataset's statuses, and the opt-out
+    for r in ("failed_to_download", "failed_to_resize", "opted_out", "too_many_pixels"):  # img2dataset's statuses, opt-out, area
         out.setdefault(r, set()).add("download")
     for r in re.findall(r'"(too_\w+)"', inspect.getsource(grounding.records)):
         out.setdefault(r, set()).add("filter")
