@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.detect import (BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, PhraseBoxes, image_error,
-                              plan_prompts, select_boxes, suppress_overlaps, token_span)
+from grounding.detect import BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, image_error
+from grounding.positive_map import PhraseBoxes, plan_prompts, select_boxes, suppress_overlaps, token_span
 from grounding.testing import save_tiny_detector
 from grounding.world import make_world, write_world
 
