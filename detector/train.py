@@ -38,7 +38,7 @@ import torch
 from detector.data import Collator, Example, batches, load_examples
 from detector.evaluate import evaluate_detector
 from detector.loss import detection_loss
-from grounding.cli import apply_flags
+from grounding.cli import UsageError, apply_flags, field_flags, flag_hint, run_cli
 
 
 @dataclass
@@ -204,15 +204,24 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, float, float]:
 # --- the loop --------------------------------------------------------------------------------
 
 def load_data(cfg: TrainConfig) -> tuple[list[Example], list[Example], dict]:
+    """Training and held-out examples; a file that is not COCO / refs JSON is a :class:`UsageError` naming its flags."""
     d = cfg.data
-    train, skipped = load_examples(d.coco, d.images, d.refs, d.exclude_phrases)
+    train, skipped = _examples(d.coco, d.images, d.refs, d.exclude_phrases, "--coco / --refs")
     if not train:
-        raise ValueError(f"{d.coco}: no trainable image (skipped: {skipped})")
+        raise UsageError(f"{d.coco}: no trainable image (skipped: {skipped}); check --coco, --refs and --exclude-phrases")
     val: list[Example] = []
     if d.val_coco:
-        val, _ = load_examples(d.val_coco, d.val_images or d.images, d.val_refs)
+        val, _ = _examples(d.val_coco, d.val_images or d.images, d.val_refs, (), "--val-coco / --val-refs")
         val = val[:d.val_limit]
     return train, val, skipped
+
+
+def _examples(coco: str, images: str, refs: str | None, exclude: Sequence[str], flags: str) -> tuple[list[Example], dict]:
+    try:
+        return load_examples(coco, images, refs, exclude)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no such file, not JSON, not COCO's fields
+        raise UsageError(f"{coco}{' / ' + refs if refs else ''}: not COCO instances (and RefCOCO refs) JSON "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); check {flags}") from e
 
 
 def evaluate(cfg: TrainConfig, model_dir: Path, val: Sequence[Example]) -> dict:
@@ -330,26 +339,38 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     _flags(ap, ModelConfig, "model-", "model.")
     _flags(ap, OptimConfig, "optim-", "optim.")
     args = vars(ap.parse_args(argv))
-    base = json.loads(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    args.pop("config", None)
+    config = args.pop("config", None)
+    try:
+        base = json.loads(Path(config).read_text()) if config else {}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--config {config}: not a JSON config ({type(e).__name__}: {e})") from e
+    if not isinstance(base, dict):
+        raise UsageError(f"--config {config}: a JSON object of config fields, got {type(base).__name__}")
     for section in ("data", "model", "optim"):
         base.setdefault(section, {})
     apply_flags(base, args)
-    return TrainConfig(**{k: v for k, v in base.items() if k not in ("data", "model", "optim")},
-                       data=DataConfig(**base["data"]), model=ModelConfig(**base["model"]),
-                       optim=OptimConfig(**base["optim"]))
+    try:
+        return TrainConfig(**{k: v for k, v in base.items() if k not in ("data", "model", "optim")},
+                           data=DataConfig(**base["data"]), model=ModelConfig(**base["model"]),
+                           optim=OptimConfig(**base["optim"]))
+    except (ValueError, TypeError) as e:  # a value out of range, an unknown field in --config
+        raise UsageError(flag_hint(str(e), _config_flags())) from e
+
+
+def _config_flags() -> dict[str, str]:
+    """Config field name -> its flag (sections as :func:`parse_config` spells them)."""
+    names = lambda cls: [f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)]  # noqa: E731
+    return {**field_flags(names(ModelConfig), "model-"), **field_flags(names(OptimConfig), "optim-"),
+            **field_flags(names(DataConfig)), **field_flags(names(TrainConfig))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"detector.train: {e}", file=sys.stderr)
-        return 2
+    """Train; a mistake in the flags or input files raises :class:`UsageError` (``run_cli``: one line, exit 2)."""
+    cfg = parse_config(argv)
     result = train(cfg)
     print(json.dumps({"output": cfg.output, "model": str(Path(cfg.output) / "model"), "eval": result}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -11,6 +11,7 @@ like argparse does for a malformed flag. Anything else is a bug and keeps its tr
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from typing import Callable, Mapping, Sequence
@@ -33,6 +34,20 @@ def flag_hint(message: str, flags: Mapping[str, str]) -> str:
 def field_flags(fields: Sequence[str], prefix: str = "") -> dict[str, str]:
     """Dataclass field names -> their ``--kebab-case`` flags (``prefix`` for nested sections)."""
     return {f: "--" + (prefix + f).replace("_", "-") for f in fields}
+
+
+def parse_bool(s: str) -> bool:
+    """A boolean flag's value: ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case)."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, flag: str, default: bool | None = None, **kwargs) -> None:
+    """A boolean flag with one form on every command line: ``--flag`` alone means true, ``--flag true|false`` sets it."""
+    parser.add_argument(flag, nargs="?", const=True, type=parse_bool, default=default, metavar="{true,false}", **kwargs)
 
 
 def _one_line(message: str) -> str:

@@ -1,7 +1,7 @@
 """Images, one way everywhere: decoding encoded bytes (header first, with the pixel limit), the reason a
 row's image is unusable, and the vision towers' transform (resize to a square, normalise).
 
-Used by the renderer (grounding.render), the detector (grounding.detect), the trainer's data
+Used by the renderer (grounding.render), the detector's command line (grounding.detect_cli), the trainer's data
 (model.data), the evaluator (model.evaluate) and the model's vision tower (model.cogvlm), which ships
 its :class:`ImageTransform` so nobody re-implements normalisation.
 """

@@ -45,18 +45,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from grounding.boxes import prompt_and_target, try_parse_boxes
 from grounding.cli import UsageError
 from grounding.image import try_decode_image
+from grounding.reasons import meaning
 from grounding.schema import ShardError, check_shards
 
 IGNORE_INDEX = -100
-SKIP_REASONS = {  # reason prefix -> what it means and what to change
-    "corrupt_image": "the image bytes do not decode",
-    "too_many_pixels": "the image header says more pixels than the decompression-bomb guard allows",
-    "preprocess_failed": "the decoded image failed the vision preprocessing",
-    "no_qa_for_mixture": "no QA pair of a task the mixture draws (--rec-weight / --caption-weight)",
-    "bad_answer": "a REC answer that is not [[x0,y0,x1,y1]] boxes in 0..999",
-    "too_long": "the prompt alone fills --max-length, no answer token is left to learn",
-    "unreadable_row_group": "a row group of the file does not read (corrupt pages)",
-}
 READ_COLUMNS = ["key", "image", "width", "height", "qa"]
 
 
@@ -96,11 +88,12 @@ class DataError(UsageError):
 
 
 def describe_skips(skipped: Counter) -> str:
-    """``"64 corrupt_image: UnidentifiedImageError (the image bytes do not decode), ..."``."""
+    """``"64 corrupt_image: UnidentifiedImageError (the image bytes do not decode), ..."``: each reason's
+    meaning from the one table of reasons (grounding.reasons)."""
     parts = []
     for reason, n in skipped.most_common():
-        meaning = SKIP_REASONS.get(reason.split(":", 1)[0], "")
-        parts.append(f"{n} {reason}" + (f" ({meaning})" if meaning else ""))
+        text = meaning(reason)
+        parts.append(f"{n} {reason}" + (f" ({text})" if text else ""))
     return ", ".join(parts) or "none"
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 from PIL import Image, ImageDraw
 
 from grounding.boxes import denormalize_box, box_iou, format_question, try_parse_boxes
-from grounding.cli import UsageError, run_cli
+from grounding.cli import UsageError, add_bool_flag, run_cli
 from grounding.schema import phrase_prompt
 
 THRESHOLD = 0.5
@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default="rec_eval.json", help="JSON report; the PNG goes beside it")
     p.add_argument("--pictures", type=int, default=8, help="examples drawn in the PNG (0: none)")
-    p.add_argument("--skip-bad-shards", action="store_true",
-                   help="leave out shard files that do not read or are not grounding shards (counted) instead of stopping")
+    add_bool_flag(p, "--skip-bad-shards", default=False,
+                  help="leave out shard files that do not read or are not grounding shards (counted) instead of stopping")
     return p
 
 

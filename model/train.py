@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from grounding.cli import UsageError, field_flags, flag_hint, run_cli
+from grounding.cli import UsageError, add_bool_flag, field_flags, flag_hint, run_cli
 from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
 from model.data import GroundingBatches, make_loader
 from model.distributed import (
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif t == "dict":
             p.add_argument(flag, type=json.loads, default=None, help="JSON object")
         elif t == "bool":
-            p.add_argument(flag, type=_bool, default=None, metavar="{true,false}")
+            add_bool_flag(p, flag)                      # --flag, or --flag true|false
         elif t.startswith("int"):
             p.add_argument(flag, type=_optional_int if "None" in t else int, default=None)
         elif t == "float":
@@ -304,14 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, default=None)
     return p
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
 def _optional_int(s: str) -> int | None:

@@ -84,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     for alias, (section, name) in ALIASES.items():
         f = next(x for x in dataclasses.fields(getattr(defaults, section)) if x.name == name)
         _add(ap, alias, f, f"{section}.{name}")
+    ap.add_argument("--download-max-image-area", dest="max_pixels", type=int, default=None, metavar="MAX_PIXELS",
+                    help="deprecated: the same as --max-pixels (img2dataset's limit and the header check are one setting)")
     return ap
 
 

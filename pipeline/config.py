@@ -65,7 +65,8 @@ class JobConfig:
     min_boxes: int = 2                 # CogVLM / GRIT keep images with at least two boxes
     rec_template: str = "default"
     caption_template: str = "default"
-    max_pixels: int = MAX_PIXELS       # decompression-bomb guard, checked from the header before decoding
+    max_pixels: int = MAX_PIXELS       # one pixel limit: img2dataset's on the fetched image, then the header check
+                                       # of the stored one before decoding (decompression bombs); over it: too_many_pixels
     overwrite: bool = False            # replace an output folder that holds a run with another config
 
     def __post_init__(self):
@@ -83,6 +84,12 @@ class JobConfig:
                  "phrases": PhraseConfig, "detector": DetectorConfig, "ray": RayConfig, "dedup": DedupConfig}
         d = dict(d)
         d.pop("config_hash", None)
+        if isinstance(d.get("download"), dict) and "max_image_area" in d["download"]:  # from before the one pixel limit
+            download = dict(d["download"])
+            area = int(download.pop("max_image_area"))
+            d["download"] = download
+            if d.get("max_pixels", MAX_PIXELS) == MAX_PIXELS:   # the old download limit stands in for an unset max_pixels
+                d["max_pixels"] = area
         for name, typ in parts.items():
             if name in d and isinstance(d[name], dict):
                 d[name] = typ(**d[name])
@@ -98,6 +105,9 @@ def content_config(config: JobConfig) -> dict:
         d["download"].pop(k)
     for k in ("batch_size", "device"):
         d["detector"].pop(k)
+    # hashed as when img2dataset's limit was a separate download setting equal to max_pixels, so outputs
+    # written then resume unchanged
+    d["download"]["max_image_area"] = d["max_pixels"]
     return d
 
 

@@ -42,6 +42,7 @@ from grounding.source import check_url
 CARRIED_COLUMNS = ["sample_key", "source_shard", "source_row"]
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest")  # never "border"/"center_crop": they move boxes
 OPTED_OUT_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's error_message
+AREA_TOO_LARGE_MESSAGE = "image area too large"  # img2dataset's error_message past max_image_area (our max_pixels)
 
 
 @dataclass
@@ -54,7 +55,6 @@ class DownloadConfig:
     resize_only_if_bigger: bool = True
     encode_format: str = "jpg"
     encode_quality: int = 95
-    max_image_area: float = MAX_PIXELS     # PIL's decompression-bomb limit, applied by img2dataset too
     user_agent_token: str | None = None
     # X-Robots-Tag directives that opt an image out (img2dataset's default); [] fetches regardless
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
@@ -120,15 +120,16 @@ def install_url_guard(allow_private_hosts: bool = False, allow_hosts: Iterable[s
     urllib.request.install_opener(urllib.request.build_opener(SafeRedirectHandler(allow_private_hosts, allow_hosts)))
 
 
-def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: int = 5):
-    """img2dataset's own per-shard ``Downloader`` (Parquet writer, its resizer) for this config."""
+def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: int = 5, max_pixels: int = MAX_PIXELS):
+    """img2dataset's own per-shard ``Downloader`` (Parquet writer, its resizer) for this config; its resizer
+    refuses images of more than ``max_pixels`` (the job's one pixel limit, :attr:`pipeline.config.JobConfig.max_pixels`)."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
     resizer = Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
                       resize_only_if_bigger=config.resize_only_if_bigger, encode_quality=config.encode_quality,
-                      encode_format=config.encode_format, skip_reencode=True, max_image_area=config.max_image_area)
+                      encode_format=config.encode_format, skip_reencode=True, max_image_area=max_pixels)
     return Downloader(
         sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=config.threads, save_caption=True,
         extract_exif=False, output_folder=downloads.rstrip("/"), column_list=CARRIED_COLUMNS + ["caption", "url"],
@@ -140,10 +141,11 @@ def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: 
 
 def download_shard(config: DownloadConfig, downloads: str, shard_id: int, name: str, rows: pa.Table,
                    shard_rows: int, digits: int = 5, allow_private_hosts: bool = False,
-                   allow_hosts: Sequence[str] = ()) -> pa.Table:
+                   allow_hosts: Sequence[str] = (), max_pixels: int = MAX_PIXELS) -> pa.Table:
     """Fetch one work shard's rows (``key``, ``url``, ``caption``, ``source_row``) with img2dataset.
 
-    Reuses a finished download of exactly these rows; returns the download shard's table.
+    Reuses a finished download of exactly these rows; returns the download shard's table. An image of more
+    than ``max_pixels`` comes back with img2dataset's :data:`AREA_TOO_LARGE_MESSAGE` (``too_many_pixels``).
     """
     source_rows = rows["source_row"].to_pylist()
     if not is_downloaded(downloads, shard_id, name, source_rows, digits):
@@ -156,7 +158,7 @@ def download_shard(config: DownloadConfig, downloads: str, shard_id: int, name: 
         fs.makedirs(fs._parent(p), exist_ok=True)
         with fs.open(p, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
-        ok, _ = downloader(config, downloads, shard_rows, digits)((shard_id, input_path(downloads, shard_id, digits)))
+        ok, _ = downloader(config, downloads, shard_rows, digits, max_pixels)((shard_id, input_path(downloads, shard_id, digits)))
         if not ok or not is_downloaded(downloads, shard_id, name, source_rows, digits):
             raise RuntimeError(f"img2dataset did not finish download shard {shard_id} ({name})")
     fs, p = fsspec.core.url_to_fs(download_path(downloads, shard_id, digits))

@@ -23,7 +23,7 @@ from grounding.image import MAX_PIXELS, ImageTooLarge, decode_image, image_heade
 from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
 from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, detection_targets, phrase_prompt, source_chunk
-from pipeline.download import OPTED_OUT_MESSAGE
+from pipeline.download import AREA_TOO_LARGE_MESSAGE, OPTED_OUT_MESSAGE
 
 PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
 # a phrase between the stages: the shard's typed record (boxes filled in by the detect stage) + its chunk
@@ -71,7 +71,9 @@ def admit_downloads(batch: pa.Table, max_pixels: int = MAX_PIXELS, min_aspect: f
                "phrases": None, "stage": None, "reason": None, "error": None}
         out.append(row)
         if d.get("status") != "success" or not row["image"]:
-            reason = "opted_out" if d.get("error_message") == OPTED_OUT_MESSAGE else d.get("status") or "failed_to_download"
+            reason = ("opted_out" if d.get("error_message") == OPTED_OUT_MESSAGE else
+                      "too_many_pixels" if d.get("error_message") == AREA_TOO_LARGE_MESSAGE else
+                      d.get("status") or "failed_to_download")   # img2dataset's status
             _fail(row, "download", reason, d.get("error_message"))
             row["image"] = None
             continue
@@ -82,7 +84,7 @@ def admit_downloads(batch: pa.Table, max_pixels: int = MAX_PIXELS, min_aspect: f
             row["image"] = None
             continue
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds; a bad image is data
-            _fail(row, "decode", "decode_error", f"{type(e).__name__}: {e}")
+            _fail(row, "decode", "corrupt_image", f"{type(e).__name__}: {e}")
             row["image"] = None
             continue
         row["width"], row["height"] = w, h
@@ -176,7 +178,7 @@ class DetectStage:
             try:
                 image = decode_image(r["image"], self.max_pixels)
             except Exception as e:  # noqa: BLE001
-                _fail(r, "decode", "decode_error", f"{type(e).__name__}: {e}")
+                _fail(r, "decode", "corrupt_image", f"{type(e).__name__}: {e}")
                 r["image"] = None
                 continue
             phrases = r["phrases"]

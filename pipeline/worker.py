@@ -94,7 +94,7 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
         with timer("download"):
             downloaded = download_shard(config.download, layout.downloads, shard.index, shard.name, kept,
                                         config.source.shard_rows, digits, config.filters.allow_private_hosts,
-                                        config.filters.allow_hosts)
+                                        config.filters.allow_hosts, max_pixels=config.max_pixels)
         with timer("decode"):
             batch = admit_downloads(downloaded.select(DOWNLOAD_COLUMNS).sort_by("source_row"), config.max_pixels,
                                     config.filters.min_aspect, config.filters.max_aspect)

@@ -169,13 +169,17 @@ def test_train_on_each_case(case, corpus, model_json, tmp_path, capsys):
     check(code, capsys.readouterr().err, TRAIN[case], corpus[case], case in BAD_FILE)
 
 
-def test_train_skips_bad_files_when_asked_and_counts_them(corpus, model_json, tmp_path, capsys):
+SKIP_FORMS = [("--skip-bad-shards",), ("--skip-bad-shards", "true")]   # the same two forms on both command lines
+
+
+@pytest.mark.parametrize("form", SKIP_FORMS, ids=" ".join)
+def test_train_skips_bad_files_when_asked_and_counts_them(form, corpus, model_json, tmp_path, capsys):
     from model.train import main
 
     shards = [corpus["good"], corpus["truncated"], corpus["rejects"]]
-    assert run_cli(main, train_args(shards, tmp_path / "stop", model_json)) == 2
+    assert run_cli(main, train_args(shards, tmp_path / "stop", model_json, "--skip-bad-shards", "false")) == 2
     one_error_line(capsys.readouterr().err, "is a rejects shard", corpus["rejects"])  # the first bad file, sorted
-    assert run_cli(main, train_args(shards, tmp_path / "run", model_json, "--skip-bad-shards", "true")) == 0
+    assert run_cli(main, train_args(shards, tmp_path / "run", model_json, *form)) == 0
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert sorted(start["bad_shards"]) == sorted([corpus["truncated"], corpus["rejects"]])
     assert "is a rejects shard" in start["bad_shards"][corpus["rejects"]]
@@ -232,10 +236,14 @@ def test_evaluate_on_each_case(case, corpus, checkpoint, tmp_path, capsys):
         assert report["parse_failure_reasons"] == {"image: UnidentifiedImageError": 4}
 
 
-def test_evaluate_skips_bad_files_when_asked(corpus, checkpoint, tmp_path):
+@pytest.mark.parametrize("form", SKIP_FORMS, ids=" ".join)
+def test_evaluate_skips_bad_files_when_asked(form, corpus, checkpoint, tmp_path, capsys):
     from model.evaluate import main
 
-    report = main(eval_args(checkpoint, [corpus["good"], corpus["text"]], tmp_path / "r.json", "--skip-bad-shards"))
+    shards = [corpus["good"], corpus["text"]]
+    assert run_cli(main, eval_args(checkpoint, shards, tmp_path / "r.json", "--skip-bad-shards", "false")) == 2
+    one_error_line(capsys.readouterr().err, "not a readable Parquet file", corpus["text"])
+    report = main(eval_args(checkpoint, shards, tmp_path / "r.json", *form))
     assert report["n"] == 4 and report["skipped"] == {"bad_shard": 1}
 
 
@@ -255,7 +263,7 @@ def test_evaluate_names_the_checkpoint_and_refs_flags(corpus, checkpoint, tmp_pa
 
 @pytest.mark.parametrize("case", sorted(QUERY))
 def test_query_on_each_case(case, corpus, capsys):
-    from grounding.query import main
+    from grounding.query_cli import main
 
     code = run_cli(main, ["SELECT count(*) AS n FROM shards", "--shards", corpus[case], "-f", "csv"])
     captured = capsys.readouterr()
@@ -265,7 +273,7 @@ def test_query_on_each_case(case, corpus, capsys):
 
 
 def test_query_wants_rejects_under_rejects(corpus, capsys):
-    from grounding.query import main
+    from grounding.query_cli import main
 
     assert run_cli(main, ["SELECT count(*) AS n FROM rejects", "--shards", corpus["good"], "--rejects", corpus["good"]]) == 2
     one_error_line(capsys.readouterr().err, "missing column(s) stage", corpus["good"])
@@ -309,7 +317,7 @@ def test_build_grounding_user_errors_name_the_flag(args, text, corpus, tmp_path,
 # --- grounding.detect and grounding.phrases ----------------------------------------------------
 
 def test_detect_names_the_bad_image_and_flag(corpus, tmp_path, capsys):
-    from grounding.detect import main
+    from grounding.detect_cli import main
 
     assert run_cli(main, [corpus["text"], "--phrases", "red ball"]) == 2
     one_error_line(capsys.readouterr().err, "not a readable image", corpus["text"])
@@ -320,6 +328,36 @@ def test_detect_names_the_bad_image_and_flag(corpus, tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(img)
     assert run_cli(main, [str(img), "--phrases", "red ball", "--model", str(tmp_path / "no_model")]) == 2
     one_error_line(capsys.readouterr().err, "cannot load the detector")
+
+
+# --- detector.train ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, text", [
+    ("coco_text", "not COCO instances"), ("coco_missing", "not COCO instances"), ("coco_empty", "no trainable image"),
+    ("config_text", "not a JSON config"), ("steps", "(flag --steps, --batch-size, --threads)"), ("lr", "(flag --optim-lr")])
+def test_detector_train_names_the_bad_file_and_flag(case, text, corpus, tmp_path, capsys):
+    from detector.train import main
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    coco = {"coco_text": corpus["text"], "coco_missing": str(tmp_path / "no.json"), "coco_empty": str(empty)}.get(case, str(empty))
+    extra = {"config_text": ["--config", corpus["text"]], "steps": ["--steps", "0"], "lr": ["--optim-lr", "-1"]}.get(case, [])
+    assert run_cli(main, ["--coco", coco, "--images", str(tmp_path), "--output", str(tmp_path / "out"), *extra]) == 2
+    one_error_line(capsys.readouterr().err, text, coco if case.startswith("coco") else None)
+
+
+def test_detector_train_command_line_prints_one_error_line(corpus, tmp_path):
+    proc = run_bounded([sys.executable, "-m", "detector.train", "--coco", corpus["text"], "--images", str(tmp_path),
+                        "--output", str(tmp_path / "out")], 100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    one_error_line(proc.stderr, "not COCO instances", corpus["text"])
+
+
+def test_detect_command_line_runs_as_a_module(corpus):
+    """``python -m grounding.detect`` (README) still reaches the command line, which lives in grounding.detect_cli."""
+    proc = run_bounded([sys.executable, "-m", "grounding.detect", corpus["text"], "--phrases", "red ball"], 100)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    one_error_line(proc.stderr, "not a readable image", corpus["text"])
 
 
 def test_phrases_names_the_missing_column(corpus, capsys):

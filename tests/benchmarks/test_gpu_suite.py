@@ -39,11 +39,18 @@ def test_quick_run_is_checked_against_the_full_run(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_covers_every_section(tmp_path):
+    """The JSON a user reads after a run: every section measured, nothing failed, figures in their ranges."""
     out = tmp_path / "gpu.json"
-    result = gpu_suite.main(["--dry-run", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    gpu_suite.main(["--dry-run", "--peak-tflops", "1", "--out", str(out)])  # a CPU-sized peak, so MFU is computed
+    result = json.loads(out.read_text())
     s = result["sections"]
     assert set(s) == set(gpu_suite.SECTIONS) and result["mode"] == "dry_run"
+    assert result["failed"] == {} and result["not_run"] == {}
+    assert set(result["seconds_per_section"]) == set(gpu_suite.SECTIONS)
+    figures = [r["figure"] for r in result["summary"]]
+    for prefix in ("detector ", "feeding: ", "job / detector-only", "train ", "REC generate"):  # one line per section
+        assert any(f.startswith(prefix) for f in figures), (prefix, figures)
+    assert result["command"].startswith("python benchmarks/gpu_suite.py --dry-run")
 
     det = s["detector"]
     assert set(det["images_per_s"]) == {"fp32_b1", "bf16_b1", "bf16_b2", "bf16_b4"}
@@ -66,9 +73,15 @@ def test_dry_run_covers_every_section(tmp_path):
     assert frozen["parameters"] == unfrozen["parameters"]
     assert frozen["trainable_parameters"] < unfrozen["trainable_parameters"]  # LM frozen: experts + adapter only
     assert frozen["flops_per_step"] < unfrozen["flops_per_step"]  # no weight gradients for the frozen LM
+    assert s["training"]["peak_tflops_bf16"] == 1.0 and s["training"]["peak_from"] == "--peak-tflops"
     for res in (frozen, unfrozen):
-        assert res["no_checkpointing"]["tokens_per_s"] > 0 and res["checkpointing"]["tokens_per_s"] > 0
-        assert res["no_checkpointing"]["mfu"] is None  # no GPU peak to divide by on CPU
+        for side in ("no_checkpointing", "checkpointing"):
+            r = res[side]
+            assert r["tokens_per_s"] > 0 and 0 < r["mfu"] <= 1, (side, r)
+            median_step = r["step_seconds"]["median"]
+            assert r["mfu"] == pytest.approx(res["flops_per_step"] / median_step / 1e12)
+            assert r["tokens_per_s"] == pytest.approx(res["tokens_per_step"] / median_step)
+    assert gpu_suite.peak_tflops(gpu_suite.dry_run()) == (None, "no GPU")  # no peak on CPU unless given: MFU None
     assert s["evaluation"]["samples_per_s"]["per_s_median"] > 0
     assert any(r["figure"].startswith("job / detector-only") for r in result["summary"])
 

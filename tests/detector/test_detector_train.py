@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from detector.data import load_examples
 from detector.evaluate import evaluate_detector
+from grounding.cli import run_cli
 from detector.train import DataConfig, TrainConfig, build_model, main, parse_config, save_model
 from grounding.detect import BoxDetector, DetectorConfig
 
@@ -83,8 +84,9 @@ def test_resume_continues_exactly(small_world, tmp_path):
 
 
 def test_bad_config_is_a_clear_error(small_world, tmp_path, capsys):
-    assert main(argv(*small_world, tmp_path / "bad", "--steps", "0")) == 2
-    assert "steps" in capsys.readouterr().err
+    assert run_cli(main, argv(*small_world, tmp_path / "bad", "--steps", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: steps") and "(flag --steps" in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="negatives"):
         DataConfig(coco="c.json", images="i", negatives=-1)
     with pytest.raises(ValueError, match="coco"):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from grounding.audit import PhraseAudit, audit, match, summarize, top1_iou
-from grounding.query import main as query_main
+from grounding.query_cli import main as query_main
 from grounding.records import build_record
 from grounding.schema import write_shard
 

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from grounding.convert import read_coco, read_grit, write_coco, write_grit, write_odvg
-from grounding.query import main
+from grounding.query_cli import main
 from grounding.schema import read_shard, row_to_dict, write_shard
 from grounding.world import make_world, truth_rows, write_truth_shards
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.detect import (BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, PhraseBoxes, image_error,
-                              plan_prompts, select_boxes, suppress_overlaps, token_span)
+from grounding.detect import BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, image_error
+from grounding.positive_map import PhraseBoxes, plan_prompts, select_boxes, suppress_overlaps, token_span
 from grounding.testing import save_tiny_detector
 from grounding.world import make_world, write_world
 
@@ -318,7 +318,7 @@ def test_annotation_backend_head_nouns_unknown_keys_and_scaling(world_files, wor
 
 
 def test_cli_prints_boxes_as_json(world_files, world, capsys):
-    from grounding.detect import main
+    from grounding.detect_cli import main
 
     im = world[0]
     assert main([str(world_files.images / f"{im.key}.jpg"), "--phrases", im.objects[0].phrase, "zebra",

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from grounding.export import ExportConfig, balance_sql, export_shards, llava_balance
-from grounding.query import REPORTS, ReadStats, connect, main, measure_read, records, report, resolve_source, scan_columns
+from grounding.query import REPORTS, ReadStats, connect, measure_read, records, report, resolve_source, scan_columns
+from grounding.query_cli import main
 from grounding.records import build_record
 from grounding.render import (ContactSheetConfig, contrast_ratio, draw_boxes, phrase_colour, render_contact_sheet,
                               render_rows, sample_keys, text_colour)
@@ -169,6 +170,22 @@ def test_rejects_and_per_source_shard(con):
     assert [(r["source_shard"], r["images"], r["boxes"], r["rejects"], r["kept_share"])
             for r in records(report(con, "per_source_shard"))] == [
         ("s0", 2, 5, 3, 0.4), ("s1", 2, 3, 0, 1.0), ("s2", 0, 0, 1, 0.0)]
+
+
+def test_rejects_written_under_an_old_reason_name_count_with_the_new_name(known_out, tmp_path):
+    """A rejects shard from before the rename (``decode_error``, now ``corrupt_image``) reads under today's name,
+    so a folder holding both counts them as one reason."""
+    old = [{"key": "r9", "url": "http://x/r9", "caption": "c", "source_shard": "s3", "source_row": 0,
+            "stage": "decode", "reason": "decode_error", "error": "OSError: truncated"}]
+    out = tmp_path / "mixed"
+    (out / "rejects").mkdir(parents=True)
+    for f in (known_out / "rejects").glob("*.parquet"):
+        (out / "rejects" / f.name).write_bytes(f.read_bytes())
+    write_shard(old, str(out / "rejects" / "00001.parquet"), schema=REJECTS_SCHEMA)
+    c = connect(out)
+    rows = {(r["stage"], r["reason"]): r["rows"] for r in records(report(c, "rejects_by_reason"))}
+    assert rows == {("download", "http_404"): 2, ("decode", "corrupt_image"): 2, ("filter", "too_few_boxes"): 1}
+    assert c.sql("SELECT count(*) FROM rejects WHERE reason = 'decode_error'").fetchall() == [(0,)]
 
 
 def test_reports_on_world_truth_match_the_world(world, tmp_path):

@@ -141,6 +141,23 @@ def test_cli_overrides_and_debug_model(tmp_path, shards8):
         debug(learning_rate=1.0)
 
 
+def test_true_false_flags_take_a_bare_or_a_valued_form(shards8, capsys):
+    """``--skip-bad-shards`` alone or ``--skip-bad-shards true|false``: the same form as model.evaluate's."""
+    from model.evaluate import build_parser as eval_parser
+
+    base = ["--shards", shards8]
+    assert config_from_args(base + ["--skip-bad-shards", "--progress", "off"]).data.skip_bad_shards is True
+    assert config_from_args(base + ["--skip-bad-shards", "true"]).data.skip_bad_shards is True
+    assert config_from_args(base + ["--skip-bad-shards", "false"]).data.skip_bad_shards is False
+    assert config_from_args(base).data.skip_bad_shards is False
+    for argv, want in (([], False), (["--skip-bad-shards"], True), (["--skip-bad-shards", "true"], True),
+                       (["--skip-bad-shards", "false"], False)):
+        assert eval_parser().parse_args(["--checkpoint", "c", *argv]).skip_bad_shards is want
+    with pytest.raises(SystemExit):
+        config_from_args(base + ["--skip-bad-shards", "maybe"])
+    assert "expected true/false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_init_from_copies_weights_with_a_fresh_optimizer(tmp_path, shards8, debug_model_config):
     first = train(debug(out_dir=str(tmp_path / "s1"), shards=[shards8], max_steps=2, warmup_steps=0),
                   model_config=debug_model_config)

@@ -54,7 +54,7 @@ def test_admit_downloads_marks_every_failure_kind():
     assert (out["404"]["stage"], out["404"]["reason"], out["404"]["error"]) == ("download", "failed_to_download", "HTTP Error 404")
     assert (out["bomb"]["stage"], out["bomb"]["reason"]) == ("decode", "too_many_pixels")
     assert "10000000000" in out["bomb"]["error"] and out["bomb"]["image"] is None
-    assert (out["junk"]["stage"], out["junk"]["reason"]) == ("decode", "decode_error")
+    assert (out["junk"]["stage"], out["junk"]["reason"]) == ("decode", "corrupt_image")
     assert (out["thin"]["stage"], out["thin"]["reason"]) == ("filter", "aspect_ratio")
     assert (out["noai"]["stage"], out["noai"]["reason"]) == ("download", "opted_out")
     # a lower pixel limit applies before decoding too
@@ -91,7 +91,7 @@ def test_phrases_then_annotation_boxes_then_records(world, world_files, phrase_s
     detect = DetectStage(DetectorConfig(backend="annotations", annotations=str(world_files.coco), refs=str(world_files.refs)))
     batch = detect(batch)
     rows = {r["key"]: r for r in batch.to_pylist()}
-    assert (rows["truncated"]["stage"], rows["truncated"]["reason"]) == ("decode", "decode_error")
+    assert (rows["truncated"]["stage"], rows["truncated"]["reason"]) == ("decode", "corrupt_image")
     out = assemble(batch, min_boxes=2)
     assert out.schema.equals(OUTPUT_SCHEMA) and out.num_rows == 6
     kept, rejects = split_output(out)
