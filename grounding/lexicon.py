@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -51,3 +52,52 @@ def boilerplate_pattern() -> re.Pattern:
     # "Size 10", "size: XL" are shop boilerplate too; so are bare site suffixes like "| Etsy".
     alts.append(r"size\s*:?\s*(?:\d+(?:[.,]\d+)?|x*[sml]|xx?l)")
     return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Word lists one extractor filters with.
+
+    ``nouns`` / ``adjs`` / ``noun_exceptions`` are the rule lemmatizer's WordNet tables, when the
+    pipeline ships them: they repair bare caption nouns the small tagger calls adjectives or verbs
+    ("Goldfish swimming", "children with geese").
+    """
+    nonvisual: frozenset[str]
+    nouns: object = None            # lookups table (supports `in`), or None
+    adjs: object = None
+    noun_exceptions: object = None  # irregular plural -> [lemma]
+    verbs: object = None            # verb lemmas ("greet"), to tell headline verbs from nouns
+
+    @classmethod
+    def from_pipeline(cls, nlp, nonvisual: frozenset[str]) -> "Lexicon":
+        try:
+            lookups = nlp.get_pipe("lemmatizer").lookups
+            index, exc = lookups.get_table("lemma_index"), lookups.get_table("lemma_exc")
+            # The index tables are lists: sets make each lookup O(1) (a list scan was 0.5 ms a word).
+            return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]))
+        except Exception:  # noqa: BLE001 - another lemmatizer: no repair
+            return cls(nonvisual)
+
+    def is_verb_form(self, word: str) -> bool:
+        """``word`` spells a present-tense verb ("greets", "drive") the tables know."""
+        if self.verbs is None or not word.isalpha():
+            return False
+        if word in self.verbs:
+            return True
+        return any(word.endswith(suf) and word[: -len(suf)] + rep in self.verbs
+                   for suf, rep in (("ies", "y"), ("es", ""), ("s", "")))
+
+    def noun_lemma(self, word: str) -> str | None:
+        """``word``'s lemma if it can only be read as a noun ("geese" -> "goose"), else None."""
+        if self.nouns is None or not word.isalpha() or len(word) < 3 or word in self.adjs:
+            return None
+        if word in self.nouns:
+            return word
+        irregular = self.noun_exceptions.get(word)
+        if irregular:
+            return irregular[0]
+        for suffix, repl in (("ies", "y"), ("es", ""), ("s", "")):
+            base = word[: -len(suffix)] + repl
+            if word.endswith(suffix) and base in self.nouns and base not in self.adjs:
+                return base
+        return None
