@@ -27,7 +27,18 @@ def attribute_words() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def quantity_nouns() -> frozenset[str]:
-    return frozenset(read_word_list("quantities.txt"))
+    return frozenset(w for w in read_word_list("quantities.txt") if not w.endswith(" of"))
+
+
+@lru_cache(maxsize=1)
+def ing_nouns() -> frozenset[str]:
+    return frozenset(read_word_list("ing_nouns.txt"))
+
+
+@lru_cache(maxsize=1)
+def of_quantity_nouns() -> frozenset[str]:
+    """Quantity nouns that are quantities only before "of" ("a lot of toys", but "a parking lot")."""
+    return frozenset(w[:-3].strip() for w in read_word_list("quantities.txt") if w.endswith(" of"))
 
 
 @lru_cache(maxsize=1)
@@ -77,6 +88,15 @@ class Lexicon:
             return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]))
         except Exception:  # noqa: BLE001 - another lemmatizer: no repair
             return cls(nonvisual)
+
+    def is_participle(self, word: str) -> bool:
+        """``word`` is an -ing form of a verb the tables know ("kissing", "grazing", "running"), and not one
+        of the object nouns in ``ing_nouns.txt`` ("building", "railing")."""
+        if self.verbs is None or len(word) < 5 or not word.endswith("ing") or word in ing_nouns():
+            return False
+        stem = word[:-3]
+        return (self.is_verb_form(stem) or self.is_verb_form(stem + "e")
+                or (len(stem) > 2 and stem[-1] == stem[-2] and self.is_verb_form(stem[:-1])))
 
     def is_verb_form(self, word: str) -> bool:
         """``word`` spells a present-tense verb ("greets", "drive") the tables know."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from grounding.lexicon import Lexicon, attribute_words, frame_nouns, person_roles, quantity_nouns
+from grounding.lexicon import Lexicon, attribute_words, frame_nouns, of_quantity_nouns, person_roles, quantity_nouns
 from grounding.parse_view import PRICE_RE, CleanText
 
 # Named-entity types that name nothing a box could hold (used when PhraseConfig.ner is on).
@@ -176,6 +176,31 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
     return None
 
 
+def _split_chunk(span, lexicon: Lexicon | None) -> list:
+    """A noun chunk cut where it holds several things: at a separator or masked text ("a tray, fast food
+    restaurant") and at a conjunction after a noun ("a hard hat and safety vest"; not "salt and pepper shakers"). The part with the chunk's
+    root is kept; another part only when it ends in a noun ("a tray"; not "$19.99" or "black and")."""
+    doc = span.doc
+    cuts = [t.i for t in span[1:-1] if t.is_space or is_separator(t)
+            or (t.pos_ == "CCONJ" and doc[t.i - 1].pos_ in ("NOUN", "PROPN") and doc[t.i - 1].dep_ != "compound"
+                and not (t.i - 1 == span.start and span.end - t.i > 2))]  # "salt and pepper shakers": one thing
+    if not cuts:
+        return [span]
+    pieces, start = [], span.start
+    for c in cuts + [span.end]:
+        if c > start:
+            if span.root.i not in range(start, c):
+                while start < c - 1 and not start < doc[start].head.i < c:
+                    start += 1                          # "a" in "a hard hat and ...": it hangs on "vest"
+            piece = doc[start:c]
+            last = piece[-1]
+            if span.root.i in range(start, c) or (piece.root.i == last.i and (
+                    last.pos_ in ("NOUN", "PROPN") or (lexicon is not None and lexicon.noun_lemma(last.lower_)))):
+                pieces.append(piece)
+        start = c + 1
+    return pieces
+
+
 def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
     """``doc.noun_chunks`` plus the nouns the parser left out of every chunk.
 
@@ -186,12 +211,13 @@ def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
     ("Senator greets voters", "Volunteers unload boxes") is cut in two at the verb.
     """
     spans = []
-    for sp in doc.noun_chunks:
-        cut = _inner_verb(sp, lexicon) if lexicon is not None and len(sp) >= 3 else None
-        if cut is None:
-            spans.append(sp)
-        else:
-            spans.extend((doc[sp.start:cut], doc[cut + 1:sp.end]))
+    for chunk in doc.noun_chunks:
+        for sp in _split_chunk(chunk, lexicon):
+            cut = _inner_verb(sp, lexicon) if lexicon is not None and len(sp) >= 3 else None
+            if cut is None:
+                spans.append(sp)
+            else:
+                spans.extend((doc[sp.start:cut], doc[cut + 1:sp.end]))
     covered = {t.i for sp in spans for t in sp}
     for t in doc:
         if t.i in covered:
@@ -238,7 +264,7 @@ def parse_chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset:
         if root.idx < offset:
             continue
         # "groom kissing", "goldfish swimming": a participle after a noun heads no object.
-        if (root.tag_ in ("VBG", "NN") and root.lower_.endswith("ing") and len(tokens) > 1
+        if (root.tag_ in ("VBG", "NN") and len(tokens) > 1 and lexicon.is_participle(root.lower_)
                 and tokens[-1].i == root.i and tokens[-2].pos_ in ("NOUN", "PROPN")):
             tokens = tokens[:-1]
             root = tokens[-1]
@@ -360,8 +386,9 @@ def _refine_head(tokens, root, lexicon: Lexicon, use_ner: bool):
     if all(t.lower_ in AUDIENCE_NOUNS for t in tokens if t.is_alpha) and any(
             t.lower_ == "for" for t in doc[max(0, tokens[0].i - 3):tokens[0].i]):
         return None                                     # "Gift for Boys Girls": the audience, not an object
-    if head == "couple" and any(c.dep_ == "prep" and c.lower_ == "of" for c in root.children):
-        return None                                     # "a couple of cups" (but "a happy couple" stays)
+    if (head == "couple" or head in of_quantity_nouns()) and any(c.dep_ == "prep" and c.lower_ == "of"
+                                                               for c in root.children):
+        return None                                     # "a couple of cups", "lots of toys" (but "a happy couple")
     if head == "model" and i_follows_year(root):
         return None                                     # "(2022 Model)": a model year
     if (head in quantity_nouns() or head in attribute_words() or root.lower_ in attribute_words()

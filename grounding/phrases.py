@@ -147,6 +147,24 @@ EXPRESSION_TRIM_POS = {"ADP", "DET", "CCONJ", "SCONJ", "PUNCT", "SPACE", "PART",
 # turns it off: the two extra tokens cost ~20 % of the parse for ~0.005-0.01 of head-noun precision and
 # recall on the tuning sets (lower-casing the first word does most of the work).
 PARSE_PREFIX = "There is "
+# A short caption that starts with a determiner already reads as a noun phrase, and a product title is read
+# lexically (grounding.phrase_titles): neither is framed, which saves the frame's parse work on them (on
+# long multi-object captions the frame still helps the parser, at a small relative cost).
+NOUN_PHRASE_STARTS = frozenset("""a an the this that these those my your his her its our their some several many
+two three four five six seven eight nine ten""".split())
+FRAME_SKIP_TITLES = True
+FRAME_SKIP_DETERMINERS = True
+FRAME_SHORT_CHARS = 80
+
+
+def parse_frame(clean: CleanText, config: PhraseConfig) -> str:
+    """The sentence frame ``clean.text`` is parsed in: :data:`PARSE_PREFIX`, or "" where it does not help."""
+    if not config.sentence_frame or (FRAME_SKIP_TITLES and clean.title):
+        return ""
+    first = clean.text[:12].split(None, 1)
+    if FRAME_SKIP_DETERMINERS and len(clean.text) <= FRAME_SHORT_CHARS and first and (first[0].lower() in NOUN_PHRASE_STARTS or first[0].isdigit()):
+        return ""
+    return PARSE_PREFIX
 
 
 def _expand(doc, chunk: Chunk, max_tokens: int) -> tuple[int, int] | None:
@@ -173,8 +191,9 @@ def _expand(doc, chunk: Chunk, max_tokens: int) -> tuple[int, int] | None:
 
 def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, lexicon: Lexicon,
                     truncated: bool = False) -> CaptionPhrases:
-    """Phrases of one parsed caption: ``doc`` parses ``PARSE_PREFIX + clean.text``, ``clean`` maps back."""
-    offset = len(PARSE_PREFIX) if config.sentence_frame else 0
+    """Phrases of one parsed caption: ``doc`` parses ``parse_frame(clean, config) + clean.text``, ``clean``
+    maps back."""
+    offset = len(parse_frame(clean, config))
     if clean.title:
         chunks, found = title_chunks(doc, clean, lexicon, offset)
     else:
@@ -243,7 +262,6 @@ class PhraseExtractor:
             if name not in needed:
                 nlp.disable_pipe(name)
         self.nlp = nlp
-        self.prefix = PARSE_PREFIX if self.config.sentence_frame else ""
         self.lexicon = Lexicon.from_pipeline(nlp, nonvisual_nouns() | frozenset(self.config.extra_nonvisual))
 
     def prepare(self, caption) -> tuple[CaptionPhrases | None, CleanText | None, str]:
@@ -277,7 +295,7 @@ class PhraseExtractor:
         def items():
             for caption in captions:
                 done, clean, head = self.prepare(caption)
-                text = "" if done is not None else self.prefix + clean.text
+                text = "" if done is not None else parse_frame(clean, self.config) + clean.text
                 yield text, (caption, done, clean, head)
 
         for doc, (caption, done, clean, head) in self.nlp.pipe(
@@ -290,7 +308,7 @@ class PhraseExtractor:
         if done is not None:
             return done
         try:
-            doc = self.nlp(self.prefix + clean.text)
+            doc = self.nlp(parse_frame(clean, self.config) + clean.text)
         except Exception:  # noqa: BLE001 - errors are data
             return CaptionPhrases(caption, [], "parse_error", len(head) < len(caption))
         return self._extract(doc, caption, clean, head)
