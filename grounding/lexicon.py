@@ -65,6 +65,12 @@ def boilerplate_pattern() -> re.Pattern:
     return re.compile(r"(?<![\w])(?:" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
 
 
+# Noun endings that name qualities and states, and the words with those endings that name things or people.
+ABSTRACT_SUFFIXES = ("ness", "ship", "ism", "ity", "hood", "dom")
+CONCRETE_ABSTRACT_FORMS = frozenset("""harness witness wilderness battleship spaceship warship airship steamship starship
+flagship organism celebrity mechanism prism""".split())
+
+
 @dataclass(frozen=True)
 class Lexicon:
     """Word lists one extractor filters with.
@@ -88,6 +94,14 @@ class Lexicon:
             return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]))
         except Exception:  # noqa: BLE001 - another lemmatizer: no repair
             return cls(nonvisual)
+
+    def is_abstract(self, word: str) -> bool:
+        """A head that names a quality, a state or an activity, by its form: "-ness", "-ship", "-ism", "-ity",
+        "-hood", "-dom" nouns ("friendship", "humidity") and gerunds ("whitening", "hiking"; not the object
+        nouns of ``ing_nouns.txt``), except the few such words that name things or people."""
+        if word in CONCRETE_ABSTRACT_FORMS or len(word) < 7:
+            return False
+        return word.endswith(ABSTRACT_SUFFIXES) or self.is_participle(word)
 
     def is_participle(self, word: str) -> bool:
         """``word`` is an -ing form of a verb the tables know ("kissing", "grazing", "running"), and not one

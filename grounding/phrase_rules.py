@@ -288,6 +288,8 @@ def parse_chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset:
             continue
         tokens, root, person = refined
         head = PERSON_WORD if person == "" else head_lemma(root, lexicon)
+        if person is None and (lexicon.is_abstract(head) and root.lower_.startswith(head[:-3])):
+            continue                                    # "friendship", "Sonic Whitening" (not "a painting")
         if person is None and not _is_visual_chunk(tokens, root, head, lexicon.nonvisual, use_ner, lexicon.nouns):
             continue
         p = _strip_prefix(tokens, root)

@@ -25,7 +25,7 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
         ok = (t.is_alpha and len(t.text) >= 2 and t.pos_ not in ("DET", "ADP", "CCONJ", "PRON", "NUM", "AUX")
               and word not in AUDIENCE_NOUNS and lemma not in lexicon.nonvisual and word not in lexicon.nonvisual
               and lemma not in attribute_words() and word not in attribute_words() and lemma not in titles
-              and word not in titles and lemma not in quantity_nouns())
+              and word not in titles and lemma not in quantity_nouns() and not lexicon.is_abstract(word))
         if ok and lexicon.nouns is not None:
             ok = (word in lexicon.nouns or lexicon.noun_lemma(word) is not None
                   or (word.endswith("s") and word[:-1] in lexicon.nouns)          # "lights", "roses"
@@ -41,14 +41,17 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
             ok = False                                  # "2022 Model"
         flags.append(ok)
     for j, t in enumerate(seg):
-        # "Hand Painted Ceramic Flower Pot": a noun before a participle with more nouns to come is an adverb.
-        if (flags[j] and j + 1 < len(seg) and seg[j + 1].lower_.endswith("ed") and seg[j + 1].lower_ not in lexicon.nouns
-                and lexicon.is_verb_form(seg[j + 1].lower_[:-2] + "s") and any(flags[j + 2:])):
+        # "Hand Painted Ceramic Flower Pot": a noun before a participle with more nouns to come is an adverb
+        # (not after another noun: "Dog Collar Personalized Name Plate").
+        if (flags[j] and j + 1 < len(seg) and (j == 0 or not flags[j - 1]) and seg[j + 1].lower_.endswith("ed") and seg[j + 1].lower_ not in lexicon.nouns
+                and (lexicon.is_verb_form(seg[j + 1].lower_[:-2] + "s") or lexicon.is_verb_form(seg[j + 1].lower_[:-1] + "s"))
+                and any(flags[j + 2:])):                # "painted" (paint), "forged" (forge)
             flags[j] = False
     for j, t in enumerate(seg):
         # An adjective reading ("smart", "short", "light") counts as a noun only as the last word of a noun run.
         if flags[j] and lexicon.adjs is not None and t.lower_ in lexicon.adjs and not t.lower_.endswith("s"):
-            last = j + 1 >= len(seg) or not flags[j + 1]
+            last = j + 1 >= len(seg) or not flags[j + 1] and not (   # "Large Breed": it modifies a noun
+                seg[j + 1].is_alpha and lexicon.noun_lemma(seg[j + 1].lower_) is not None)
             after_noun = j > 0 and flags[j - 1] and seg[j - 1].lower_ not in lexicon.adjs
             flags[j] = last and (t.tag_ in ("NN", "NNS") or after_noun)
     return flags
