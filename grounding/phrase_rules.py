@@ -139,7 +139,7 @@ ORPHAN_LEFT_DEPS = {"det", "amod", "compound", "nmod", "nummod", "poss", "case",
 def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
     """A word only English nouns spell that the tagger called an adjective or a verb, and that
     modifies no noun: the small model does this to bare caption nouns."""
-    if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "VB", "VBP", "VBZ", "VBN", "VBD", "RB", "NNP"):
+    if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "JJR", "VB", "VBP", "VBZ", "VBN", "VBD", "RB", "NNP"):
         return False
     if t.tag_ in ("VBN", "VBD") and t.lower_.endswith("ed"):
         return False
@@ -149,11 +149,18 @@ def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
 
 
 def head_lemma(root, lexicon: Lexicon) -> str:
+    word = root.lower_
     if root.pos_ not in ("NOUN", "PROPN"):
-        lemma = lexicon.noun_lemma(root.lower_)
+        lemma = lexicon.noun_lemma(word)
         if lemma is not None:
             return lemma
-    return (root.lemma_ or root.text).lower()
+    lemma = (root.lemma_ or root.text).lower()
+    if lexicon.nouns is not None and lemma != word:
+        if word.endswith("ies") and word[:-1] in lexicon.nouns:
+            return word[:-1]                            # "cookies" -> "cookie" (the tables say "cooky")
+        if lemma not in lexicon.nouns and not word.endswith("s"):
+            return word                                 # "ramen", not "raman" (a made-up singular)
+    return lemma
 
 
 def _inner_verb(span, lexicon: Lexicon) -> int | None:
