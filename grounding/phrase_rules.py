@@ -115,8 +115,8 @@ def _is_setting_name(tokens, root) -> bool:
     a trailing ", Paris, France". Only names (every word PROPN) after such a preposition or as a
     comma-separated tail of the caption; "Eiffel Tower" as the subject is kept."""
     words = [t for t in tokens if t.is_alpha and t.pos_ not in ("DET", "NUM")]
-    if not words or any(t.pos_ != "PROPN" for t in words):
-        return False
+    if not words or any(t.pos_ != "PROPN" or t.is_lower for t in words):
+        return False                                    # "fresh from the oven": a lower-case word is no name
     head = root
     while head.dep_ in ("conj", "appos", "compound") and head.head.i != head.i:
         head = head.head
