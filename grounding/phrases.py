@@ -8,7 +8,9 @@ For each caption, :class:`PhraseExtractor` returns the phrases a detector should
 - **expressions**: each kept chunk expanded with its dependency children into the longest
   referring expression (``"a dog in a field of flowers"``), never across a conjunct, an apposition
   or masked boilerplate; only expressions not contained in another are kept. An expression points
-  at its head chunk (``PhraseSpan.chunk``), whose boxes it inherits.
+  at its head chunk (``Phrase.chunk``), whose boxes it inherits.
+
+Each phrase is a :class:`grounding.schema.Phrase`, the record a shard stores (boxes filled in later).
 
 What a careful dataset builder drops (each list is package data in ``grounding/data/``, read by
 :mod:`grounding.lexicon`):
@@ -61,6 +63,7 @@ from grounding.lexicon import Lexicon, nonvisual_nouns
 from grounding.parse_view import WORD_RE, CleanText, detect_non_english, parse_view, truncate_caption
 from grounding.phrase_rules import Chunk, parse_chunks, prompt_text
 from grounding.phrase_titles import title_chunks
+from grounding.schema import Phrase
 
 # Every CaptionPhrases.reason there is (None when there are phrases).
 REASONS = ("empty_caption", "not_text", "url_only", "boilerplate_only", "no_words", "non_english",
@@ -111,29 +114,14 @@ def small_batches() -> PhraseConfig:
 
 
 @dataclass
-class PhraseSpan:
-    text: str          # == caption[start:end]
-    start: int
-    end: int
-    head: str          # head noun lemma (lower case)
-    kind: str          # "chunk" | "expression"
-    prompt: str        # detector prompt: leading determiners/quantities stripped ("red ball")
-    chunk: int         # index (into the same phrases list) of the head chunk; a chunk points to itself
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "start": self.start, "end": self.end, "head": self.head,
-                "kind": self.kind, "prompt": self.prompt, "chunk": self.chunk}
-
-
-@dataclass
 class CaptionPhrases:
     caption: str
-    phrases: list[PhraseSpan] = field(default_factory=list)
+    phrases: list[Phrase] = field(default_factory=list)   # the shard's record, boxes still empty
     reason: str | None = None   # why there are none, when there are none
     truncated: bool = False     # only caption[:max_chars] (cut at a space) was parsed
 
     def to_dict(self) -> dict:
-        return {"caption": self.caption, "phrases": [p.to_dict() for p in self.phrases], "reason": self.reason}
+        return {"caption": self.caption, "phrases": [p.to_dict(boxes=False) for p in self.phrases], "reason": self.reason}
 
 
 # --- extraction over one parsed caption ----------------------------------------------------------
@@ -206,11 +194,11 @@ def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, l
     for k, c in enumerate(chunks):
         canonical.append(first_by_prompt.setdefault(c.prompt.lower(), k))
     keep = [k for k in range(len(chunks)) if canonical[k] == k][: config.max_phrases]
-    phrases: list[tuple[PhraseSpan, int]] = []  # (phrase, chunk id in `chunks`)
+    phrases: list[tuple[Phrase, int]] = []  # (phrase, chunk id in `chunks`)
     for k in keep:
         c = chunks[k]
         a, b = clean.span(c.start, c.end)
-        phrases.append((PhraseSpan(caption[a:b], a, b, c.head, "chunk", c.prompt, -1), k))
+        phrases.append((Phrase(caption[a:b], a, b, c.head, "chunk", c.prompt, -1), k))
     if config.expressions:
         expressions: list[tuple[int, int, int]] = []  # (start char, end char, chunk id)
         for k, c in enumerate(chunks):
@@ -232,7 +220,7 @@ def extract_phrases(doc, caption: str, clean: CleanText, config: PhraseConfig, l
                 continue
             seen.add(prompt.lower())
             a, b = clean.span(s, e)
-            phrases.append((PhraseSpan(caption[a:b], a, b, c.head, "expression", prompt, -1), k))
+            phrases.append((Phrase(caption[a:b], a, b, c.head, "expression", prompt, -1), k))
     phrases.sort(key=lambda pk: (pk[0].start, pk[0].end))
     chunk_index = {k: i for i, (p, k) in enumerate(phrases) if p.kind == "chunk"}
     out = []

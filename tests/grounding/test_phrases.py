@@ -17,7 +17,8 @@ from grounding.captions import clean_caption as clean_text
 from grounding.lexicon import nonvisual_nouns
 from grounding.parse_view import detect_non_english, parse_view
 from grounding.phrase_quality import head_counts, precision_recall
-from grounding.phrases import REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, PhraseSpan, main, small_batches
+from grounding.phrases import REASONS, CaptionPhrases, PhraseConfig, PhraseExtractor, main, small_batches
+from grounding.schema import PHRASE_TYPE, Phrase
 
 DATA = Path(__file__).parent / "data"
 # Floors, about 0.02 under what the extractor reaches (`python benchmarks/eval_phrases.py` prints the figures and
@@ -41,7 +42,7 @@ def one(extractor, caption: str) -> CaptionPhrases:
     return extractor([caption])[0]
 
 
-def chunks(res: CaptionPhrases) -> list[PhraseSpan]:
+def chunks(res: CaptionPhrases) -> list[Phrase]:
     return [p for p in res.phrases if p.kind == "chunk"]
 
 
@@ -316,7 +317,7 @@ def test_raw_noun_chunks_score_far_lower_on_noisy_captions(extractor):
     """The control: spaCy's bare noun-chunk heads on the same held-out captions (what the extractor improves on)."""
     rows = read_rows("noisy_captions_heldout.jsonl")
     docs = extractor.nlp.pipe([clean_text(r["caption"]) for r in rows])
-    bare = [CaptionPhrases(r["caption"], [PhraseSpan(c.text, c.start_char, c.end_char, c.root.lemma_.lower(), "chunk",
+    bare = [CaptionPhrases(r["caption"], [Phrase(c.text, c.start_char, c.end_char, c.root.lemma_.lower(), "chunk",
                                                      c.text, 0) for c in doc.noun_chunks]) for r, doc in zip(rows, docs)]
     p_bare, _ = precision_recall(head_counts(bare, rows))
     p, _ = precision_recall(head_counts(extractor([clean_text(r["caption"]) for r in rows]), rows))
@@ -449,3 +450,38 @@ def test_without_sentence_frame_spans_still_index_the_caption(world):
     for w, r in zip(world, res):  # the synthetic world's objects are found either way
         assert {(o.start, o.end) for o in w.objects} <= {(p.start, p.end) for p in chunks(r)}
     assert [p.prompt for p in chunks(res[-2])] == ["coach", "players"]
+
+
+def test_one_phrase_record_from_extraction_to_the_shard(extractor, tmp_path):
+    """The extractor's phrases are the shard's typed record (grounding.schema.Phrase): they carry ``chunk``
+    between the stages, an expression takes its chunk's boxes, and the shard stores the PHRASE_TYPE fields."""
+    from grounding.records import build_record
+    from grounding.schema import assign_boxes, detection_targets, read_shard, write_shard
+    from pipeline.stages import WORK_PHRASE_TYPE
+
+    caption = "A dog in a field of flowers"
+    res = extractor([caption])[0]
+    assert all(type(p) is Phrase for p in res.phrases)
+    kinds = [p.kind for p in res.phrases]
+    assert "expression" in kinds and "chunk" in kinds
+    # between stages: an Arrow struct with the chunk, and back to the same record
+    arr = pa.array([p.to_dict() for p in res.phrases], type=WORK_PHRASE_TYPE)
+    back = [Phrase.from_dict(d) for d in arr.to_pylist()]
+    assert back == res.phrases
+    targets = detection_targets(back)
+    assert all(back[i].kind == "chunk" for i in targets) and len(targets) < len(back)
+    found = {i: ([[10 * i, 10, 10 * i + 100, 200]], [0.5]) for i in targets}
+    assign_boxes(back, found)
+    expr = next(p for p in back if p.kind == "expression")
+    assert expr.boxes_norm == back[expr.chunk].boxes_norm != []
+    import io as _io
+    from PIL import Image
+    buf = _io.BytesIO()
+    Image.new("RGB", (32, 24)).save(buf, "PNG")
+    row, reason = build_record(key="k", caption=caption, image=buf.getvalue(), width=32, height=24, phrases=back)
+    assert reason is None
+    assert [set(p) for p in row["phrases"]] == [set(PHRASE_TYPE.names)] * len(back)   # no "chunk" in the shard
+    path = tmp_path / "s.parquet"
+    write_shard([row], str(path))
+    stored = next(iter(read_shard(str(path)))).phrases
+    assert [p.record() for p in stored] == [p.record() for p in back] and all(p.chunk is None for p in stored)
