@@ -82,7 +82,9 @@ def title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple[
             segments.append([])
         elif not skipping:
             segments[-1].append(t)
-    for seg in segments:
+    first_seg = next((n for n, s in enumerate(segments) if s), 0)
+    runs_before = 0                                     # object runs seen in the title so far
+    for n_seg, seg in enumerate(segments):
         objects = _title_objects(seg, lexicon)
         k = 0
         while k < len(seg):
@@ -103,8 +105,19 @@ def title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple[
             if k == 0 and nxt is not None and not objects[end + 1] and _is_model_name(nxt, lexicon):
                 k = end + 1
                 continue                                # "Apple iPhone": a brand before a model name
+            runs_before += 1
+            word = clean.display[seg[end].idx - offset:seg[end].idx - offset + len(seg[end])]
+            if (runs_before == 1 and n_seg == first_seg and end - k <= 1
+                    and all(_is_model_name(w, lexicon) for w in seg[:k]) and any(objects[end + 2:])
+                    and not (_is_model_name(seg[end], lexicon) and not word[1:].islower())):
+                k = end + 1
+                continue                                # "Samsung Galaxy ... Smartphone", "Weber ... Grill": the
+                                                        # title's first words name the brand when a product follows
+                                                        # (but "Apple iPhone ...": a model name written in
+                                                        # mixed case, like "iPhone", "AirPods", is the product)
             spec = head_lemma(nxt, lexicon) if nxt is not None else ""
-            if spec in lexicon.nonvisual and spec not in attribute_words() and spec not in quantity_nouns():
+            if (spec in lexicon.nonvisual and spec not in attribute_words() and spec not in quantity_nouns()
+                    and nxt.lower_ not in AUDIENCE_NOUNS):
                 k = end + 1
                 continue                                # "Home Gym Fitness Weights": a modifier of a spec
             root = seg[end]

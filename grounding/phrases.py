@@ -140,17 +140,15 @@ PARSE_PREFIX = "There is "
 # long multi-object captions the frame still helps the parser, at a small relative cost).
 NOUN_PHRASE_STARTS = frozenset("""a an the this that these those my your his her its our their some several many
 two three four five six seven eight nine ten""".split())
-FRAME_SKIP_TITLES = True
-FRAME_SKIP_DETERMINERS = True
 FRAME_SHORT_CHARS = 80
 
 
 def parse_frame(clean: CleanText, config: PhraseConfig) -> str:
     """The sentence frame ``clean.text`` is parsed in: :data:`PARSE_PREFIX`, or "" where it does not help."""
-    if not config.sentence_frame or (FRAME_SKIP_TITLES and clean.title):
+    if not config.sentence_frame or clean.title:
         return ""
     first = clean.text[:12].split(None, 1)
-    if FRAME_SKIP_DETERMINERS and len(clean.text) <= FRAME_SHORT_CHARS and first and (first[0].lower() in NOUN_PHRASE_STARTS or first[0].isdigit()):
+    if len(clean.text) <= FRAME_SHORT_CHARS and first and (first[0].lower() in NOUN_PHRASE_STARTS or first[0].isdigit()):
         return ""
     return PARSE_PREFIX
 
