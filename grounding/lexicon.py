@@ -84,6 +84,7 @@ class Lexicon:
     adjs: object = None
     noun_exceptions: object = None  # irregular plural -> [lemma]
     verbs: object = None            # verb lemmas ("greet"), to tell headline verbs from nouns
+    verb_forms: object = None       # irregular verb forms ("strung", "hung")
 
     @classmethod
     def from_pipeline(cls, nlp, nonvisual: frozenset[str]) -> "Lexicon":
@@ -91,7 +92,8 @@ class Lexicon:
             lookups = nlp.get_pipe("lemmatizer").lookups
             index, exc = lookups.get_table("lemma_index"), lookups.get_table("lemma_exc")
             # The index tables are lists: sets make each lookup O(1) (a list scan was 0.5 ms a word).
-            return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]))
+            return cls(nonvisual, frozenset(index["noun"]), frozenset(index["adj"]), exc["noun"], frozenset(index["verb"]),
+                       frozenset(exc["verb"]))
         except Exception:  # noqa: BLE001 - another lemmatizer: no repair
             return cls(nonvisual)
 
@@ -111,6 +113,14 @@ class Lexicon:
         stem = word[:-3]
         return (self.is_verb_form(stem) or self.is_verb_form(stem + "e")
                 or (len(stem) > 2 and stem[-1] == stem[-2] and self.is_verb_form(stem[:-1])))
+
+    def is_past_participle(self, word: str) -> bool:
+        """``word`` spells a past form of a verb and is no noun: "strung", "painted" (not "bed", "shed")."""
+        if self.verbs is None or self.verb_forms is None or word in self.nouns or len(word) < 4:
+            return False
+        if word in self.verb_forms:
+            return True
+        return word.endswith("ed") and (self.is_verb_form(word[:-2]) or self.is_verb_form(word[:-1]))
 
     def is_verb_form(self, word: str) -> bool:
         """``word`` spells a present-tense verb ("greets", "drive") the tables know."""

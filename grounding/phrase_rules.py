@@ -143,7 +143,13 @@ def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
         return False
     if t.tag_ in ("VBN", "VBD") and t.lower_.endswith("ed"):
         return False
-    if lexicon.noun_lemma(t.lower_) is None or _acts_as_verb(t, lexicon):
+    if lexicon.noun_lemma(t.lower_) is None:
+        # A word that is a noun and an adjective ("plain", "locomotive") is a noun where only a noun can stand:
+        # as a preposition's or verb's object, or with a noun compound of its own ("steam locomotive").
+        if lexicon.nouns is None or t.lower_ not in lexicon.nouns or t.tag_ not in ("JJ", "RB") or not (
+                t.dep_ in ("pobj", "dobj") or any(c.dep_ == "compound" and c.pos_ == "NOUN" for c in t.lefts)):
+            return False
+    if _acts_as_verb(t, lexicon):
         return False
     return not (t.dep_ in ("amod", "compound", "nmod") and t.head.pos_ in ("NOUN", "PROPN") and t.head.i != t.i)
 
@@ -173,6 +179,9 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
             continue
         if t.tag_ == "VBG" and before.tag_ in ("NN", "NNS") and after.pos_ == "NOUN":
             return i                                    # "a potter shaping clay", "a vendor grilling skewers"
+        if (t.tag_ == "NN" and before.tag_ == "NN" and after.tag_ == "NNS" and lexicon is not None
+                and lexicon.is_participle(t.lower_)):
+            return i                                    # "forklift loading pallets" (not "kitchen cutting board")
         word = t.lower_
         if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
             continue                                    # "Striker Harry Kane": a name, not "to harry"
@@ -271,8 +280,9 @@ def parse_chunks(doc, clean: CleanText, lexicon: Lexicon, use_ner: bool, offset:
         if root.idx < offset:
             continue
         # "groom kissing", "goldfish swimming": a participle after a noun heads no object.
-        if (root.tag_ in ("VBG", "NN") and len(tokens) > 1 and lexicon.is_participle(root.lower_)
-                and tokens[-1].i == root.i and tokens[-2].pos_ in ("NOUN", "PROPN")):
+        if (len(tokens) > 1 and tokens[-1].i == root.i and tokens[-2].pos_ in ("NOUN", "PROPN")
+                and ((root.tag_ in ("VBG", "NN") and lexicon.is_participle(root.lower_))
+                     or lexicon.is_past_participle(root.lower_))):   # "hammock strung between ..."
             tokens = tokens[:-1]
             root = tokens[-1]
         while tokens and (tokens[0].pos_ in SKIP_EDGE_POS or tokens[0].is_space or tokens[0].is_punct):
