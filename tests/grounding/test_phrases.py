@@ -517,3 +517,5 @@ def test_sentence_frame_only_where_it_helps():
     long = "A kitchen table with a bowl of apples, a loaf of bread on a cutting board, a teapot and two mugs"
     assert parse_frame(parse_view(long), config) == PARSE_PREFIX                            # long: the frame helps
     assert parse_frame(parse_view("Horse grazing"), PhraseConfig(sentence_frame=False)) == ""
+    assert parse_frame(parse_view("Senator greets voters"), config) == PARSE_PREFIX          # a verb may follow
+    assert parse_frame(parse_view("Blue barn in a snowy field"), config) == ""               # nothing verb-like
