@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from grounding.lexicon import Lexicon, attribute_words, frame_nouns, of_quantity_nouns, person_roles, quantity_nouns
+from grounding.lexicon import (Lexicon, attribute_words, frame_nouns, ing_nouns, of_quantity_nouns, person_roles,
+                               quantity_nouns)
 from grounding.parse_view import PRICE_RE, CleanText
 
 # Named-entity types that name nothing a box could hold (used when PhraseConfig.ner is on).
@@ -139,6 +140,8 @@ ORPHAN_LEFT_DEPS = {"det", "amod", "compound", "nmod", "nummod", "poss", "case",
 def _is_mistagged_noun(t, lexicon: Lexicon) -> bool:
     """A word only English nouns spell that the tagger called an adjective or a verb, and that
     modifies no noun: the small model does this to bare caption nouns."""
+    if t.tag_ == "VBG" and t.dep_ in ("pobj", "dobj", "pcomp") and t.lower_ in ing_nouns():
+        return True                                     # "on scaffolding", "behind the railing"
     if t.pos_ in ("NOUN", "PROPN") or t.tag_ not in ("JJ", "JJR", "VB", "VBP", "VBZ", "VBN", "VBD", "RB", "NNP"):
         return False
     if t.tag_ in ("VBN", "VBD") and t.lower_.endswith("ed"):
@@ -179,9 +182,10 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
             continue
         if t.tag_ == "VBG" and before.tag_ in ("NN", "NNS") and after.pos_ == "NOUN":
             return i                                    # "a potter shaping clay", "a vendor grilling skewers"
-        if (t.tag_ == "NN" and before.tag_ == "NN" and after.tag_ == "NNS" and lexicon is not None
-                and lexicon.is_participle(t.lower_)):
-            return i                                    # "forklift loading pallets" (not "kitchen cutting board")
+        if (t.tag_ == "NN" and before.tag_ in ("NN", "NNS") and "NNS" in (before.tag_, after.tag_)
+                and lexicon is not None and lexicon.is_participle(t.lower_)):
+            return i                                    # "forklift loading pallets", "arms drinking coffee"
+                                                        # (not "kitchen cutting board")
         word = t.lower_
         if not t.is_lower or t.ent_type_ or not lexicon.is_verb_form(word):
             continue                                    # "Striker Harry Kane": a name, not "to harry"
@@ -190,6 +194,14 @@ def _inner_verb(span, lexicon: Lexicon) -> int | None:
                          and (before.lower_ in person_roles() or before.lower_ in PEOPLE_NOUNS)):
             return i                                    # "senator greets voters" (but "coffee beans", "car keys")
     return None
+
+
+def _rooted(doc, start: int, end: int):
+    """``doc[start:end]`` without the leading words that hang on a word after it ("a" in "a hard hat and
+    safety vest", "his" in "his arms drinking coffee"), so its root is its own last noun."""
+    while start < end - 1 and not start < doc[start].head.i < end:
+        start += 1
+    return doc[start:end]
 
 
 def _split_chunk(span, lexicon: Lexicon | None) -> list:
@@ -205,10 +217,7 @@ def _split_chunk(span, lexicon: Lexicon | None) -> list:
     pieces, start = [], span.start
     for c in cuts + [span.end]:
         if c > start:
-            if span.root.i not in range(start, c):
-                while start < c - 1 and not start < doc[start].head.i < c:
-                    start += 1                          # "a" in "a hard hat and ...": it hangs on "vest"
-            piece = doc[start:c]
+            piece = doc[start:c] if span.root.i in range(start, c) else _rooted(doc, start, c)
             last = piece[-1]
             if span.root.i in range(start, c) or (piece.root.i == last.i and (
                     last.pos_ in ("NOUN", "PROPN") or (lexicon is not None and lexicon.noun_lemma(last.lower_)))):
@@ -233,7 +242,7 @@ def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
             if cut is None:
                 spans.append(sp)
             else:
-                spans.extend((doc[sp.start:cut], doc[cut + 1:sp.end]))
+                spans.extend((_rooted(doc, sp.start, cut), doc[cut + 1:sp.end]))
     covered = {t.i for sp in spans for t in sp}
     for t in doc:
         if t.i in covered:

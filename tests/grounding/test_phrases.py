@@ -500,6 +500,8 @@ def test_one_phrase_record_from_extraction_to_the_shard(extractor, tmp_path):
     ("Weber Kettle Charcoal Grill 22 Inch Black", ["grill"], ["weber", "kettle"]),              # the brand before the product
     ("Tent pitched beside a canoe on a rocky plain", ["tent", "canoe", "plain"], ["pitched"]),   # past participle; noun
     ("Crane lifting beams at a port", ["crane", "beam"], ["lifting"]),                          # participle inside a chunk
+    ("Old man with his hands holding coffee", ["man", "hand", "coffee"], []),                    # "his" hangs on "coffee"
+    ("Painters standing on scaffolding", ["painter", "scaffolding"], []),                      # an -ing object noun
 ])
 def test_noisy_caption_families(extractor, caption, heads, not_heads):
     got = [p.head for p in chunks(one(extractor, caption))]
