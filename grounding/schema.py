@@ -97,34 +97,74 @@ class ShardError(SchemaError, UsageError):
 
 @dataclass
 class Phrase:
-    text: str
+    """One referring phrase of a caption, the one record from extraction to the shard.
+
+    :class:`grounding.phrases.PhraseExtractor` makes it (span, head, kind, prompt, ``chunk``), the detect
+    stage fills ``boxes_norm`` / ``det_scores`` (:func:`assign_boxes`), :func:`grounding.records.build_record`
+    writes it as a :data:`PHRASE_TYPE` struct (:meth:`record`: every field but ``chunk``, which indexes the
+    extractor's phrase list and means nothing once phrases without boxes are dropped).
+    """
+    text: str          # == caption[start:end]
     start: int
     end: int
-    head: str | None = None
-    kind: str = "chunk"
-    prompt: str | None = None
+    head: str | None = None        # head noun lemma (lower case)
+    kind: str = "chunk"            # "chunk" | "expression"
+    prompt: str | None = None      # detector prompt ("red ball"); None: the text
+    chunk: int | None = None       # index (same phrase list) of the head chunk whose boxes it takes; a chunk: itself
     boxes_norm: list[list[int]] = field(default_factory=list)
     det_scores: list[float] = field(default_factory=list)
 
+    def to_dict(self, boxes: bool = True) -> dict:
+        """Every field (``boxes=False``: without ``boxes_norm`` / ``det_scores``, as the extractor's JSON lines)."""
+        d = {"text": self.text, "start": self.start, "end": self.end, "head": self.head, "kind": self.kind,
+             "prompt": self.prompt, "chunk": self.chunk}
+        if boxes:
+            d["boxes_norm"], d["det_scores"] = self.boxes_norm, self.det_scores
+        return d
 
-# --- rules over a row's phrase list (dicts with the Phrase fields; "chunk" while in the pipeline) -------
+    def record(self) -> dict:
+        """The shard's :data:`PHRASE_TYPE` fields."""
+        return {"text": self.text, "start": self.start, "end": self.end, "head": self.head, "kind": self.kind,
+                "prompt": self.prompt, "boxes_norm": self.boxes_norm, "det_scores": self.det_scores}
 
-def phrase_prompt(phrase: Mapping[str, Any]) -> str:
+    @classmethod
+    def from_dict(cls, d: "Phrase | Mapping[str, Any]") -> "Phrase":
+        """A phrase from a dict with these fields (a shard row's has no ``chunk``; missing boxes are empty)."""
+        if isinstance(d, Phrase):
+            return d
+        return cls(d["text"], d["start"], d["end"], d.get("head"), d.get("kind") or "chunk", d.get("prompt"),
+                   d.get("chunk"), list(d.get("boxes_norm") or []), list(d.get("det_scores") or []))
+
+
+# --- rules over a row's phrase list (Phrase records, or dicts with their fields) ------------------
+
+def _field(phrase: "Phrase | Mapping[str, Any]", name: str) -> Any:
+    return phrase.get(name) if isinstance(phrase, Mapping) else getattr(phrase, name, None)
+
+
+def phrase_prompt(phrase: "Phrase | Mapping[str, Any]") -> str:
     """What the detector and the REC question name: the phrase's prompt, else its text."""
-    return phrase.get("prompt") or phrase["text"]
+    return _field(phrase, "prompt") or _field(phrase, "text")
 
 
-def source_chunk(phrases: Sequence[Mapping[str, Any]], i: int) -> int:
+def source_chunk(phrases: Sequence["Phrase | Mapping[str, Any]"], i: int) -> int:
     """The phrase whose boxes phrase ``i`` takes: an expression inherits its head chunk's, a chunk its own."""
-    c = phrases[i].get("chunk")
-    if phrases[i].get("kind") == "expression" and isinstance(c, int) and 0 <= c < len(phrases) and c != i:
+    c = _field(phrases[i], "chunk")
+    if _field(phrases[i], "kind") == "expression" and isinstance(c, int) and 0 <= c < len(phrases) and c != i:
         return c
     return i
 
 
-def detection_targets(phrases: Sequence[Mapping[str, Any]]) -> list[int]:
+def detection_targets(phrases: Sequence["Phrase | Mapping[str, Any]"]) -> list[int]:
     """Indices of the phrases the detector is asked about (the others inherit, :func:`source_chunk`)."""
     return [i for i in range(len(phrases)) if source_chunk(phrases, i) == i]
+
+
+def assign_boxes(phrases: Sequence[Phrase], found: Mapping[int, tuple[list[list[int]], list[float]]]) -> None:
+    """Give every phrase the boxes and scores its source chunk was found with (``found``: detection target
+    index -> ``(boxes_norm, det_scores)``): an expression takes its chunk's boxes; unfound phrases get none."""
+    for i, p in enumerate(phrases):
+        p.boxes_norm, p.det_scores = found.get(source_chunk(phrases, i), ([], []))
 
 
 @dataclass
@@ -156,7 +196,7 @@ class GroundingRow:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GroundingRow":
         d = dict(d)
-        d["phrases"] = [Phrase(**p) for p in d["phrases"]]
+        d["phrases"] = [Phrase.from_dict(p) for p in d["phrases"]]
         d["qa"] = [QAPair(**q) for q in d["qa"]]
         return cls(**{k: d.get(k) for k in GROUNDING_COLUMNS})
 
@@ -164,7 +204,7 @@ class GroundingRow:
 def row_to_dict(row: GroundingRow | Mapping[str, Any]) -> dict:
     if isinstance(row, GroundingRow):
         d = dict(row.__dict__)
-        d["phrases"] = [dict(p.__dict__) for p in row.phrases]
+        d["phrases"] = [p.record() for p in row.phrases]
         d["qa"] = [dict(q.__dict__) for q in row.qa]
         return d
     return dict(row)

@@ -22,11 +22,11 @@ from grounding.captions import clean_caption
 from grounding.image import MAX_PIXELS, ImageTooLarge, decode_image, image_header
 from grounding.dedup import DedupConfig, EvalIndex, parse_eval_sets, phash_hex
 from grounding.records import REASON_TOO_FEW_BOXES, build_record
-from grounding.schema import GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, detection_targets, phrase_prompt, source_chunk
+from grounding.schema import (GROUNDING_SCHEMA, PHRASE_TYPE, REJECTS_SCHEMA, Phrase, assign_boxes, detection_targets,
+                              phrase_prompt)
 from pipeline.download import AREA_TOO_LARGE_MESSAGE, OPTED_OUT_MESSAGE
 
-PHRASE_FIELDS = [f.name for f in PHRASE_TYPE]
-# a phrase between the stages: the shard's typed record (boxes filled in by the detect stage) + its chunk
+# a phrase between the stages: grounding.schema.Phrase as an Arrow struct (the shard's fields + its chunk)
 WORK_PHRASE_TYPE = pa.struct([f.with_nullable(True) for f in PHRASE_TYPE] + [pa.field("chunk", pa.int32())])
 
 _STATUS = [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("error", pa.string())]
@@ -153,7 +153,7 @@ class PhraseStage:
             elif not res.phrases:
                 _fail(r, "phrases", res.reason or "no_noun_phrases")
             else:
-                r["phrases"] = [span.to_dict() for span in res.phrases]
+                r["phrases"] = [p.to_dict() for p in res.phrases]
         return _table(rows, WORK_SCHEMA)
 
 
@@ -181,7 +181,7 @@ class DetectStage:
                 _fail(r, "decode", "corrupt_image", f"{type(e).__name__}: {e}")
                 r["image"] = None
                 continue
-            phrases = r["phrases"]
+            phrases = [Phrase.from_dict(p) for p in r["phrases"]]
             idx = detection_targets(phrases)
             todo.append((r, phrases, idx))
             images.append(image)
@@ -202,9 +202,8 @@ class DetectStage:
             found = {}
             for i, pb in zip(idx, res):
                 found[i] = ([list(normalize_box(b, w, h)) for b in pb.boxes], [float(s) for s in pb.scores])
-            for i, p in enumerate(phrases):
-                p["boxes_norm"], p["det_scores"] = found.get(source_chunk(phrases, i), ([], []))
-            r["phrases"] = phrases
+            assign_boxes(phrases, found)
+            r["phrases"] = [p.to_dict() for p in phrases]
         return _table(rows, WORK_SCHEMA)
 
 
@@ -217,7 +216,7 @@ def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
     for r in batch.to_pylist():
         status = {"stage": r["stage"], "reason": r["reason"], "error": r["error"]}
         if r["stage"] is None:
-            phrases = [{k: p.get(k) for k in PHRASE_FIELDS} for p in r["phrases"]]
+            phrases = [Phrase.from_dict(p) for p in r["phrases"]]
             record, reason = build_record(
                 key=r["key"], caption=r["caption"], caption_raw=r["caption_raw"], image=r["image"],
                 width=r["width"], height=r["height"],
@@ -227,7 +226,7 @@ def assemble(batch: pa.Table, min_boxes: int = 2, rec_template: str = "default",
             if record is not None:
                 out.append({**record, **status})
                 continue
-            nboxes = len({tuple(b) for p in phrases for b in p["boxes_norm"]})
+            nboxes = len({tuple(b) for p in phrases for b in p.boxes_norm})
             status = {"stage": "filter", "reason": reason,
                       "error": f"{nboxes} distinct boxes < {min_boxes}" if reason == REASON_TOO_FEW_BOXES else None}
         out.append({"key": r["key"], "url": r["url"], "caption": r["caption"], "source_shard": r["source_shard"],
