@@ -131,7 +131,6 @@ def build_seed(seed: int, n_images: int, out_root: str | os.PathLike, work_root:
     world = world_for(seed, n_images)
     t0 = time.time()
     ran = not out.exists()
-    job: dict = {}
     if ran:
         tmp = Path(out_root) / f".s{seed}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,22 +145,31 @@ def build_seed(seed: int, n_images: int, out_root: str | os.PathLike, work_root:
             rc = build(argv)
         if rc != 0:
             raise RuntimeError(f"seed {seed}: the job exited {rc}; see {tmp}")
-        job = {"argv": argv, "rc": rc}
+        job = {"job_argv": argv, "job_rc": rc, "job_wall_seconds": round(time.time() - t0, 1),
+               "job_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "job_load_average_after": [round(x, 2) for x in os.getloadavg()]}
+        (tmp / "pseudo_job.json").write_text(json.dumps(job, indent=1))  # kept with the folder: a rerun reports it
         tmp.rename(out)
     else:
         files = write_world(work / "world", world)  # COCO + refs for the audit (images are rewritten only if absent)
+    job = json.loads((out / "pseudo_job.json").read_text())
     run = json.loads((out / "run_report.json").read_text())
+    if run["counts"]["input"] != n_images:
+        raise ValueError(f"{out} was built from {run['counts']['input']} images, not {n_images}: remove it to rebuild")
     shards = str(out / "shards")  # the job's grounding shards (its other folders: downloads, rejects, dedup)
     images = check_images(shards, world)
     loaded = load_check(shards)
     report = audit(shards, str(files.coco), str(files.refs), png=str(work / "calibration.png"))
     wall = time.time() - t0
+    # the labels the proof trains on: phrases with a human box that the shards box (a miss has no score)
+    labelled = [p for p in report["per_phrase"] if p["score"] is not None]
+    right = sum(p["top1_iou"] >= report["iou"] for p in labelled)
     at_job = next(r for r in report["by_threshold"] if abs(r["threshold"] - DEMO_THRESHOLD) < 1e-6)
     return {
         "seed": seed, "world_seed": learnlib.world_seed(seed, "train", "multi"), "shards": shards,
         "job_ran_now": ran, "job_seconds": run["timings_seconds"]["total"],
         "job_rows_per_second": run["throughput"]["job_rows_per_second"],
-        "wall_seconds": round(wall, 1), **job,
+        "wall_seconds_this_call": round(wall, 1), **job,
         "input_images": n_images, "world_objects": sum(len(im.objects) for im in world),
         "counts": run["counts"], "kept_images": run["counts"]["kept"],
         "kept_with_2plus_boxes_share": run["kept_with_2plus_boxes_share"],
@@ -172,7 +180,10 @@ def build_seed(seed: int, n_images: int, out_root: str | os.PathLike, work_root:
                   "precision": at_job["precision"], "recall": at_job["recall"], "boxes": at_job["boxes"],
                   "true_boxes": report["true_boxes"], "phrases": report["phrases"],
                   "top1_iou": report["top1_iou"], "counts": report["counts"],
-                  "threshold_for_precision_0.9": report["threshold_for_target"]},
+                  "threshold_for_precision_0.9": report["threshold_for_target"],
+                  "boxed_phrases_with_truth": len(labelled),
+                  "boxed_phrases_best_box_right": right,
+                  "boxed_phrases_best_box_right_share": round(right / len(labelled), 4) if labelled else None},
     }
 
 

@@ -63,3 +63,9 @@ def test_pseudo_shards_are_the_proofs_training_images_with_detector_boxes(tmp_pa
     # and the same split's truth shards as dev would be caught by the proof's own disjointness check
     with pytest.raises(ValueError, match="share"):
         learnlib.check_disjoint({"train_multi": shards, "dev_multi": str(truth)})
+
+    # a rerun reuses the finished folder and reports the job that made it; another size is refused
+    again = pseudo_shards.build_seed(0, N, tmp_path / "out", tmp_path / "work")
+    assert not again["job_ran_now"] and again["job_argv"] == r["job_argv"] and again["kept_images"] == r["kept_images"]
+    with pytest.raises(ValueError, match=f"built from {N} images"):
+        pseudo_shards.build_seed(0, N + 1, tmp_path / "out", tmp_path / "work")
