@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from grounding.detect import box_ious
+from grounding.positive_map import box_ious
 from grounding.schema import phrase_prompt
 
 Box = tuple[float, float, float, float]
