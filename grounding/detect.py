@@ -52,7 +52,6 @@ from PIL import Image
 from grounding.boxes import strip_article
 from grounding.cli import run_cli
 from grounding.positive_map import PhraseBoxes, PromptPass, clean_phrase, phrase_candidates, plan_prompts, select_boxes
-from grounding.positive_map import box_ious  # noqa: F401 - grounding.audit imports it from here
 
 BACKENDS = ("transformers", "groundingdino-py", "annotations")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # torch's names, as model.cogvlm and model.train_config use
