@@ -21,7 +21,8 @@
    Repeats interleaved (job, detector, job, detector, ...), median and spread. Target: >= 0.8.
    The end-to-end ratio (Ray start, dedup and model load included) is reported beside it.
 
-Writes ``benchmarks/results/scale.json`` (``--quick``: ``scale_quick.json``).
+Writes ``benchmarks/results/scale.json`` (``--quick``: ``scale_quick.json``; ``--only memory|stream``: one
+half, ``scale[_quick]_<half>.json``).
 """
 from __future__ import annotations
 
@@ -263,7 +264,10 @@ def streaming_and_ratio(images: int, repeats: int, small: bool, tmp: str) -> dic
         t = report["timings_seconds"]
         detected = report["throughput"]["detected_rows_this_run"]
         runs.append({"total_seconds": t["total"], "first_shard_written_seconds": t["first_shard_written"],
-                     "detectors_loaded_seconds": t.get("detectors_loaded"), "shards_done_seconds": t["shards_done"],
+                     "detectors_loaded_seconds": t.get("detectors_loaded"),
+                     "first_shard_started_seconds": t.get("first_shard_started"),
+                     "first_shard_detect_called_seconds": t.get("first_shard_detect_called"),
+                     "dedup_seconds": t.get("dedup"), "shards_done_seconds": t["shards_done"],
                      "detected": detected, "shards": report["shards"]["total"],
                      "first_over_total": t["first_shard_written"] / t["total"],
                      "images_per_second_after_load": detected / (t["shards_done"] - t["detectors_loaded"]),
@@ -294,6 +298,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="<= 2 min: smaller inputs, tiny detector, one repeat")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--only", choices=("memory", "stream"), help="one half of the benchmark (-> scale[_quick]_<half>.json)")
     ap.add_argument("--driver-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.driver_child:
@@ -304,8 +309,8 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if quick else 3)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        memory = driver_memory(sizes, tmp)
-        stream = streaming_and_ratio(images, repeats, small=not quick, tmp=tmp)
+        memory = driver_memory(sizes, tmp) if args.only != "stream" else None
+        stream = streaming_and_ratio(images, repeats, small=not quick, tmp=tmp) if args.only != "memory" else None
     result = {
         "note": ("2-core CPU shared with other engineers' runs (load average in the JSON): timings are noisy. "
                  "Ratios use the same images, batch size and one torch thread on both sides; model load "
@@ -314,15 +319,18 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1),
         "driver_memory": memory, "streaming_and_detector_share": stream,
         "figures": {
-            "driver_peak_rss_extra_mib_per_million_rows": memory["driver_peak_rss_extra_mib_per_million_rows"],
-            "image_bytes_received_by_driver": memory["image_bytes_received_by_driver"],
-            "first_shard_over_total_median": stream["first_shard_over_total"]["median"],
-            "job_over_detector_only_median": stream["job_over_detector_only"]["median"],
+            **({"driver_peak_rss_extra_mib_per_million_rows": memory["driver_peak_rss_extra_mib_per_million_rows"],
+                "image_bytes_received_by_driver": memory["image_bytes_received_by_driver"],
+                "dedup_prepass_seconds_per_million_rows": memory["dedup_prepass_seconds_per_million_rows"]}
+               if memory else {}),
+            **({"first_shard_over_total_median": stream["first_shard_over_total"]["median"],
+                "job_over_detector_only_median": stream["job_over_detector_only"]["median"]} if stream else {}),
         },
     }
     print(json.dumps(result["figures"], indent=2))
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "scale_quick.json" if quick else "scale.json"), "w") as f:
+    name = ("scale_quick" if quick else "scale") + (f"_{args.only}" if args.only else "")
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return 0
 
