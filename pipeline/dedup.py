@@ -6,13 +6,15 @@ so 40,000 shards give 1,000 groups of 40), and every step writes one file per ta
 
 1. **map**, one task per group (:func:`map_group`): read the group's shards, sample, keep the rows that
    pass the cheap pre-filters (:func:`grounding.source.dedup_candidates`), hash each URL (16 bytes of
-   BLAKE2b). Rows whose URL occurred earlier *in the group* lose at once (``within/<g>``); the group's
+   BLAKE2b). Rows whose URL occurred earlier *in the group* lose at once (``within/<g>``; for group 0,
+   which has no earlier group, these are all its losers: ``losers/0``, so its shards can start before
+   the rest of the pass is done); the group's
    first occurrences go to ``map/<g>.parquet`` = (bucket, url_hash, shard, source_row), one row group
    per bucket, so a reducer reads only its own.
 2. **reduce**, one task per bucket (:func:`reduce_bucket`): read that bucket from every map file (each
    URL at most once per group), sort by (url_hash, shard, source_row) and write every occurrence but the
    first to ``cross/<bucket>.parquet`` = (shard, source_row), one row group per map group.
-3. **gather**, one task per group (:func:`gather_group`): the group's losers from ``within/<g>`` and from
+3. **gather**, one task per group after the first (:func:`gather_group`): the group's losers from ``within/<g>`` and from
    every ``cross/<bucket>`` (its row group only) -> ``losers/<g>.parquet``, one row group per shard.
 4. each shard task reads its own losers from its group's file (:func:`duplicate_rows`): its keep-mask.
 
@@ -115,7 +117,12 @@ def map_group(dedup: str, group: int, shards: list[WorkShard], source: SourceCon
     table = pa.table({"bucket": buckets, "url_hash": first["url_hash"], "shard": first["shard"],
                       "source_row": first["source_row"]}, schema=MAP_SCHEMA).sort_by("bucket")
     _write(table, f"{dedup}/map/{group:08d}.parquet", _split(table, "bucket", [(b, b + 1) for b in range(partitions)]))
-    _write(_losers(later), f"{dedup}/within/{group:08d}.parquet")
+    later = _losers(later)
+    if group == 0:  # no earlier group: these are final
+        lo, hi = shards[0].index, shards[-1].index + 1
+        _write(later, f"{dedup}/losers/{group:08d}.parquet", _split(later, "shard", [(i, i + 1) for i in range(lo, hi)]))
+    else:
+        _write(later, f"{dedup}/within/{group:08d}.parquet")
     return cand.num_rows, later.num_rows
 
 
@@ -129,7 +136,8 @@ def reduce_bucket(dedup: str, bucket: int, groups: list[tuple[int, int]]) -> int
 
 
 def gather_group(dedup: str, group: int, lo: int, hi: int, partitions: int) -> int:
-    """The losers of one group's shards (within the group and across groups) in one file; returns their count."""
+    """The losers of one group's shards (within the group and across groups) in one file (group >= 1);
+    returns their count."""
     within = _read(f"{dedup}/within/{group:08d}.parquet", DUPS_SCHEMA)
     cross = [_read(f"{dedup}/cross/{b:05d}.parquet", DUPS_SCHEMA, [("shard", ">=", lo), ("shard", "<", hi)])
              for b in range(partitions)]

@@ -6,7 +6,8 @@
                           driver plans and the dedup pre-pass runs; 1 GPU each on a GPU cluster
     plan_shards           file listings + Parquet footers -> work shards (file, row range)
     dedup pre-pass        map tasks per group of shards, reduce tasks per URL-hash bucket, one losers
-                          file per group (pipeline.dedup)
+                          file per group (pipeline.dedup), in a driver thread beside the shard tasks: the
+                          first group's shards start after its map task, the others after the pass
     shard tasks           pipeline.worker.process_shard: read, pre-filter (DNS), img2dataset, decode,
                           phrases, boxes (via the actor pool), assembly, atomic writes
     image dedup           after the last shard task: map / reduce / apply over the shards' image hashes
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 import time
 from typing import Iterator
 
@@ -134,30 +136,35 @@ class WarmupGate:
         return self.limit
 
 
-def bounded(submit, items, limit, on_result) -> list[tuple[object, BaseException]]:
+def bounded(submit, items, limit, on_result, ready=None) -> list[tuple[object, BaseException]]:
     """Run ``submit(item)`` (-> ObjectRef) over ``items`` in order with at most ``limit`` in flight
-    (an int, or a callable giving the limit now); ``on_result(item, value)`` as each finishes.
-    Returns the (item, error) of those that failed."""
+    (an int, or a callable giving the limit now); an item is submitted once ``ready(item)`` (if given)
+    says so; ``on_result(item, value)`` as each finishes. Returns the (item, error) of those that failed."""
     import ray
 
+    end = object()
     items = iter(items)
     running: dict = {}
     errors = []
     limit_now = limit if callable(limit) else (lambda: limit)
-    exhausted = False
+    pending = None
     while True:
         cap = limit_now()
-        while not exhausted and len(running) < cap:
-            item = next(items, None)
-            if item is None:
-                exhausted = True
+        while len(running) < cap:
+            pending = next(items, end) if pending is None else pending
+            if pending is end or (ready is not None and not ready(pending)):
                 break
-            running[submit(item)] = item
+            running[submit(pending)] = pending
+            pending = None
         if not running:
-            return errors
-        # a limit that may rise (the warm-up gate) is looked at again every second
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if callable(limit) else None)
-        for ref in ready:
+            if pending is end:
+                return errors
+            time.sleep(0.1)  # the next item is not ready yet
+            continue
+        # a limit that may rise (the warm-up gate) or an item that may become ready: looked at every second
+        changing = callable(limit) or ready is not None
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if changing else None)
+        for ref in done:
             item = running.pop(ref)
             try:
                 on_result(item, ray.get(ref))
@@ -165,41 +172,83 @@ def bounded(submit, items, limit, on_result) -> list[tuple[object, BaseException
                 errors.append((item, e))
 
 
-def run_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int) -> tuple[list, dict]:
-    """The URL dedup pre-pass (skipped when already done for this plan); returns (map groups, stats)."""
-    import ray
+class DedupPass:
+    """The URL dedup pre-pass (:mod:`pipeline.dedup`) in a driver thread, beside the shard tasks.
 
-    digest = plan_digest(shards)
-    done = dedup.done_marker(layout.dedup)
-    if done is not None and done["plan"] == digest and "groups" in done:
-        return [tuple(g) for g in done["groups"]], {**done, "skipped": True}
-    dedup.clear(layout.dedup)
-    partitions = config.ray.dedup_partitions or dedup.default_partitions(len(shards))
-    groups = dedup.map_groups(len(shards))
-    opts = {"num_cpus": config.ray.shard_cpus, "max_retries": 3}
-    map_task = ray.remote(dedup.map_group).options(**opts)
-    reduce_task = ray.remote(dedup.reduce_bucket).options(**opts)
-    gather_task = ray.remote(dedup.gather_group).options(**opts)
-    counts = {"candidates": 0, "duplicates": 0}
+    A shard may start once its losers file exists: group 0's right after its map task (no earlier
+    group can hold one of its URLs), the others after the whole pass, so the first shards do not wait
+    behind the pass. Skipped when already done for this plan."""
 
-    def mapped(_, result):
-        counts["candidates"] += result[0]
+    def __init__(self, config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int):
+        self.error: BaseException | None = None
+        self.first, self.all = threading.Event(), threading.Event()
+        self.t0, self.seconds = time.perf_counter(), 0.0
+        done = dedup.done_marker(layout.dedup)
+        if done is not None and done["plan"] == plan_digest(shards) and "groups" in done:
+            self.groups, self.stats = [tuple(g) for g in done["groups"]], {**done, "skipped": True}
+            self.first.set()
+            self.all.set()
+            return
+        dedup.clear(layout.dedup)
+        self.groups, self.stats = dedup.map_groups(len(shards)), {}
+        threading.Thread(target=self._run, args=(config, layout, shards, limit), daemon=True).start()
 
-    def gathered(_, n):
-        counts["duplicates"] += n
+    def _run(self, config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int) -> None:
+        import ray
 
-    errors = bounded(lambda g: map_task.remote(layout.dedup, g, shards[slice(*groups[g])], config.source,
-                                               config.filters, partitions), range(len(groups)), limit, mapped)
-    if not errors:
-        errors = bounded(lambda b: reduce_task.remote(layout.dedup, b, groups), range(partitions), limit,
-                         lambda _, n: None)
-    if not errors:
-        errors = bounded(lambda g: gather_task.remote(layout.dedup, g, *groups[g], partitions), range(len(groups)),
-                         limit, gathered)
-    if errors:
-        raise RuntimeError(f"the dedup pre-pass failed: {errors[0][1]}") from errors[0][1]
-    dedup.mark_done(layout.dedup, digest, groups, partitions, counts["candidates"], counts["duplicates"])
-    return groups, {**counts, "partitions": partitions, "map_groups": len(groups), "skipped": False}
+        try:
+            groups = self.groups
+            partitions = config.ray.dedup_partitions or dedup.default_partitions(len(shards))
+            opts = {"num_cpus": config.ray.shard_cpus, "max_retries": 3}
+            map_task = ray.remote(dedup.map_group).options(**opts)
+            reduce_task = ray.remote(dedup.reduce_bucket).options(**opts)
+            gather_task = ray.remote(dedup.gather_group).options(**opts)
+            counts = {"candidates": 0, "duplicates": 0}
+
+            def mapped(g, result):
+                counts["candidates"] += result[0]
+                if g == 0:
+                    counts["duplicates"] += result[1]
+                    self.first.set()
+
+            def gathered(_, n):
+                counts["duplicates"] += n
+
+            errors = bounded(lambda g: map_task.remote(layout.dedup, g, shards[slice(*groups[g])], config.source,
+                                                       config.filters, partitions), range(len(groups)), limit, mapped)
+            if not errors:
+                errors = bounded(lambda b: reduce_task.remote(layout.dedup, b, groups), range(partitions), limit,
+                                 lambda _, n: None)
+            if not errors:
+                errors = bounded(lambda g: gather_task.remote(layout.dedup, g, *groups[g], partitions),
+                                 range(1, len(groups)), limit, gathered)
+            if errors:
+                raise RuntimeError(f"the dedup pre-pass failed: {errors[0][1]}") from errors[0][1]
+            dedup.mark_done(layout.dedup, plan_digest(shards), groups, partitions, counts["candidates"],
+                            counts["duplicates"])
+            self.stats = {**counts, "partitions": partitions, "map_groups": len(groups), "skipped": False}
+        except BaseException as e:  # noqa: BLE001 - raised in the driver's thread by ready() / wait()
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - self.t0
+            self.first.set()
+            self.all.set()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the dedup pre-pass failed (rerun to redo it): {self.error}") from self.error
+
+    def group(self, shard: WorkShard) -> int:
+        return dedup.group_of(self.groups, shard.index)
+
+    def ready(self, shard: WorkShard) -> bool:
+        self._raise()
+        return (self.first if self.group(shard) == 0 else self.all).is_set()
+
+    def wait(self) -> dict:
+        self.all.wait()
+        self._raise()
+        return self.stats
 
 
 def run_image_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int,
@@ -280,9 +329,7 @@ def run_job(config: JobConfig) -> dict:
         shards = plan_shards(config.source)
         timings["plan"] = time.perf_counter() - t0
         print(f"{len(shards)} work shards planned from file footers", flush=True)
-        t0 = time.perf_counter()
-        groups, dedup_stats = run_dedup(config, layout, shards, limit) if config.filters.dedupe_urls else (None, {})
-        timings["dedup"] = time.perf_counter() - t0
+        urls = DedupPass(config, layout, shards, limit) if config.filters.dedupe_urls and shards else None
         task = ray.remote(process_shard).options(num_cpus=config.ray.shard_cpus, max_retries=3, retry_exceptions=True)
         digits = id_digits(shards)
         progress = Progress(len(shards))
@@ -294,8 +341,10 @@ def run_job(config: JobConfig) -> dict:
             progress.add(summary)
 
         errors = bounded(lambda s: task.remote(s, config, digest, detect, digits=digits,
-                                                  dedup_group=dedup.group_of(groups, s.index) if groups else None),
-                         shards, gate, record)
+                                               dedup_group=urls.group(s) if urls else None),
+                         shards, gate, record, ready=urls.ready if urls else None)
+        dedup_stats = urls.wait() if urls else {}
+        timings["dedup"] = urls.seconds if urls else 0.0  # wall time of the pass, beside the shard tasks
         timings["shards"] = time.perf_counter() - t_shards
         timings["shards_done"] = time.perf_counter() - t_start
         if progress.first_written is not None:  # the first shard written this run: when it started, asked for boxes, was written

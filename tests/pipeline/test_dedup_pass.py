@@ -18,7 +18,7 @@ def run_pass(root: str, shards, max_files: int, partitions: int) -> tuple[dict[i
                      for g, (lo, hi) in enumerate(groups))
     for b in range(partitions):
         dedup.reduce_bucket(f"{root}/dedup", b, groups)
-    for g, (lo, hi) in enumerate(groups):
+    for g, (lo, hi) in enumerate(groups[1:], start=1):  # group 0's losers come from its map task
         dedup.gather_group(f"{root}/dedup", g, lo, hi, partitions)
     return {s.index: dedup.duplicate_rows(f"{root}/dedup", s.index, dedup.group_of(groups, s.index)) for s in shards}, candidates
 
