@@ -8,8 +8,9 @@
    benchmark as its Ray driver (embedded Ray); its RSS is sampled every 20 ms from after ``ray.init``
    to the end of the job (``ray.init``'s own variation, ~20 MiB, is left out). The process's
    ``ru_maxrss`` is recorded too but is not the figure: Linux keeps the parent's high-water mark
-   across fork + exec, so it shows the benchmark writing the 10^6-row input before the child started. Target: <= 50 MiB extra per million rows. The 10^6 run also gives the
-   dedup pre-pass's cost per million rows.
+   across fork + exec, so it shows the benchmark writing the 10^6-row input before the child started.
+   Target: <= 50 MiB extra per million rows. The URL dedup pre-pass then runs alone on the 10^6-row
+   input (no shard tasks beside it): its seconds per million rows, files and bytes.
 2. **Image bytes received by the driver**: every object the driver's ``ray.get`` returns is pickled
    and searched for ``bytes`` values, in the same runs. Target: 0.
 3. **Time to the first written grounding shard / total time**, on the bundled sample cut into >= 16
@@ -21,7 +22,8 @@
    Repeats interleaved (job, detector, job, detector, ...), median and spread. Target: >= 0.8.
    The end-to-end ratio (Ray start, dedup and model load included) is reported beside it.
 
-Writes ``benchmarks/results/scale.json`` (``--quick``: ``scale_quick.json``).
+Writes ``benchmarks/results/scale.json`` (``--quick``: ``scale_quick.json``; ``--only memory|stream``: one
+half, ``scale[_quick]_<half>.json``).
 """
 from __future__ import annotations
 
@@ -173,6 +175,32 @@ def driver_run(rows: int, tmp: str, served, base_config) -> dict:
         return {"input_rows": rows, **json.load(f)}
 
 
+def dedup_alone(rows: int, tmp: str, base_config) -> dict:
+    """The URL dedup pre-pass alone (no shard tasks beside it) on the ``rows``-row input of the driver run:
+    wall seconds on an embedded 2-CPU Ray, files and bytes it wrote."""
+    import ray
+
+    from pipeline.job import DedupPass
+    from pipeline.output import Layout
+    from pipeline.plan import plan_shards
+
+    config = replace(base_config, output=os.path.join(tmp, f"dedup{rows}"),
+                     source=replace(base_config.source, paths=[os.path.join(tmp, f"big{rows}", "laion.parquet")]))
+    shards = plan_shards(config.source)
+    layout = Layout(config.output)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        stats = DedupPass(config, layout, shards, limit=4).wait()
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(layout.dedup) for f in fs]
+    return {"input_rows": rows, "work_shards": len(shards), "seconds": round(seconds, 2),
+            "seconds_per_million_rows": round(seconds / (rows / 1e6), 1), "files": len(files),
+            "bytes": sum(os.path.getsize(f) for f in files), **stats}
+
+
 def driver_memory(sizes: tuple[int, int], tmp: str) -> dict:
     import pyarrow.parquet as pq
 
@@ -190,9 +218,10 @@ def driver_memory(sizes: tuple[int, int], tmp: str) -> dict:
                          filters=FilterConfig(allow_hosts=["127.0.0.1"]), download=DownloadConfig(threads=8, timeout=3),
                          detector=DetectorConfig(backend="annotations", annotations=str(files.coco), refs=str(files.refs)))
         small, big = (driver_run(n, tmp, served, base) for n in sizes)
+    alone = dedup_alone(sizes[1], tmp, base)
     extra = big["peak_rss_mib"] - small["peak_rss_mib"]
     per_million = extra / ((big["input_rows"] - small["input_rows"]) / 1e6)
-    dedup_per_million = big["timings"]["dedup"] / (big["input_rows"] / 1e6)
+    dedup_per_million = alone["seconds_per_million_rows"]
     return {
         "runs": [small, big],
         "driver_peak_rss_extra_mib": round(extra, 1),
@@ -200,6 +229,8 @@ def driver_memory(sizes: tuple[int, int], tmp: str) -> dict:
         "target_mib_per_million_rows": 50, "meets_target": per_million <= 50,
         "image_bytes_received_by_driver": small["received"]["binary_bytes"] + big["received"]["binary_bytes"],
         "dedup_prepass_seconds_per_million_rows": round(dedup_per_million, 1),
+        "dedup_prepass_alone": alone,
+        "dedup_prepass_seconds_beside_shards": big["timings"]["dedup"],
     }
 
 
@@ -263,7 +294,10 @@ def streaming_and_ratio(images: int, repeats: int, small: bool, tmp: str) -> dic
         t = report["timings_seconds"]
         detected = report["throughput"]["detected_rows_this_run"]
         runs.append({"total_seconds": t["total"], "first_shard_written_seconds": t["first_shard_written"],
-                     "detectors_loaded_seconds": t.get("detectors_loaded"), "shards_done_seconds": t["shards_done"],
+                     "detectors_loaded_seconds": t.get("detectors_loaded"),
+                     "first_shard_started_seconds": t.get("first_shard_started"),
+                     "first_shard_detect_called_seconds": t.get("first_shard_detect_called"),
+                     "dedup_seconds": t.get("dedup"), "shards_done_seconds": t["shards_done"],
                      "detected": detected, "shards": report["shards"]["total"],
                      "first_over_total": t["first_shard_written"] / t["total"],
                      "images_per_second_after_load": detected / (t["shards_done"] - t["detectors_loaded"]),
@@ -294,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="<= 2 min: smaller inputs, tiny detector, one repeat")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--only", choices=("memory", "stream"), help="one half of the benchmark (-> scale[_quick]_<half>.json)")
     ap.add_argument("--driver-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.driver_child:
@@ -304,8 +339,8 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if quick else 3)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        memory = driver_memory(sizes, tmp)
-        stream = streaming_and_ratio(images, repeats, small=not quick, tmp=tmp)
+        memory = driver_memory(sizes, tmp) if args.only != "stream" else None
+        stream = streaming_and_ratio(images, repeats, small=not quick, tmp=tmp) if args.only != "memory" else None
     result = {
         "note": ("2-core CPU shared with other engineers' runs (load average in the JSON): timings are noisy. "
                  "Ratios use the same images, batch size and one torch thread on both sides; model load "
@@ -314,15 +349,18 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1),
         "driver_memory": memory, "streaming_and_detector_share": stream,
         "figures": {
-            "driver_peak_rss_extra_mib_per_million_rows": memory["driver_peak_rss_extra_mib_per_million_rows"],
-            "image_bytes_received_by_driver": memory["image_bytes_received_by_driver"],
-            "first_shard_over_total_median": stream["first_shard_over_total"]["median"],
-            "job_over_detector_only_median": stream["job_over_detector_only"]["median"],
+            **({"driver_peak_rss_extra_mib_per_million_rows": memory["driver_peak_rss_extra_mib_per_million_rows"],
+                "image_bytes_received_by_driver": memory["image_bytes_received_by_driver"],
+                "dedup_prepass_seconds_per_million_rows": memory["dedup_prepass_seconds_per_million_rows"]}
+               if memory else {}),
+            **({"first_shard_over_total_median": stream["first_shard_over_total"]["median"],
+                "job_over_detector_only_median": stream["job_over_detector_only"]["median"]} if stream else {}),
         },
     }
     print(json.dumps(result["figures"], indent=2))
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "scale_quick.json" if quick else "scale.json"), "w") as f:
+    name = ("scale_quick" if quick else "scale") + (f"_{args.only}" if args.only else "")
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return 0
 

@@ -2,17 +2,22 @@
 
 :func:`run_job` (driver)::
 
+    detector actor pool   started first: GroundingDINO (or annotations) loaded once per actor, while the
+                          driver plans and the dedup pre-pass runs; 1 GPU each on a GPU cluster
     plan_shards           file listings + Parquet footers -> work shards (file, row range)
-    dedup pre-pass        map tasks per shard, reduce tasks per URL-hash bucket (pipeline.dedup)
-    detector actor pool   GroundingDINO (or annotations) loaded once per actor; 1 GPU each on a GPU cluster
+    dedup pre-pass        map tasks per group of shards, reduce tasks per URL-hash bucket, one losers
+                          file per group (pipeline.dedup), in a driver thread beside the shard tasks: the
+                          first group's shards start after its map task, the others after the pass
     shard tasks           pipeline.worker.process_shard: read, pre-filter (DNS), img2dataset, decode,
                           phrases, boxes (via the actor pool), assembly, atomic writes
     image dedup           after the last shard task: map / reduce / apply over the shards' image hashes
                           (pipeline.image_dedup): duplicate_image, near_duplicate
     report                from the shard tasks' summaries -> OUT/run_report.json
 
-Streaming and backpressure: at most ``ray.max_shards_in_flight`` shard tasks exist at once; a new
-one is submitted when one finishes, so the boxing of early shards overlaps the download of later
+Streaming and backpressure: at most ``ray.max_shards_in_flight`` shard tasks exist at once (two per
+detector actor until the actors have loaded their models: :class:`WarmupGate`, so the first shard's
+boxing waits for the model load only, not for CPU taken by shards that could not be boxed yet); a
+new one is submitted when one finishes, so the boxing of early shards overlaps the download of later
 ones and memory stays bounded by the shards in flight, whatever the input size. The driver holds
 the plan (one small record per shard) and the summaries; no row, URL or image reaches it.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 import time
 from typing import Iterator
 
@@ -109,24 +115,56 @@ def loaded_at(ready: list) -> float | None:
         return None
 
 
-def bounded(submit, items, limit: int, on_result) -> list[tuple[object, BaseException]]:
-    """Run ``submit(item)`` (-> ObjectRef) over ``items`` with at most ``limit`` in flight;
-    ``on_result(item, value)`` as each finishes. Returns the (item, error) of those that failed."""
+class WarmupGate:
+    """The shard tasks' in-flight limit: two per detector actor (the shard it boxes first and the next
+    one) until every actor has loaded its model, then ``limit``. No shard can be boxed before a detector
+    is loaded, so while the models load only the first shards run (their boxing is the first output);
+    more shard tasks would only take CPU from the model load and hold downloaded images waiting. A
+    model that fails to load opens the gate too."""
+
+    def __init__(self, ready: list, limit: int):
+        self.ready, self.limit, self.opened_at = ready, limit, None
+
+    def __call__(self) -> int:
+        import ray
+
+        if self.opened_at is None:
+            done, _ = ray.wait(self.ready, num_returns=len(self.ready), timeout=0)
+            if len(done) < len(self.ready):
+                return min(self.limit, 2 * len(self.ready))
+            self.opened_at = time.perf_counter()
+        return self.limit
+
+
+def bounded(submit, items, limit, on_result, ready=None) -> list[tuple[object, BaseException]]:
+    """Run ``submit(item)`` (-> ObjectRef) over ``items`` in order with at most ``limit`` in flight
+    (an int, or a callable giving the limit now); an item is submitted once ``ready(item)`` (if given)
+    says so; ``on_result(item, value)`` as each finishes. Returns the (item, error) of those that failed."""
     import ray
 
+    end = object()
     items = iter(items)
     running: dict = {}
     errors = []
+    limit_now = limit if callable(limit) else (lambda: limit)
+    pending = None
     while True:
-        while len(running) < limit:
-            item = next(items, None)
-            if item is None:
+        cap = limit_now()
+        while len(running) < cap:
+            pending = next(items, end) if pending is None else pending
+            if pending is end or (ready is not None and not ready(pending)):
                 break
-            running[submit(item)] = item
+            running[submit(pending)] = pending
+            pending = None
         if not running:
-            return errors
-        ready, _ = ray.wait(list(running), num_returns=1)
-        for ref in ready:
+            if pending is end:
+                return errors
+            time.sleep(0.1)  # the next item is not ready yet
+            continue
+        # a limit that may rise (the warm-up gate) or an item that may become ready: looked at every second
+        changing = callable(limit) or ready is not None
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if changing else None)
+        for ref in done:
             item = running.pop(ref)
             try:
                 on_result(item, ray.get(ref))
@@ -134,32 +172,83 @@ def bounded(submit, items, limit: int, on_result) -> list[tuple[object, BaseExce
                 errors.append((item, e))
 
 
-def run_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int) -> tuple[int, dict]:
-    """The URL dedup pre-pass (skipped when already done for this plan); returns (partitions, stats)."""
-    import ray
+class DedupPass:
+    """The URL dedup pre-pass (:mod:`pipeline.dedup`) in a driver thread, beside the shard tasks.
 
-    partitions = config.ray.dedup_partitions or dedup.default_partitions(len(shards))
-    digest = plan_digest(shards)
-    done = dedup.done_marker(layout.dedup)
-    if done is not None and done["plan"] == digest:
-        return done["partitions"], {**done, "skipped": True}
-    dedup.clear(layout.dedup)
-    opts = {"num_cpus": config.ray.shard_cpus, "max_retries": 3}
-    map_task = ray.remote(dedup.map_shard).options(**opts)
-    reduce_task = ray.remote(dedup.reduce_bucket).options(**opts)
-    counts = {"candidates": 0, "duplicates": 0}
+    A shard may start once its losers file exists: group 0's right after its map task (no earlier
+    group can hold one of its URLs), the others after the whole pass, so the first shards do not wait
+    behind the pass. Skipped when already done for this plan."""
 
-    def add(key):
-        return lambda _, n: counts.__setitem__(key, counts[key] + n)
+    def __init__(self, config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int):
+        self.error: BaseException | None = None
+        self.first, self.all = threading.Event(), threading.Event()
+        self.t0, self.seconds = time.perf_counter(), 0.0
+        done = dedup.done_marker(layout.dedup)
+        if done is not None and done["plan"] == plan_digest(shards) and "groups" in done:
+            self.groups, self.stats = [tuple(g) for g in done["groups"]], {**done, "skipped": True}
+            self.first.set()
+            self.all.set()
+            return
+        dedup.clear(layout.dedup)
+        self.groups, self.stats = dedup.map_groups(len(shards)), {}
+        threading.Thread(target=self._run, args=(config, layout, shards, limit), daemon=True).start()
 
-    errors = bounded(lambda s: map_task.remote(layout.dedup, s, config.source, config.filters, partitions),
-                     shards, limit, add("candidates"))
-    errors += bounded(lambda b: reduce_task.remote(layout.dedup, b, len(shards)), range(partitions), limit,
-                      add("duplicates"))
-    if errors:
-        raise RuntimeError(f"the dedup pre-pass failed: {errors[0][1]}") from errors[0][1]
-    dedup.mark_done(layout.dedup, digest, partitions, counts["candidates"], counts["duplicates"])
-    return partitions, {**counts, "partitions": partitions, "skipped": False}
+    def _run(self, config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int) -> None:
+        import ray
+
+        try:
+            groups = self.groups
+            partitions = config.ray.dedup_partitions or dedup.default_partitions(len(shards))
+            opts = {"num_cpus": config.ray.shard_cpus, "max_retries": 3}
+            map_task = ray.remote(dedup.map_group).options(**opts)
+            reduce_task = ray.remote(dedup.reduce_bucket).options(**opts)
+            gather_task = ray.remote(dedup.gather_group).options(**opts)
+            counts = {"candidates": 0, "duplicates": 0}
+
+            def mapped(g, result):
+                counts["candidates"] += result[0]
+                if g == 0:
+                    counts["duplicates"] += result[1]
+                    self.first.set()
+
+            def gathered(_, n):
+                counts["duplicates"] += n
+
+            errors = bounded(lambda g: map_task.remote(layout.dedup, g, shards[slice(*groups[g])], config.source,
+                                                       config.filters, partitions), range(len(groups)), limit, mapped)
+            if not errors:
+                errors = bounded(lambda b: reduce_task.remote(layout.dedup, b, groups), range(partitions), limit,
+                                 lambda _, n: None)
+            if not errors:
+                errors = bounded(lambda g: gather_task.remote(layout.dedup, g, *groups[g], partitions),
+                                 range(1, len(groups)), limit, gathered)
+            if errors:
+                raise RuntimeError(f"the dedup pre-pass failed: {errors[0][1]}") from errors[0][1]
+            dedup.mark_done(layout.dedup, plan_digest(shards), groups, partitions, counts["candidates"],
+                            counts["duplicates"])
+            self.stats = {**counts, "partitions": partitions, "map_groups": len(groups), "skipped": False}
+        except BaseException as e:  # noqa: BLE001 - raised in the driver's thread by ready() / wait()
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - self.t0
+            self.first.set()
+            self.all.set()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the dedup pre-pass failed (rerun to redo it): {self.error}") from self.error
+
+    def group(self, shard: WorkShard) -> int:
+        return dedup.group_of(self.groups, shard.index)
+
+    def ready(self, shard: WorkShard) -> bool:
+        self._raise()
+        return (self.first if self.group(shard) == 0 else self.all).is_set()
+
+    def wait(self) -> dict:
+        self.all.wait()
+        self._raise()
+        return self.stats
 
 
 def run_image_dedup(config: JobConfig, layout: Layout, shards: list[WorkShard], limit: int,
@@ -200,6 +289,7 @@ class Progress:
         self.total, self.done, self.rows, self.t0 = total, 0, 0, time.perf_counter()
         self.busy: dict[str, float] = {}
         self.first_written: float | None = None
+        self.first: dict = {}
 
     def add(self, s: dict) -> None:
         self.done += 1
@@ -207,7 +297,8 @@ class Progress:
             self.rows += s["input"]
             for k, v in s["seconds"].items():
                 self.busy[k] = self.busy.get(k, 0.0) + v
-            self.first_written = self.first_written or time.perf_counter()
+            if self.first_written is None:
+                self.first_written, self.first = time.perf_counter(), s
         rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
         slowest = max(self.busy, key=self.busy.get) if self.busy else "-"
         state = "finished earlier" if s.get("skipped") else f"{s['kept']} kept, {s['filtered']} filtered, {s['failed']} failed"
@@ -228,36 +319,44 @@ def run_job(config: JobConfig) -> dict:
     claim_output(layout, config, digest)
     layout.remove_stale_temporaries()
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    shards = plan_shards(config.source)
-    timings["plan"] = time.perf_counter() - t0
-    print(f"{len(shards)} work shards planned from file footers", flush=True)
     summaries: dict[str, dict] = {}
     with ray_session(config.ray):
+        wall_start = time.time() - (time.perf_counter() - t_start)
         limit = config.ray.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        actors, ready = start_detectors(config)  # the models load while the dedup pre-pass runs
+        actors, ready = start_detectors(config)  # first: the models load while planning and the dedup pre-pass run
         detect = PoolDetect(actors)
         t0 = time.perf_counter()
-        partitions, dedup_stats = run_dedup(config, layout, shards, limit) if config.filters.dedupe_urls else (None, {})
-        timings["dedup"] = time.perf_counter() - t0
+        shards = plan_shards(config.source)
+        timings["plan"] = time.perf_counter() - t0
+        print(f"{len(shards)} work shards planned from file footers", flush=True)
+        urls = DedupPass(config, layout, shards, limit) if config.filters.dedupe_urls and shards else None
         task = ray.remote(process_shard).options(num_cpus=config.ray.shard_cpus, max_retries=3, retry_exceptions=True)
         digits = id_digits(shards)
         progress = Progress(len(shards))
+        gate = WarmupGate(ready, limit)
         t_shards = time.perf_counter()
 
         def record(shard: WorkShard, summary: dict) -> None:
             summaries[shard.name] = summary
             progress.add(summary)
 
-        errors = bounded(lambda s: task.remote(s, config, digest, detect, digits=digits, dedup_partitions=partitions),
-                         shards, limit, record)
+        errors = bounded(lambda s: task.remote(s, config, digest, detect, digits=digits,
+                                               dedup_group=urls.group(s) if urls else None),
+                         shards, gate, record, ready=urls.ready if urls else None)
+        dedup_stats = urls.wait() if urls else {}
+        timings["dedup"] = urls.seconds if urls else 0.0  # wall time of the pass, beside the shard tasks
         timings["shards"] = time.perf_counter() - t_shards
         timings["shards_done"] = time.perf_counter() - t_start
-        if progress.first_written is not None:
+        if progress.first_written is not None:  # the first shard written this run: when it started, asked for boxes, was written
             timings["first_shard_written"] = progress.first_written - t_start
+            for key, name in (("started_at", "first_shard_started"), ("detect_at", "first_shard_detect_called")):
+                if progress.first.get(key) is not None:
+                    timings[name] = max(0.0, progress.first[key] - wall_start)
+        if gate.opened_at is not None:
+            timings["warmup_gate_opened"] = gate.opened_at - t_start
         t_loaded = loaded_at(ready)
         if t_loaded is not None:  # seconds from the start to the last detector loaded
-            timings["detectors_loaded"] = max(0.0, t_loaded - (time.time() - (time.perf_counter() - t_start)))
+            timings["detectors_loaded"] = max(0.0, t_loaded - wall_start)
         for a in actors:
             ray.kill(a)
         image_stats: dict = {}

@@ -74,19 +74,19 @@ class Timer(Counter):
 
 
 def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Detect, *, digits: int = 5,
-                  dedup_partitions: int | None = None) -> dict:
+                  dedup_group: int | None = None) -> dict:
     """Run one work shard and write its two files; returns its summary (or a finished shard's)."""
     layout = Layout(config.output)
     done = finished_summary(layout, shard.name, digest)
     if done is not None:
         return done
-    timer = Timer()
+    timer, started_at, detect_at = Timer(), time.time(), None
     with timer("read"):
         rows = sample_rows(read_source(shard.source_file, config.source, shard.start, shard.stop),
                            config.source.sample_fraction, config.source.sample_seed)
     with timer("prefilter"):
-        dups = (dedup.duplicate_rows(layout.dedup, shard.index, dedup_partitions)
-                if config.filters.dedupe_urls and dedup_partitions else set())
+        dups = (dedup.duplicate_rows(layout.dedup, shard.index, dedup_group)
+                if config.filters.dedupe_urls and dedup_group is not None else set())
         kept, pre_rejects = prefilter(rows, shard.name, config.filters, dups, dns_threads=config.ray.dns_threads,
                                       dns_timeout=config.ray.dns_timeout)
     parts, detected = [], 0
@@ -107,6 +107,7 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
             batch = pa.concat_tables([stage(b) for b in _batches(batch, config.ray.phrase_batch_size)])
             detected = batch["stage"].null_count
         for b in _batches(batch, config.ray.detect_batch_size):
+            detect_at = detect_at or time.time()
             with timer("detect"):
                 b = detect(b)
             with timer("assemble"):
@@ -133,4 +134,5 @@ def process_shard(shard: WorkShard, config: JobConfig, digest: str, detect: Dete
             image_dedup.write_hashes(layout, shard, out_kept, config.dedup)
         write_shard(out_kept, layout.shard(shard.name), provenance)
         write_shard(rejects, layout.rejects(shard.name), provenance, schema=REJECTS_SCHEMA)
-    return {**summary, "skipped": False, "seconds": dict(timer), "written_at": time.time()}
+    return {**summary, "skipped": False, "seconds": dict(timer), "started_at": started_at, "detect_at": detect_at,
+            "written_at": time.time()}

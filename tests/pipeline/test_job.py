@@ -61,6 +61,8 @@ def test_every_row_is_kept_filtered_or_failed_once(clean_run, world_server, worl
     assert report["failed_by_reason"] == {"failed_to_download": 3, "failed_to_resize": 2}  # 404 x2 + slow; corrupt, html
     assert report["rejects_by_stage"] == {"download": 5}
     assert report["kept_with_2plus_boxes_share"] == 1.0
+    t = report["timings_seconds"]  # the first shard's timeline; the warm-up gate opened once the detector loaded
+    assert 0 <= t["first_shard_started"] <= t["first_shard_written"] <= t["total"] and "warmup_gate_opened" in t
     assert report["shards"]["total"] == 9 and report["shards"]["names"][0] == "laion-00000"
     keys = output_keys(out)
     assert sorted(keys) == sorted([im.key for im in world] + list(files.broken_keys)) and set(keys.values()) == {1}
