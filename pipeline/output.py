@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from grounding.dedup import REASON_EVAL_OVERLAP, eval_set_of
 from grounding.detect import DetectorConfig
-from grounding.reasons import FAILED, outcome
+from grounding.reasons import FAILED, canonical, outcome
 from grounding.schema import read_metadata
 from pipeline.config import JobConfig
 
@@ -162,7 +162,7 @@ def library_versions() -> dict[str, str]:
 
 def shard_counts(kept: pa.Table, rejects: pa.Table) -> dict:
     """The counts a shard's summary carries, from its two tables (kept rows, rejects)."""
-    reasons = Counter(rejects["reason"].to_pylist())
+    reasons = Counter(canonical(r) for r in rejects["reason"].to_pylist())  # old names read as today's
     failed = sum(n for r, n in reasons.items() if outcome(r) == FAILED)
     eval_sets = Counter(eval_set_of(e) for r, e in zip(rejects["reason"].to_pylist(), rejects["error"].to_pylist())
                         if r == REASON_EVAL_OVERLAP)
@@ -183,6 +183,7 @@ def build_report(summaries: list[dict], config: JobConfig, digest: str, timings:
         kept += s["kept"]
         kept2 += s["kept_2plus"]
         for reason, n in s["reasons"].items():
+            reason = canonical(reason)  # a resumed run may hold shards written under an old name
             (failed if outcome(reason) == FAILED else filtered)[reason] += n
         stages.update(s["stages"])
         eval_sets.update(s.get("eval_overlap_by_set", {}))

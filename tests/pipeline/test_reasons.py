@@ -100,3 +100,19 @@ def test_the_trainer_explains_its_skips_from_the_table():
     text = model.data.describe_skips(Counter({"corrupt_image: UnidentifiedImageError": 3, "too_long": 1}))
     assert text == (f"3 corrupt_image: UnidentifiedImageError ({REASONS['corrupt_image'].meaning}), "
                     f"1 too_long ({REASONS['too_long'].meaning})")
+
+
+def test_shard_counts_read_an_old_reason_name_as_todays():
+    """A resumed run may hold rejects written as `decode_error` (before the rename) beside `corrupt_image`:
+    the report counts them as one failed reason."""
+    import pyarrow as pa
+
+    from grounding.schema import GROUNDING_SCHEMA, REJECTS_SCHEMA
+    from pipeline.output import shard_counts
+
+    rejects = pa.Table.from_pylist([{"key": str(i), "stage": "decode", "reason": r, "error": "OSError"}
+                                    for i, r in enumerate(["decode_error", "corrupt_image", "too_few_boxes"])],
+                                   schema=REJECTS_SCHEMA)
+    counts = shard_counts(GROUNDING_SCHEMA.empty_table(), rejects)
+    assert counts["reasons"] == {"corrupt_image": 2, "too_few_boxes": 1}
+    assert (counts["failed"], counts["filtered"]) == (2, 1)
