@@ -8,8 +8,9 @@ same training images with the trained demo detector (``benchmarks/pseudo_shards.
 spaCy phrases, GroundingDINO boxes, the >= 2-box filter). Both arms are scored on the same dev and test
 splits of human (world) truth.
 
-    python benchmarks/pseudo_shards.py --seeds 0 1 2            # the pseudo-label shards, once
-    python benchmarks/learn_pseudo.py --train-shards '/tmp/pseudo_shards/s{seed}'
+    python benchmarks/pseudo_shards.py --seeds 0 1 2 --train-images 4000 --out-root /tmp/pseudo_shards   # once
+    python benchmarks/learn_pseudo.py --truth benchmarks/results/learn_truth_unfrozen.json \
+        --train-shards '/tmp/pseudo_shards/s{seed}/shards'
 
 Writes ``benchmarks/results/learn_pseudo.json``: per seed the truth-trained and pseudo-trained test
 Acc@0.5 (visual expert), their mean and spread, and the ratio pseudo / truth (target >= 0.9).
