@@ -86,7 +86,7 @@ TRIED = [
     "steps: lr 2e-3 0.11, lr 5e-3 0.32, lr 1e-2 0.00; lr 5e-3 for 3000 steps 0.45, then stage 2 (3000 steps) stayed at "
     "0.01 for both variants (the LM never binds the phrase to an image token). In-context lookup pretraining "
     "(--pretrain-lookup 0.5: texts listing each object's box before the question; the LM copies 63% of answer tokens "
-    "teacher-forced) let shallow learn stage 1 (0.18 vs 0.02 at 1500) but stage 2 stayed at 0.02-0.05; 4x4-pixel "
+    "teacher-forced; this first version's context listed the raw question/answer pairs, captions included, a pattern having missed the 'Question:' prefix) let shallow learn stage 1 (0.18 vs 0.02 at 1500) but stage 2 stayed at 0.02-0.05; 4x4-pixel "
     "patches (--patch-size 4, 64 image tokens) raised stage 1 to 0.50 at 1500 steps, stage 2 still 0.01-0.02 at 1500; "
     "the same with a 3000-step, 0.75-lookup LM: stage 1 0.02 (stage 1 itself depends on the frozen LM it gets); "
     "training the tower (lr 2e-3): stage 1 0.02. No frozen-LM setting tried bound phrases to objects in stage 2.",
@@ -100,15 +100,7 @@ TRIED = [
 
 def qa_texts(folder: str) -> list[tuple[str, str]]:
     """Every (question, answer) of a shards folder, no images read."""
-    import pyarrow.parquet as pq
-
-    from model.data import resolve_shards
-
-    out = []
-    for p in resolve_shards([folder]):
-        for qa in pq.read_table(p, columns=["qa"]).column("qa").to_pylist():
-            out += [(q["question"], q["answer"]) for q in qa]
-    return out
+    return [pair for group in qa_groups(folder) for pair in group]
 
 
 def qa_groups(folder: str) -> list[list[tuple[str, str]]]:
@@ -121,17 +113,20 @@ def qa_groups(folder: str) -> list[list[tuple[str, str]]]:
             for qa in pq.read_table(p, columns=["qa"]).column("qa").to_pylist() if qa]
 
 
-PHRASE_OF = re.compile(r"^Where is the (.+)\?$")
+PHRASE_OF = re.compile(r"^(?:Question: )?Where is the (.+)\?$")
 
 
 def lookup_text(group: list[tuple[str, str]], rng: random.Random) -> tuple[str, str, str]:
     """``(context, question, answer)``: a text that lists each named thing of an image with its box, then
     asks for one of them. Text only, no image: it teaches the LM to look a named thing's coordinates up
     in its context and copy them, the in-context retrieval a pretrained LLM brings to CogVLM."""
-    items = [(m.group(1), a) for q, a in group if (m := PHRASE_OF.match(q))] or [(q, a) for q, a in group]
+    rec = [(m.group(1), q, a) for q, a in group if (m := PHRASE_OF.match(q))]
+    if not rec:  # no REC pair: list the pairs as they are
+        rec = [(q, q, a) for q, a in group]
+    items = [(phrase, a.removeprefix("Answer: ")) for phrase, _, a in rec]
     rng.shuffle(items)
     context = "; ".join(f"the {phrase} {answer}" for phrase, answer in items) + "."
-    q, a = rng.choice(group)
+    _, q, a = rng.choice(rec)
     return context, q, a
 
 
