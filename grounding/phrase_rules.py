@@ -248,7 +248,10 @@ def noun_spans(doc, lexicon: Lexicon | None = None) -> list:
         if t.i in covered:
             continue
         repaired = lexicon is not None and _is_mistagged_noun(t, lexicon)
-        if not repaired and (t.pos_ not in ("NOUN", "PROPN") or t.dep_ in NOUN_MODIFIER_DEPS):
+        # A noun the parser hung as a compound on an -ing verb ("woman hand writing in a notebook", "a straw
+        # hat picking grapes") modifies nothing: like "goldfish swimming", it names its own thing.
+        stranded = t.pos_ == "NOUN" and t.dep_ == "compound" and t.head.tag_ == "VBG"
+        if not repaired and not stranded and (t.pos_ not in ("NOUN", "PROPN") or t.dep_ in NOUN_MODIFIER_DEPS):
             continue
         start = t.i
         for left in reversed(list(t.lefts)):

@@ -57,6 +57,14 @@ def _title_objects(seg, lexicon: Lexicon) -> list[bool]:
     return flags
 
 
+def _is_plural(t, lexicon: Lexicon) -> bool:
+    """A plural noun, which in English ends a noun compound (a modifier noun is singular: "soap bars"), except
+    the plural-only words the tables list as nouns ("sunglasses", "pants": "Sunglasses Case")."""
+    word = t.lower_
+    return (t.tag_ == "NNS" and word.endswith("s") and not word.endswith("ss")
+            and (lexicon.nouns is None or word not in lexicon.nouns))
+
+
 def _is_model_name(t, lexicon: Lexicon) -> bool:
     """A word no English list knows, read as a noun: a model or brand name ("iPhone", "Galaxy"-like)."""
     word = t.lower_
@@ -92,9 +100,10 @@ def title_chunks(doc, clean: CleanText, lexicon: Lexicon, offset: int) -> tuple[
                 k += 1
                 continue
             end = k
-            while end + 1 < len(seg) and (objects[end + 1] or (seg[end + 1].lower_.endswith("ing") and end + 2 < len(seg)
-                                                               and objects[end + 2])):
-                end += 1                                # "Kitchen Chopping Board"
+            while end + 1 < len(seg) and not _is_plural(seg[end], lexicon) and (
+                    objects[end + 1] or (seg[end + 1].lower_.endswith("ing") and end + 2 < len(seg) and objects[end + 2])):
+                end += 1                                # "Kitchen Chopping Board"; a plural ends the run: "Zipper
+                                                        # Pockets | Beach Shopping Bag", "Airtight Lids | Nesting Bowl"
             nxt = seg[end + 1] if end + 1 < len(seg) else None
             if seg[end].lower_ in COLOUR_PREFIXES and nxt is not None and nxt.lower_ in attribute_words():
                 end -= 1                                # "Lock Rose Gold": "Rose Gold" is a colour
