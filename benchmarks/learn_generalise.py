@@ -77,9 +77,10 @@ DIAGNOSIS = [
     "fitted to 64 one-object images for 300 steps, its loss with the right images ends 0.065 +- 0.023 below the loss "
     "with shifted images (3 initialisations), against 0.195 +- 0.055 for the first lookup version; its stage 1 "
     "reached 0.08-0.10 at 1,500-2,000 steps and stage 2 stayed at 0.00-0.03. A 4-layer, 8-head lookup LM copies "
-    "better (teacher-forced answer tokens 0.86 vs 0.63), is the most steerable (0.337 +- 0.074) and learns stage 1 "
-    "at lr 1e-3 (0.28 at 2,000 steps; 0.00-0.03 at 2e-3 and 5e-3), but carries the phrase less (0.55 at layer 1, "
-    "0.28 at the last) and its stage 2 stayed at 0.01-0.03 over 3,000 steps. No LM here has both properties a frozen "
+    "better (teacher-forced answer tokens 0.86 vs 0.63), is steerable (0.337 +- 0.074) and learns stage 1 at lr 1e-3 "
+    "(0.43 at 3,000 steps; 0.00-0.03 at 2e-3 and 5e-3), but carries the phrase less (0.55 at layer 1, 0.28 at the "
+    "last) and its stage 2 rose only to 0.07 in 5,000 steps (random object ~0.33); a 2-layer, 8-head lookup LM is the most steerable (0.378 +- 0.068) "
+    "and carries the phrase least of the lookup LMs (0.37). No LM here has both properties a frozen "
     "LM needs: the phrase at its answer slots and a box output that image tokens can steer.",
     "Why the frozen-LM recipe learns more slowly per step than the from-scratch one: with the LM frozen, every "
     "answer digit is emitted by frozen text weights; the image can steer it only through the attention that frozen "
