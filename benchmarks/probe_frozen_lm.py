@@ -11,14 +11,15 @@ averaged over the digit slots, and fits a linear classifier of the phrase's colo
 (900 texts fit, 300 scored; chance 1/6). Layer 0 is the embeddings (the slot's own token, no phrase).
 
     python benchmarks/probe_frozen_lm.py --lm /tmp/lg/models/lm-128x2-pt1500-lr0.003-s1 \
-        /tmp/lg/models/lm-128x2-pt3000-lr0.003-lk0.5-s1 ...
+        /tmp/lg/models/lm-128x2-pt3000-lr0.003-lk0.5-s1 ... \
+        --steer-data /tmp/lg/data-s1/train_one-4000-w101001 --vit /tmp/lg/models/vit-32p4-64x3-sincos-s1
 
 The LMs are the ones ``learn_generalise.py`` pretrains (the folder name says how: hidden x layers, heads,
 steps, lr, ``lk`` lookup share, seed); each one's ``pretrain.json`` is copied into the result.
 ``--steer-data DIR --vit DIR`` adds a second measure per LM, **steerability**, over ``--steer-seeds``
-initialisations: a visual-expert model with that LM frozen is fitted for 300 steps (batch 16, AdamW lr 5e-3) to the REC pairs of 64 one-object images of DIR,
-and its loss on them is reported with the real images and with the images shifted by one (each question
-paired with another image). A frozen LM that image tokens can steer shows a real-image loss well below the
+initialisations: a visual-expert model with that LM frozen is fitted for 300 steps (batch 16, AdamW lr 5e-3)
+to the REC pairs of 64 one-object images of DIR, and its loss on them is reported with the real images and
+with the images shifted by one (each question paired with another image). A frozen LM that image tokens can steer shows a real-image loss well below the
 shifted one; one that keeps its text prior shows both near the start.
 
 Writes ``benchmarks/results/probe_frozen_lm.json``.
