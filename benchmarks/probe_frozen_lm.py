@@ -45,6 +45,7 @@ def answer_slot_states(lm_dir: str, n: int, seed: int) -> tuple[list[torch.Tenso
     """Per layer, the (n, D) residual at the answer digits (mean over slots), and the colour labels."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from grounding.boxes import format_boxes, format_question
     from grounding.world import COLOURS, SHAPES
 
     tok = AutoTokenizer.from_pretrained(lm_dir)
@@ -54,10 +55,10 @@ def answer_slot_states(lm_dir: str, n: int, seed: int) -> tuple[list[torch.Tenso
     labels = []
     for _ in range(n):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        box = ",".join(f"{rng.randint(0, 999):03d}" for _ in range(4))
-        ids = [tok.bos_token_id] + tok(f"Question: Where is the {colour} {shape}? Answer: [[{box}]]",
+        boxes = format_boxes([[rng.randint(0, 999) for _ in range(4)]])
+        ids = [tok.bos_token_id] + tok(f"{format_question(f'{colour} {shape}')} Answer: {boxes}",
                                        add_special_tokens=False)["input_ids"]
-        n_answer = len(tok(f"[[{box}]]", add_special_tokens=False)["input_ids"])
+        n_answer = len(tok(boxes, add_special_tokens=False)["input_ids"])
         hidden = lm(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
         if not per_layer:
             per_layer = [[] for _ in hidden]
@@ -88,8 +89,9 @@ def steerability(lm_dir: str, vit_dir: str, data_dir: str, steps: int = 300, lr:
 
     from PIL import Image
 
+    from grounding.boxes import format_answer
     from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
-    from model.data import IGNORE_INDEX, encode_qa
+    from model.data import collate, encode_qa
     from model.evaluate import shard_examples
 
     torch.manual_seed(seed)
@@ -98,14 +100,12 @@ def steerability(lm_dir: str, vit_dir: str, data_dir: str, steps: int = 300, lr:
     tok = model.tokenizer
     examples = shard_examples([data_dir], limit=64)
     pixels = model.preprocess([Image.open(io.BytesIO(e.image_bytes)).convert("RGB") for e in examples])
-    rows = [encode_qa(tok, e.question, "Answer: [[" + ",".join(f"{round(v):03d}" for v in e.boxes[0]) + "]]", 128)
-            for e in examples]
-    T = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), T), tok.pad_token_id)
-    labels = torch.full((len(rows), T), IGNORE_INDEX)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, (a, lab, _) in enumerate(rows):
-        ids[i, :len(a)], labels[i, :len(lab)], mask[i, :len(a)] = torch.tensor(a), torch.tensor(lab), 1
+    samples = []
+    for e, px in zip(examples, pixels):
+        ids, labels, _ = encode_qa(tok, e.question, format_answer([[round(v) for v in e.boxes[0]]]), 128)
+        samples.append({"input_ids": ids, "labels": labels, "pixel_values": px, "task": "rec", "key": e.key})
+    batch = collate(samples, tok.pad_token_id)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     def losses() -> tuple[float, float]:
         with torch.no_grad():
@@ -116,12 +116,12 @@ def steerability(lm_dir: str, vit_dir: str, data_dir: str, steps: int = 300, lr:
     model.train()
     start = losses()
     for _ in range(steps):
-        pick = torch.randperm(len(rows))[:16]
+        pick = torch.randperm(len(samples))[:16]
         model(ids[pick], mask[pick], pixel_values=pixels[pick], labels=labels[pick]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     end = losses()
-    return {"steps": steps, "lr": lr, "examples": len(rows), "loss_start": start[0],
+    return {"steps": steps, "lr": lr, "examples": len(samples), "loss_start": start[0],
             "loss_end_real_images": end[0], "loss_end_shifted_images": end[1],
             "real_below_shifted": round(end[1] - end[0], 4)}
 
