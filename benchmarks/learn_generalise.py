@@ -154,6 +154,68 @@ def lookup_text(group: list[tuple[str, str]], rng: random.Random) -> tuple[str, 
     return context, q, a
 
 
+GIST = "<unk>"  # the token each object's memory is read through: a vocabulary entry the world's text never uses
+
+
+def gist_row(group: list[tuple[str, str]], rng: random.Random, tok, max_length: int, n_qa: int = 4):
+    """One gist text as ``(ids, labels, positions, segments)``, or None for an image with no REC pair.
+
+    ``BOS  the red ball [[..]]  the blue box [[..]]  G G  Q1 A1 EOS Q2 A2 EOS ...``: each named thing of the
+    image is listed with its box (an *entry*), then one gist token ``G`` per entry, then up to ``n_qa`` of
+    the image's question/answer pairs packed as the trainer packs them. The attention mask
+    (:func:`gist_mask`) lets a gist token see only BOS and its own entry, and the questions and answers see
+    only BOS, the gist tokens and each other: every box must be read from a one-token memory per thing.
+    All gist tokens share ONE position id, just before the first question. This is the interface a frozen
+    LM meets in CogVLM: image tokens, all at one position, between BOS and the text."""
+    from model.data import IGNORE_INDEX, encode_qa
+
+    rec = [(m.group(1), q, a) for q, a in group if (m := PHRASE_OF.match(q))]
+    if not rec:
+        return None
+    entries = rec[:]
+    rng.shuffle(entries)
+    ids, labels, pos, seg = [tok.bos_token_id], [IGNORE_INDEX], [0], [0]
+    for e, (phrase, _, a) in enumerate(entries, start=1):
+        t = tok(f" the {phrase} {a.removeprefix('Answer: ')}", add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += [IGNORE_INDEX] * len(t)
+        pos += list(range(pos[-1] + 1, pos[-1] + 1 + len(t)))
+        seg += [e] * len(t)
+    g = pos[-1] + 1
+    ids += [tok.convert_tokens_to_ids(GIST)] * len(entries)
+    labels += [IGNORE_INDEX] * len(entries)
+    pos += [g] * len(entries)
+    seg += [-e for e in range(1, len(entries) + 1)]
+    qa = rng.sample(rec, min(n_qa, len(rec)))
+    for _, q, a in qa:
+        qi, ql, _ = encode_qa(tok, q, a, max_length)
+        if len(ids) + len(qi) - 1 > max_length and seg[-1] == QA_SEGMENT:
+            break
+        ids += qi[1:]
+        labels += ql[1:]
+        pos += list(range(pos[-1] + 1, pos[-1] + len(qi)))
+        seg += [QA_SEGMENT] * (len(qi) - 1)
+    return ids, labels, pos, seg
+
+
+QA_SEGMENT = 10 ** 6
+
+
+def gist_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(B, T) segments -> (B, 1, T, T) additive mask (0 where a token may attend). Segment 0 is BOS
+    (seen by all), ``e`` an entry (sees its own earlier tokens), ``-e`` its gist token (sees entry ``e`` and
+    itself), ``QA_SEGMENT`` the text (sees the gists and its own earlier tokens), -1 - big: padding."""
+    T = seg.shape[1]
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]
+    same = (q == k) & causal
+    allowed = (k == 0) | same
+    allowed |= (q < 0) & (k == -q)                                 # gist -> its entry
+    allowed |= (q == QA_SEGMENT) & (k < 0) & (k > -QA_SEGMENT)     # text -> every gist
+    allowed |= torch.eye(T, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
 @torch.no_grad()
 def lookup_accuracy(lm, tok, cqas: list[tuple[str, str, str]], encode_lookup) -> float:
     """Teacher-forced accuracy of the LM on the answer tokens of lookup texts (1.0: it copies every box)."""
@@ -172,9 +234,27 @@ def lookup_accuracy(lm, tok, cqas: list[tuple[str, str, str]], encode_lookup) ->
     return round(hits / max(1, total), 4)
 
 
+@torch.no_grad()
+def gist_accuracy(lm, rows: list[tuple], gist_batch) -> float:
+    """Teacher-forced accuracy on the supervised tokens (answer + EOS) of gist texts: how well the LM reads
+    a box back from its one-token memory (1.0: every token)."""
+    lm.eval()
+    hits = total = 0
+    for s in range(0, len(rows), 64):
+        batch = gist_batch([], [r for r in rows[s:s + 64] if r])
+        logits = lm(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        target = batch["labels"][:, 1:]
+        ok = target != -100
+        hits += int(((logits[:, :-1].argmax(-1) == target) & ok).sum())
+        total += int(ok.sum())
+    lm.train()
+    return round(hits / max(1, total), 4)
+
+
 def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[str, str]], args, seed: int,
                 groups: list[list[tuple[str, str]]] | None = None,
-                dev_groups: list[list[tuple[str, str]]] | None = None) -> None:
+                dev_groups: list[list[tuple[str, str]]] | None = None,
+                gist_groups: list[list[tuple[str, str]]] | None = None) -> None:
     """A random Llama (+ the world tokenizer) trained as a plain LM on ``BOS question answer EOS`` texts and,
     for a ``--pretrain-lookup`` share of each batch, on ``BOS context question answer EOS`` lookup texts
     (:func:`lookup_text`) made from ``groups``."""
@@ -203,6 +283,20 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             ids[i, :len(r)] = torch.tensor(r)
         return ids, ids.masked_fill(ids == tok.pad_token_id, IGNORE_INDEX)
 
+    def gist_batch(rows: list[list[int]], gists: list[tuple]) -> dict:
+        """Plain rows (causal, every token supervised) and gist rows in one batch with a 4-D mask."""
+        full = [(r, r, list(range(len(r))), [0] + [QA_SEGMENT] * (len(r) - 1)) for r in rows] + gists
+        T = max(len(f[0]) for f in full)
+        ids = torch.full((len(full), T), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(full), T), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(full), T), dtype=torch.long)
+        seg = torch.full((len(full), T), -QA_SEGMENT, dtype=torch.long)
+        for i, (r, lab, p, sg) in enumerate(full):
+            n = len(r)
+            ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(r), torch.tensor(p), torch.tensor(sg)
+            labels[i, :n] = torch.tensor(lab).masked_fill(torch.tensor(r) == tok.pad_token_id, IGNORE_INDEX)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": gist_mask(seg)}
+
     def dev_loss() -> float:
         lm.eval()
         with torch.no_grad():
@@ -223,10 +317,15 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             for g in opt.param_groups:
                 g["lr"] = args.pretrain_lr * f
             n_lookup = round(args.batch_size * 2 * args.pretrain_lookup) if groups else 0
-            rows = rng.sample(train_ids, args.batch_size * 2 - n_lookup)
+            n_gist = round(args.batch_size * 2 * args.pretrain_gist) if gist_groups else 0
+            rows = rng.sample(train_ids, args.batch_size * 2 - n_lookup - n_gist)
             rows += [encode_lookup(lookup_text(g, rng)) for g in rng.sample(groups, n_lookup)] if n_lookup else []
-            ids, labels = batch_of(rows)
-            loss = lm(input_ids=ids, labels=labels).loss
+            if n_gist:
+                gists = [gist_row(g, rng, tok, args.max_length) for g in rng.sample(gist_groups, n_gist)]
+                loss = lm(**gist_batch(rows, gists)).loss
+            else:
+                ids, labels = batch_of(rows)
+                loss = lm(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             opt.step()
@@ -234,7 +333,11 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             if step % max(1, args.pretrain_steps // 20) == 0 or step == args.pretrain_steps - 1:
                 log["loss_curve"].append({"step": step + 1, "loss": round(float(loss), 4)})
     log["dev_loss_after"] = dev_loss()
-    if dev_groups:
+    if gist_groups and dev_groups:
+        log["dev_gist_answer_token_acc"] = gist_accuracy(
+            lm, [gist_row(g, random.Random(i), tok, args.max_length, n_qa=1) for i, g in enumerate(dev_groups[:256])],
+            gist_batch)
+    if dev_groups and groups:
         log["dev_lookup_answer_token_acc"] = lookup_accuracy(lm, tok, [lookup_text(g, random.Random(i)) for i, g in
                                                                        enumerate(dev_groups[:256])], encode_lookup)
     lm.save_pretrained(str(out))
@@ -288,15 +391,18 @@ def models_for(seed: int, args) -> tuple[str, str]:
     image-box pairs of stage two, not in their language model."""
     models = Path(args.work) / "models"
     lookup = f"-lk{args.pretrain_lookup:g}" if args.pretrain_lookup else ""
+    lookup += f"-gist{args.pretrain_gist:g}" if args.pretrain_gist else ""
     heads = f"h{args.lm_heads}kv{args.lm_kv_heads}-" if (args.lm_heads, args.lm_kv_heads) != (4, 2) else ""
     lm = models / f"lm-{args.lm_hidden}x{args.lm_layers}-{heads}pt{args.pretrain_steps}-lr{args.pretrain_lr:g}{lookup}-s{seed}"
     data = learnlib.proof_data(args.work, seed, {"train": args.train_images, "dev": args.dev_images,
                                                  "test": args.test_images})
     texts = qa_texts(data["train_one"]) + qa_texts(data["train_multi"])
-    groups = qa_groups(data["train_one"]) + qa_groups(data["train_multi"]) if args.pretrain_lookup else None
-    dev_groups = qa_groups(data["dev_multi"]) if args.pretrain_lookup else None
+    all_groups = qa_groups(data["train_one"]) + qa_groups(data["train_multi"])
+    groups = all_groups if args.pretrain_lookup else None
+    gist_groups = all_groups if args.pretrain_gist else None
+    dev_groups = qa_groups(data["dev_multi"]) if args.pretrain_lookup or args.pretrain_gist else None
     learnlib.build_once(lm, lambda tmp: pretrain_lm(tmp, texts, qa_texts(data["dev_multi"]), args, seed, groups,
-                                                    dev_groups))
+                                                    dev_groups, gist_groups))
     vit = models / (f"vit-{args.image_size}p{args.patch_size}-{args.vision_hidden}x{args.vision_layers}"
                     f"{'-sincos' if args.sincos_positions else ''}-s{seed}")
     learnlib.build_once(vit, lambda tmp: write_vit(tmp, args, seed))
@@ -449,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--pretrain-lookup", type=float, default=0.0,
                    help="share of each pretraining batch that is in-context lookup text (see lookup_text)")
+    p.add_argument("--pretrain-gist", type=float, default=0.0,
+                   help="share of each pretraining batch that is gist text (see gist_row): boxes read back from one "
+                        "memory token per thing, all at one position id, as a frozen LM later reads image tokens")
     p.add_argument("--freeze-lm", type=b, default=True, help="the paper's recipe (default true)")
     p.add_argument("--freeze-vision", type=b, default=False, help="keep the tower as written (sin/cos positions)")
     p.add_argument("--stage1-steps", type=int, default=1500)
