@@ -157,7 +157,8 @@ def lookup_text(group: list[tuple[str, str]], rng: random.Random) -> tuple[str, 
 GIST = "<unk>"  # the token each object's memory is read through: a vocabulary entry the world's text never uses
 
 
-def gist_row(group: list[tuple[str, str]], rng: random.Random, tok, max_length: int, n_qa: int = 4):
+def gist_row(group: list[tuple[str, str]], rng: random.Random, tok, max_length: int, n_qa: int = 4,
+             layout: str = "image"):
     """One gist text as ``(ids, labels, positions, segments)``, or None for an image with no REC pair.
 
     ``BOS  the red ball [[..]]  the blue box [[..]]  G G  Q1 A1 EOS Q2 A2 EOS ...``: each named thing of the
@@ -165,8 +166,10 @@ def gist_row(group: list[tuple[str, str]], rng: random.Random, tok, max_length: 
     the image's question/answer pairs packed as the trainer packs them. The attention mask
     (:func:`gist_mask`) lets a gist token see only BOS and its own entry, and the questions and answers see
     only BOS, the gist tokens and each other: every box must be read from a one-token memory per thing.
-    All gist tokens share ONE position id, just before the first question. This is the interface a frozen
-    LM meets in CogVLM: image tokens, all at one position, between BOS and the text."""
+    All gist tokens share ONE position id. ``layout="image"``: the positions of an image-text sample, gist
+    tokens at 1 and the text from 2 on (the entries, hidden from the text, keep 1, 2, ...); ``"after"``:
+    gist tokens just after the entries and the text after them (round 5's first version). This is the interface
+    a frozen LM meets in CogVLM: image tokens, all at one position, between BOS and the text."""
     from model.data import IGNORE_INDEX, encode_qa
 
     rec = [(m.group(1), q, a) for q, a in group if (m := PHRASE_OF.match(q))]
@@ -181,7 +184,7 @@ def gist_row(group: list[tuple[str, str]], rng: random.Random, tok, max_length: 
         labels += [IGNORE_INDEX] * len(t)
         pos += list(range(pos[-1] + 1, pos[-1] + 1 + len(t)))
         seg += [e] * len(t)
-    g = pos[-1] + 1
+    g = 1 if layout == "image" else pos[-1] + 1
     ids += [tok.convert_tokens_to_ids(GIST)] * len(entries)
     labels += [IGNORE_INDEX] * len(entries)
     pos += [g] * len(entries)
@@ -321,7 +324,8 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
             rows = rng.sample(train_ids, args.batch_size * 2 - n_lookup - n_gist)
             rows += [encode_lookup(lookup_text(g, rng)) for g in rng.sample(groups, n_lookup)] if n_lookup else []
             if n_gist:
-                gists = [gist_row(g, rng, tok, args.max_length) for g in rng.sample(gist_groups, n_gist)]
+                gists = [gist_row(g, rng, tok, args.max_length, layout=args.gist_layout)
+                         for g in rng.sample(gist_groups, n_gist)]
                 loss = lm(**gist_batch(rows, gists)).loss
             else:
                 ids, labels = batch_of(rows)
@@ -335,7 +339,8 @@ def pretrain_lm(out: Path, texts: list[tuple[str, str]], dev_texts: list[tuple[s
     log["dev_loss_after"] = dev_loss()
     if gist_groups and dev_groups:
         log["dev_gist_answer_token_acc"] = gist_accuracy(
-            lm, [gist_row(g, random.Random(i), tok, args.max_length, n_qa=1) for i, g in enumerate(dev_groups[:256])],
+            lm, [gist_row(g, random.Random(i), tok, args.max_length, n_qa=1, layout=args.gist_layout)
+                 for i, g in enumerate(dev_groups[:256])],
             gist_batch)
     if dev_groups and groups:
         log["dev_lookup_answer_token_acc"] = lookup_accuracy(lm, tok, [lookup_text(g, random.Random(i)) for i, g in
@@ -391,7 +396,7 @@ def models_for(seed: int, args) -> tuple[str, str]:
     image-box pairs of stage two, not in their language model."""
     models = Path(args.work) / "models"
     lookup = f"-lk{args.pretrain_lookup:g}" if args.pretrain_lookup else ""
-    lookup += f"-gist{args.pretrain_gist:g}" if args.pretrain_gist else ""
+    lookup += f"-gist{args.pretrain_gist:g}{'-img' if args.gist_layout == 'image' else ''}" if args.pretrain_gist else ""
     heads = f"h{args.lm_heads}kv{args.lm_kv_heads}-" if (args.lm_heads, args.lm_kv_heads) != (4, 2) else ""
     lm = models / f"lm-{args.lm_hidden}x{args.lm_layers}-{heads}pt{args.pretrain_steps}-lr{args.pretrain_lr:g}{lookup}-s{seed}"
     data = learnlib.proof_data(args.work, seed, {"train": args.train_images, "dev": args.dev_images,
@@ -558,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-gist", type=float, default=0.0,
                    help="share of each pretraining batch that is gist text (see gist_row): boxes read back from one "
                         "memory token per thing, all at one position id, as a frozen LM later reads image tokens")
+    p.add_argument("--gist-layout", choices=("image", "after"), default="image",
+                   help="position ids of gist texts: 'image' as an image-text sample (gists at 1, text from 2), "
+                        "'after' gists after the listed boxes")
     p.add_argument("--freeze-lm", type=b, default=True, help="the paper's recipe (default true)")
     p.add_argument("--freeze-vision", type=b, default=False, help="keep the tower as written (sin/cos positions)")
     p.add_argument("--stage1-steps", type=int, default=1500)
