@@ -332,7 +332,8 @@ def resolve_hosts(hosts: Iterable[str], threads: int = 32, timeout: float | None
                 live = [h for h in live if h not in late]
                 if not live:
                     break
-                wake = min([started[h] + timeout for h in live if h in started] + [cap])
+                # the next deadline of a running look-up; one not started yet has at least `timeout` to go
+                wake = min([started[h] + timeout if h in started else now + timeout for h in live] + [cap])
                 wait([futures[h] for h in live], timeout=max(0.01, wake - now))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

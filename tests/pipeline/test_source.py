@@ -183,6 +183,23 @@ def test_a_dns_timeout_fails_the_row_and_is_not_cached(monkeypatch):
     assert check_urls([f"http://{slow}/a.jpg"], timeout=0.2) == [(None, None)]
 
 
+def test_one_hung_host_costs_its_own_timeout_not_the_shards(monkeypatch):
+    """Among 60 hosts over 4 threads, the first one submitted hangs: it alone is ``dns_timeout`` after its
+    0.3 s, the other 59 resolve, and the call does not wait for the hung resolver (3 s)."""
+    hosts = fresh_hosts(60, "onehung")
+    hung = min(hosts)
+
+    def dns(host, *args, **kwargs):
+        time.sleep(3.0 if host == hung else 0.01)
+        return PUBLIC
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    t0 = time.perf_counter()
+    out = dict(zip(hosts, check_urls([f"http://{h}/a.jpg" for h in hosts], threads=4, timeout=0.3)))
+    assert time.perf_counter() - t0 < 2.0
+    assert out.pop(hung)[0] == "dns_timeout" and set(out.values()) == {(None, None)}
+
+
 def test_hung_lookups_on_every_thread_still_end_the_call(monkeypatch):
     """A DNS that never answers: with every thread stuck, the call ends after timeout x (rounds + 1)
     seconds, each host ``dns_timeout``, instead of waiting for the resolver."""
