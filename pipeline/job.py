@@ -88,7 +88,7 @@ def check_output_shared(layout: Layout, timeout: float = 120.0) -> dict[str, boo
 
     The driver writes a probe file under ``--output`` and a zero-CPU task pinned to each alive node looks
     for it; returns node id -> seen (empty on one node). A node that does not answer within ``timeout``
-    or leaves meanwhile is not judged.
+    or leaves meanwhile is not judged, nor is one that joins later (autoscaling).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
