@@ -35,7 +35,11 @@ REASONS: dict[str, Reason] = {
     "bad_url": Reason(FILTERED, ("prefilter",), "empty or unparsable URL, or no host"),
     "unsafe_scheme": Reason(FILTERED, ("prefilter",), "a scheme other than http/https (file://, ftp://, ...)"),
     "private_host": Reason(FILTERED, ("prefilter",), "the host is or resolves to a loopback/private/link-local/reserved address"),
-    "unresolved_host": Reason(FILTERED, ("prefilter",), "the host name did not resolve (or not within the DNS timeout)"),
+    "unresolved_host": Reason(FILTERED, ("prefilter",), "the DNS says the host name does not exist or has no address"),
+    "dns_timeout": Reason(FAILED, ("prefilter",), "the host's DNS look-up was not answered within --ray-dns-timeout "
+                          "seconds (not shown unresolvable; not fetched unchecked)"),
+    "dns_error": Reason(FAILED, ("prefilter",), "the host's DNS look-up kept failing transiently (EAI_AGAIN, "
+                        "SERVFAIL, ...) through its retries"),
     "duplicate_url": Reason(FILTERED, ("prefilter",), "the URL occurs earlier in (file, row) order in this run"),
     # download (img2dataset)
     "failed_to_download": Reason(FAILED, ("download",), "img2dataset could not fetch the URL (HTTP error, timeout, refused redirect)"),

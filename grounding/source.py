@@ -17,17 +17,21 @@ Pure library code (no Ray): the pipeline's driver calls it before any download.
 The URL guard accepts http(s) only, and rejects hosts that are, or resolve to, loopback, private,
 link-local (cloud metadata 169.254.169.254), multicast, reserved or otherwise non-global addresses
 unless ``allow_private_hosts`` or the host is in ``allow_hosts``. It checks the addresses the name
-resolves to at filter time (:func:`check_urls`: distinct hosts resolved concurrently, cached per
-process, within a timeout); the downloader resolves again later (a DNS-rebinding window remains).
+resolves to at filter time (:func:`check_urls`: distinct hosts resolved concurrently, each look-up
+within its own timeout; :class:`HostResolver` caches definite answers per process and retries transient
+failures). A name the DNS says does not exist is ``unresolved_host`` (filtered); a look-up that timed out
+or kept failing is ``dns_timeout`` / ``dns_error`` (failed: nothing was shown about the host, and the row
+is not fetched unchecked). The downloader resolves again later (a DNS-rebinding window remains).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import math
 import os
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Sequence
@@ -219,21 +223,140 @@ def unsafe_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or ip.is_unspecified or not ip.is_global)
 
 
-@functools.lru_cache(maxsize=65536)
+class DNSFailure(Exception):
+    """A look-up that gave no definite answer: ``reason`` is ``dns_timeout`` or ``dns_error`` (both *failed*
+    rows, never cached: the host was not shown not to resolve, so the next shard asks again)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# "no such name" / "no address for the name": the DNS answered, definitely
+_DEFINITE = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY") if hasattr(socket, n)}
+
+
+class HostResolver:
+    """Host name -> its addresses, for the URL guard; one per process (:data:`RESOLVER`).
+
+    Only definite answers are cached: the addresses, or ``()`` when the DNS says the name does not
+    exist (``EAI_NONAME`` / ``EAI_NODATA``, NXDOMAIN). A transient failure (``EAI_AGAIN`` "temporary
+    failure in name resolution", ``EAI_FAIL``, a socket error) is retried ``retries`` times after
+    ``backoff``, 2 x ``backoff``, ... seconds and, if it persists, raises :class:`DNSFailure`
+    (``dns_error``) without touching the cache. ``getaddrinfo`` is ``socket.getaddrinfo`` (looked up at
+    call time) unless given.
+    """
+
+    def __init__(self, getaddrinfo=None, retries: int = 2, backoff: float = 0.2, max_entries: int = 65536):
+        self.getaddrinfo, self.retries, self.backoff, self.max_entries = getaddrinfo, retries, backoff, max_entries
+        self.cache: dict[str, tuple[str, ...]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, host: str) -> tuple[str, ...]:
+        with self.lock:
+            if host in self.cache:
+                return self.cache[host]
+        getaddrinfo = self.getaddrinfo or socket.getaddrinfo
+        for attempt in range(self.retries + 1):
+            try:
+                infos = getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+                addresses = tuple(sorted({info[4][0].split("%")[0] for info in infos}))
+                break
+            except UnicodeError:         # not encodable as a host name: it cannot resolve
+                addresses = ()
+                break
+            except socket.gaierror as e:
+                if e.errno in _DEFINITE:
+                    addresses = ()
+                    break
+                error = e
+            except OSError as e:
+                error = e
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2**attempt)
+        else:
+            raise DNSFailure("dns_error", f"{host}: {error} ({self.retries + 1} tries)")
+        with self.lock:
+            if len(self.cache) >= self.max_entries:
+                self.cache.pop(next(iter(self.cache)))   # the oldest entry
+            self.cache[host] = addresses
+        return addresses
+
+
+RESOLVER = HostResolver()
+
+
 def resolve_host(host: str) -> tuple[str, ...]:
-    """The addresses ``host`` resolves to (empty when it does not resolve)."""
+    """The addresses ``host`` resolves to (``()`` when it does not exist); raises :class:`DNSFailure`."""
+    return RESOLVER(host)
+
+
+def resolve_hosts(hosts: Iterable[str], threads: int = 32, timeout: float | None = None,
+                  resolve=None) -> dict[str, tuple[str, ...] | DNSFailure]:
+    """Resolve distinct host names concurrently: host -> addresses, or the :class:`DNSFailure` it met.
+
+    At most ``threads`` look-ups run at once and **each** has ``timeout`` seconds from its own start
+    (a budget per host, not one per call: a shard of thousands of hosts needs no more time per host
+    than a shard of ten). A look-up past its timeout is given up (``dns_timeout``; the blocking
+    ``getaddrinfo`` thread is left to finish on its own). Should every thread hang, the call still ends
+    after ``timeout`` x (rounds of ``threads`` + 1) seconds, the hosts not answered by then ``dns_timeout``.
+    """
+    resolve = resolve or resolve_host
+    hosts = sorted(set(hosts))
+    if not hosts:
+        return {}
+    workers = max(1, min(threads, len(hosts)))
+    started: dict[str, float] = {}
+
+    def run(host: str) -> tuple[str, ...]:
+        started[host] = time.monotonic()
+        return resolve(host)
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = {h: pool.submit(run, h) for h in hosts}
+    late: dict[str, str] = {}
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError, OSError):
-        return ()
-    return tuple(sorted({info[4][0].split("%")[0] for info in infos}))
+        if timeout is None:
+            wait(futures.values())
+        else:
+            budget = timeout * (math.ceil(len(hosts) / workers) + 1)
+            cap = time.monotonic() + budget
+            while True:
+                now = time.monotonic()
+                live = [h for h, f in futures.items() if not f.done() and h not in late]
+                for h in live:
+                    if h in started and now - started[h] >= timeout:
+                        late[h] = f"{h}: DNS look-up not answered within {timeout:g} s"
+                    elif now >= cap:
+                        late[h] = f"{h}: DNS look-up not answered within the call's budget ({budget:g} s, all threads busy)"
+                live = [h for h in live if h not in late]
+                if not live:
+                    break
+                # the next deadline of a running look-up; one not started yet has at least `timeout` to go
+                wake = min([started[h] + timeout if h in started else now + timeout for h in live] + [cap])
+                wait([futures[h] for h in live], timeout=max(0.01, wake - now))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    out: dict[str, tuple[str, ...] | DNSFailure] = {}
+    for h, f in futures.items():
+        if h in late:
+            out[h] = DNSFailure("dns_timeout", late[h])
+        elif f.exception() is not None:
+            e = f.exception()
+            out[h] = e if isinstance(e, DNSFailure) else DNSFailure("dns_error", f"{h}: {e!r}")
+        else:
+            out[h] = f.result()
+    return out
 
 
-def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: Iterable[str] = ()) -> tuple[str | None, str | None]:
+def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: Iterable[str] = (),
+              resolve=None) -> tuple[str | None, str | None]:
     """``(None, None)`` when ``url`` may be fetched, else ``(reason, detail)``.
 
     Reasons: ``bad_url`` (unparsable or empty), ``unsafe_scheme`` (not http/https), ``private_host``
-    (the host is, or resolves to, a non-global address), ``unresolved_host`` (no address).
+    (the host is, or resolves to, a non-global address), ``unresolved_host`` (the DNS says the name
+    has no address), ``dns_timeout`` / ``dns_error`` (no definite answer: failed, not filtered).
+    ``resolve`` maps a host name to its addresses (:func:`resolve_host` unless given).
     """
     if not url or not isinstance(url, str):
         return "bad_url", "empty URL"
@@ -254,7 +377,10 @@ def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: I
         literal = ipaddress.ip_address(host)
         addresses: tuple[str, ...] = (str(literal),)
     except ValueError:
-        addresses = resolve_host(host)
+        try:
+            addresses = (resolve or resolve_host)(host)
+        except DNSFailure as e:
+            return e.reason, e.detail
         if not addresses:
             return "unresolved_host", f"{host} does not resolve"
     bad = [a for a in addresses if unsafe_address(ipaddress.ip_address(a))]
@@ -263,43 +389,32 @@ def check_url(url: str | None, allow_private_hosts: bool = False, allow_hosts: I
     return None, None
 
 
-def check_urls(urls: Sequence[str | None], allow_private_hosts: bool = False, allow_hosts: Iterable[str] = (),
-               threads: int = 32, timeout: float | None = None) -> list[tuple[str | None, str | None]]:
-    """:func:`check_url` over many URLs, resolving the distinct hosts concurrently first.
+def _host(url) -> str | None:
+    try:
+        h = urlsplit(url.strip()).hostname if isinstance(url, str) else None
+    except ValueError:
+        return None
+    return h.lower() if h else None
 
-    At most ``threads`` look-ups run at once; a host not resolved within ``timeout`` seconds (for
-    all of them together) is ``unresolved_host`` ("DNS timeout") for this call and not cached.
-    """
+
+def check_urls(urls: Sequence[str | None], allow_private_hosts: bool = False, allow_hosts: Iterable[str] = (),
+               threads: int = 32, timeout: float | None = None, resolve=None) -> list[tuple[str | None, str | None]]:
+    """:func:`check_url` over many URLs, the distinct host names resolved concurrently first
+    (:func:`resolve_hosts`: ``threads`` at once, ``timeout`` seconds per look-up)."""
     allow_hosts = tuple(allow_hosts)
-    late: set[str] = set()
+    answers: dict[str, tuple[str, ...] | DNSFailure] = {}
     if not allow_private_hosts:
         allowed = {h.lower().strip("[]") for h in allow_hosts}
-        hosts = set()
-        for u in urls:
-            try:
-                h = urlsplit(u.strip()).hostname if isinstance(u, str) else None
-            except ValueError:
-                h = None
-            if h and h.lower() not in allowed:
-                hosts.add(h.lower())
-        hosts = {h for h in hosts if not _is_ip_literal(h)}
-        if hosts:
-            pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(hosts))))
-            futures = {h: pool.submit(resolve_host, h) for h in sorted(hosts)}
-            done, _ = wait(futures.values(), timeout=timeout)
-            late = {h for h, f in futures.items() if f not in done}
-            pool.shutdown(wait=False, cancel_futures=True)
-    out = []
-    for u in urls:
-        try:
-            h = urlsplit(u.strip()).hostname if isinstance(u, str) else None
-        except ValueError:
-            h = None
-        if h and h.lower() in late:
-            out.append(("unresolved_host", f"{h.lower()}: DNS timeout after {timeout} s"))
-        else:
-            out.append(check_url(u, allow_private_hosts, allow_hosts))
-    return out
+        hosts = {h for h in map(_host, urls) if h and h not in allowed and not _is_ip_literal(h)}
+        answers = resolve_hosts(hosts, threads, timeout, resolve)
+
+    def answer(host: str) -> tuple[str, ...]:
+        a = answers[host]
+        if isinstance(a, DNSFailure):
+            raise a
+        return a
+
+    return [check_url(u, allow_private_hosts, allow_hosts, answer) for u in urls]
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -33,7 +33,7 @@ class RayConfig:
     detect_batch_size: int = 16
     dedup_partitions: int | None = None  # URL-hash partitions of the dedup pre-pass; None -> ~1 per 4 shards (1..256)
     dns_threads: int = 16            # concurrent DNS look-ups per shard task
-    dns_timeout: float = 5.0         # seconds for one shard's look-ups; a host not resolved by then: unresolved_host
+    dns_timeout: float = 5.0         # seconds per host look-up (from its start); one not answered by then: dns_timeout
 
     def __post_init__(self):
         for name in ("detect_actors", "phrase_batch_size", "detect_batch_size", "dns_threads"):

@@ -54,8 +54,10 @@ def _path(layout: Layout, kind: str, index: int) -> str:
 
 def _read(url: str, schema: pa.Schema, filters=None) -> pa.Table:
     fs, p = fsspec.core.url_to_fs(url)
-    if not fs.exists(p):
-        return schema.empty_table()
+    if not fs.exists(p):   # never "no rows": every step writes its files, empty or not, before the next reads them
+        raise FileNotFoundError(f"{url}: missing, so image dedup cannot decide this shard. Each shard task and dedup "
+                                "step writes it under --output; on a multi-node cluster that must be one folder "
+                                "every node sees (shared, or s3:// / gs://), not a node-local path")
     with fs.open(p, "rb") as f:
         return pq.read_table(f, filters=filters, schema=schema)
 

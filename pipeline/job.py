@@ -2,6 +2,8 @@
 
 :func:`run_job` (driver)::
 
+    output check          on a multi-node cluster, a probe file under --output must be visible from every
+                          node (check_output_shared): a node-local path fails here, before any work
     detector actor pool   started first: GroundingDINO (or annotations) loaded once per actor, while the
                           driver plans and the dedup pre-pass runs; 1 GPU each on a GPU cluster
     plan_shards           file listings + Parquet footers -> work shards (file, row range)
@@ -32,8 +34,12 @@ import os
 import random
 import threading
 import time
+import uuid
 from typing import Iterator
 
+import fsspec
+
+from grounding.cli import UsageError
 from pipeline import dedup, image_dedup
 from pipeline.config import JobConfig, RayConfig, config_hash
 from pipeline.output import Layout, build_report, claim_output
@@ -57,6 +63,63 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def sees(url: str) -> bool:
+    """On one node: whether the driver's probe file is visible there."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def unshared_output_error(output: str, seen: dict[str, bool]) -> str | None:
+    """The error for an output folder some nodes cannot see (node id -> saw the probe file), else None."""
+    missing = sorted(n for n, ok in seen.items() if not ok)
+    if not missing:
+        return None
+    return (f"--output {output} is not visible from {len(missing)} of {len(seen)} Ray nodes "
+            f"({', '.join(n[:12] for n in missing[:5])}{', ...' if len(missing) > 5 else ''}): every node writes "
+            "its shards there and the URL and image dedup read every node's files back, so on a multi-node "
+            "cluster give a folder every node mounts (NFS, ...) or an fsspec URL (s3://, gs://, ...)")
+
+
+def check_output_shared(layout: Layout, timeout: float = 120.0) -> dict[str, bool]:
+    """Fail before any work when a node of a multi-node cluster cannot see the output folder (a node-local
+    path would split the shards over the nodes' disks and leave the dedup passes without their inputs).
+
+    The driver writes a probe file under ``--output`` and a zero-CPU task pinned to each alive node looks
+    for it; returns node id -> seen (empty on one node). A node that does not answer within ``timeout``
+    or leaves meanwhile is not judged, nor is one that joins later (autoscaling).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    if len(nodes) < 2:
+        return {}
+    probe = layout.join(f".node-probe-{uuid.uuid4().hex}")
+    probe_path = fsspec.core.url_to_fs(probe)[1]
+    layout.fs.makedirs(layout.path, exist_ok=True)
+    with layout.fs.open(probe_path, "w") as f:
+        f.write("every node of the job must see this file\n")
+    try:
+        task = ray.remote(sees)
+        refs = {n: task.options(num_cpus=0, max_retries=0,
+                                scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(probe)
+                for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        seen = {}
+        for node, ref in refs.items():
+            if ref in ready:
+                try:
+                    seen[node] = ray.get(ref)
+                except ray.exceptions.RayError:  # the node left meanwhile
+                    pass
+    finally:
+        layout.fs.rm(probe_path)
+    error = unshared_output_error(layout.root, seen)
+    if error:
+        raise UsageError(error)
+    return seen
 
 
 class DetectActor:
@@ -322,6 +385,7 @@ def run_job(config: JobConfig) -> dict:
     summaries: dict[str, dict] = {}
     with ray_session(config.ray):
         wall_start = time.time() - (time.perf_counter() - t_start)
+        check_output_shared(layout)   # a multi-node cluster needs an output folder every node sees
         limit = config.ray.max_shards_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         actors, ready = start_detectors(config)  # first: the models load while planning and the dedup pre-pass run
         detect = PoolDetect(actors)

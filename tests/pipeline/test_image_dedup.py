@@ -89,3 +89,21 @@ def test_job_drops_duplicates_and_eval_overlap_with_counted_reasons(dup_world, t
     assert again["eval_overlap_by_set"] == {"coco_val": 1}
     assert {f: (out / "shards" / f).read_bytes() for f in os.listdir(out / "shards")} == before
     assert json.loads((out / "run_report.json").read_text())["eval_overlap_by_set"] == {"coco_val": 1}
+
+
+def test_a_missing_hash_file_stops_the_image_dedup(tmp_path):
+    """A shard whose hash file is not where the dedup steps look (a node-local --output on a multi-node
+    cluster) must fail the pass, not silently count as "no images" and let its duplicates through."""
+    from pipeline import image_dedup
+    from pipeline.output import Layout
+    from pipeline.plan import WorkShard
+    from pipeline.stages import OUTPUT_SCHEMA
+
+    layout = Layout(str(tmp_path / "out"))
+    image_dedup.write_hashes(layout, WorkShard(0, "p-00000", "p.parquet", 0, 4), OUTPUT_SCHEMA.empty_table(),
+                             DedupConfig())
+    assert image_dedup.map_shard(layout.root, 0, 2, DedupConfig()) == 0   # written, empty: no records
+    with pytest.raises(FileNotFoundError, match="every node sees"):
+        image_dedup.map_shard(layout.root, 1, 2, DedupConfig())          # shard 1's file is on another node
+    with pytest.raises(FileNotFoundError, match="00000001.parquet: missing"):
+        image_dedup.reduce_bucket(layout.root, 0, 2, DedupConfig())      # its map file is missing too

@@ -8,6 +8,7 @@ import copy
 import os
 import threading
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -45,9 +46,22 @@ def keys_and_files(out) -> tuple[collections.Counter, list[str]]:
     return keys, names
 
 
+def running_on(node) -> collections.Counter:
+    """The Ray tasks and actors running in one node's worker processes, by their process titles."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    titles = collections.Counter()
+    for p in raylet.children(recursive=True):
+        try:
+            titles[(p.cmdline() or [""])[0]] += 1
+        except psutil.Error:
+            pass
+    return titles
+
+
 def test_a_worker_node_lost_mid_run(cluster, world_server, world, tmp_path):
-    """Remove a worker node once shards are being written: the job (or a rerun) ends with exactly the
-    clean run's keys, once each, and counts that add up."""
+    """Remove a worker node while a shard task runs on it: the same run retries the lost shard task
+    elsewhere (and restarts the detector actor if it was there) and ends with exactly the clean run's
+    keys, once each, and counts that add up -- no rerun."""
     from pipeline.job import run_job
 
     c, workers = cluster
@@ -59,25 +73,59 @@ def test_a_worker_node_lost_mid_run(cluster, world_server, world, tmp_path):
     def run():
         try:
             result["report"] = run_job(config)
-        except Exception as e:  # noqa: BLE001 - a lost node may fail a shard past its retries: rerun below
+        except Exception as e:  # noqa: BLE001 - asserted below: the run must not fail
             result["error"] = e
 
     driver = threading.Thread(target=run)
     driver.start()
-    assert wait_for(lambda: (out / "shards").exists() and any(n.endswith(".parquet") for n in os.listdir(out / "shards")),
-                    timeout=400, interval=0.05), result
-    c.remove_node(workers[0])
+    victim: dict = {}
+
+    def a_worker_runs_a_shard() -> bool:
+        if not driver.is_alive():
+            return True   # ended before: asserted below
+        for node in workers:
+            tasks = running_on(node)
+            if tasks["ray::process_shard"]:
+                victim.update(node=node, tasks=tasks)
+                return True
+        return False
+
+    assert wait_for(a_worker_runs_a_shard, timeout=400, interval=0.05), result
+    assert victim, f"the run ended before a worker node ran a shard task: {result}"
+    c.remove_node(victim["node"])
     driver.join(timeout=500)
     assert not driver.is_alive()
-    done_before_rerun = len(list((out / "shards").glob("*.parquet")))
-    report = result.get("report") or run_job(config)
+    assert "error" not in result, f"the run failed on losing a node running {dict(victim['tasks'])}: {result}"
+    report = result["report"]
     expected = collections.Counter([im.key for im in world] + list(files.broken_keys))
     keys, names = keys_and_files(out)
     assert keys == expected
     assert all(n.endswith(".parquet") for n in names if not n.split("/")[1].startswith("."))
     c_ = report["counts"]
     assert (c_["input"], c_["kept"], c_["filtered"], c_["failed"], c_["adds_up"]) == (17, 12, 0, 5, True)
-    assert report["shards"]["total"] == 9 and done_before_rerun >= 1
+    assert report["shards"]["total"] == 9
+
+
+def test_the_output_must_be_visible_from_every_node(cluster, tmp_path):
+    """A shared folder passes the probe on every alive node; an output the nodes' processes cannot see
+    (``memory://`` lives in the driver's process, as a node-local disk lives on one node) is refused
+    before any work, naming the nodes."""
+    import ray
+
+    from grounding.cli import UsageError
+    from grounding.source import SourceConfig
+    from pipeline.config import JobConfig
+    from pipeline.job import check_output_shared, run_job, unshared_output_error
+    from pipeline.output import Layout
+
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    assert check_output_shared(Layout(str(tmp_path / "shared"))) == {n: True for n in alive}
+    assert not [p for p in (tmp_path / "shared").iterdir()]   # the probe file is removed
+    with pytest.raises(UsageError, match=f"not visible from {len(alive)} of {len(alive)} Ray nodes"):
+        run_job(JobConfig(output="memory://grounding-out", source=SourceConfig(paths=[str(tmp_path / "in.parquet")])))
+    message = unshared_output_error("/local/out", {"a" * 56: True, "b" * 56: False, "c" * 56: True})
+    assert "not visible from 1 of 3 Ray nodes (bbbbbbbbbbbb)" in message and "s3://" in message
+    assert unshared_output_error("/local/out", {"a" * 56: True}) is None
 
 
 def test_img2dataset_ray_distributor_in_a_cluster(cluster, world_server, tmp_path):

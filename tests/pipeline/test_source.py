@@ -1,12 +1,18 @@
 """grounding.source: LAION columns, sampling, work shards, pre-filters and the URL guard (no Ray)."""
 from __future__ import annotations
 
+import collections
+import socket
+import time
+import uuid
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from grounding.source import (FilterConfig, SourceConfig, check_url, check_urls, dedup_candidates, list_sources,
                               prefilter, read_source, sample_rows, source_rows, source_stem)
+from grounding.reasons import FAILED, FILTERED, outcome
 
 
 def write_laion(path, rows):
@@ -131,22 +137,115 @@ def test_prefilter_counts_each_reason_and_rejects_the_given_duplicates(tmp_path)
     assert "k007" in kept3["key"].to_pylist()
 
 
-def test_dns_timeout_is_a_counted_reason(monkeypatch):
-    """A host whose look-up outlasts the timeout is unresolved_host for the call (bounded, not cached)."""
-    import time
+PUBLIC = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]  # what a public name answers
 
-    import grounding.source as source
 
-    def slow(host):
-        time.sleep(1.0)
-        return ("8.8.8.8",)
+def fresh_hosts(n: int, tag: str) -> list[str]:
+    """Names no earlier test resolved (the resolver caches per process)."""
+    run = uuid.uuid4().hex[:8]
+    return [f"img{i}.{tag}-{run}.example" for i in range(n)]
 
-    monkeypatch.setattr(source, "resolve_host", slow)
+
+def test_dns_budget_is_per_host_not_one_deadline_per_shard(monkeypatch):
+    """400 distinct hosts at 20 ms a look-up, 8 threads, a 0.5 s timeout: every host resolves (~1 s in all).
+    One 0.5 s deadline for the whole shard used to leave half of them ``unresolved_host`` (filtered)."""
+    def dns(host, *args, **kwargs):
+        time.sleep(0.02)
+        return PUBLIC
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    urls = [f"http://{h}/a.jpg" for h in fresh_hosts(400, "budget")]
     t0 = time.perf_counter()
-    out = check_urls(["http://slow.example/a.jpg", "http://8.8.4.4/b.jpg"], timeout=0.2)
-    assert time.perf_counter() - t0 < 0.9
-    assert out[0][0] == "unresolved_host" and "DNS timeout" in out[0][1]
-    assert out[1] == (None, None)  # an IP literal needs no look-up
+    out = check_urls(urls, threads=8, timeout=0.5)
+    assert collections.Counter(r for r, _ in out) == {None: 400}
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_dns_timeout_fails_the_row_and_is_not_cached(monkeypatch):
+    """A look-up that outlasts its timeout proves nothing about the host: the row is *failed* as
+    ``dns_timeout`` (not filtered as unresolvable, not fetched unchecked), the other hosts are unaffected,
+    and a later shard asks again."""
+    slow, fast = fresh_hosts(2, "timeout")
+    hang = {"s": 1.5}
+
+    def dns(host, *args, **kwargs):
+        if host == slow:
+            time.sleep(hang["s"])
+        return PUBLIC
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    t0 = time.perf_counter()
+    out = check_urls([f"http://{slow}/a.jpg", f"http://{fast}/b.jpg", "http://8.8.4.4/c.jpg"], timeout=0.2)
+    assert time.perf_counter() - t0 < 1.2
+    assert out[0][0] == "dns_timeout" and "0.2 s" in out[0][1] and outcome("dns_timeout") == FAILED
+    assert out[1:] == [(None, None), (None, None)]
+    hang["s"] = 0.0   # the DNS answers again: the next shard resolves the host
+    assert check_urls([f"http://{slow}/a.jpg"], timeout=0.2) == [(None, None)]
+
+
+def test_one_hung_host_costs_its_own_timeout_not_the_shards(monkeypatch):
+    """Among 60 hosts over 4 threads, the first one submitted hangs: it alone is ``dns_timeout`` after its
+    0.3 s, the other 59 resolve, and the call does not wait for the hung resolver (3 s)."""
+    hosts = fresh_hosts(60, "onehung")
+    hung = min(hosts)
+
+    def dns(host, *args, **kwargs):
+        time.sleep(3.0 if host == hung else 0.01)
+        return PUBLIC
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    t0 = time.perf_counter()
+    out = dict(zip(hosts, check_urls([f"http://{h}/a.jpg" for h in hosts], threads=4, timeout=0.3)))
+    assert time.perf_counter() - t0 < 2.0
+    assert out.pop(hung)[0] == "dns_timeout" and set(out.values()) == {(None, None)}
+
+
+def test_hung_lookups_on_every_thread_still_end_the_call(monkeypatch):
+    """A DNS that never answers: with every thread stuck, the call ends after timeout x (rounds + 1)
+    seconds, each host ``dns_timeout``, instead of waiting for the resolver."""
+    hosts = fresh_hosts(3, "hung")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: time.sleep(1.5) or PUBLIC)
+    t0 = time.perf_counter()
+    out = check_urls([f"http://{h}/a.jpg" for h in hosts], threads=1, timeout=0.1)
+    assert time.perf_counter() - t0 < 1.0   # 0.1 s x (3 rounds + 1), not 3 x 1.5 s
+    assert [r for r, _ in out] == ["dns_timeout"] * 3
+
+
+def test_a_transient_dns_failure_is_retried_and_never_cached(monkeypatch):
+    """EAI_AGAIN ("temporary failure in name resolution") is retried within the look-up; one that
+    persists fails the row as ``dns_error`` for this shard only: the next shard asks the DNS again."""
+    once, down = fresh_hosts(2, "flaky")
+    failures = {once: 1, down: 10}
+    calls = collections.Counter()
+
+    def dns(host, *args, **kwargs):
+        calls[host] += 1
+        if calls[host] <= failures[host]:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return PUBLIC
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    out = check_urls([f"http://{once}/a.jpg", f"http://{down}/b.jpg"], timeout=5)
+    assert out[0] == (None, None)
+    assert out[1][0] == "dns_error" and "Temporary failure" in out[1][1] and outcome("dns_error") == FAILED
+    failures[down] = 0
+    assert check_urls([f"http://{down}/b.jpg"], timeout=5) == [(None, None)]
+
+
+def test_a_name_that_does_not_exist_is_filtered_and_cached(monkeypatch):
+    """The real resolver's NXDOMAIN is a definite answer: ``unresolved_host`` (filtered), asked once."""
+    real, calls = socket.getaddrinfo, collections.Counter()
+
+    def counting(host, *args, **kwargs):
+        calls[host] += 1
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    host = f"no-such-host-{uuid.uuid4().hex[:8]}.invalid"
+    for _ in range(2):
+        (reason, detail), = check_urls([f"http://{host}/a.jpg"], timeout=5)
+        assert reason == "unresolved_host" and outcome(reason) == FILTERED
+    assert calls[host] == 1
 
 
 def test_filter_config_is_validated():
