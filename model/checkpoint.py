@@ -183,9 +183,30 @@ def load_optimizer_state_by_name(model, optimizer, saved: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+HYPERPARAMETERS = ("base_lr", "weight_decay", "betas", "eps")   # logged when a resumed run changes them
+
+
+def keep_hyperparameters(optimizer, fresh: list[dict]) -> dict:
+    """After loading a checkpoint's optimizer state, put back this run's group settings ``fresh`` (everything but
+    ``params``: learning rate, weight decay, betas...), so flags given on resume take effect; returns
+    ``{key: [saved per group, now per group]}`` for the :data:`HYPERPARAMETERS` that changed."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (betas: a tuple, a list in JSON)
+    changed = {}
+    for key in HYPERPARAMETERS:
+        saved, now = [plain(g.get(key)) for g in optimizer.param_groups], [plain(f.get(key)) for f in fresh]
+        if saved != now:
+            changed[key] = [saved, now]
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    return changed
+
+
 def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, mode: str) -> dict:
-    """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state (step, data...)."""
+    """Restore weights, optimizer state, EMA and this rank's RNG; returns the trainer state (step, data...) with
+    ``hyperparameter_changes``: the optimizer keeps this run's learning rate, weight decay and betas (what the
+    command line says now), and the ones that differ from the checkpoint's are listed there."""
     state = json.loads((path / "trainer_state.json").read_text())
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     weights = load_file(str(path / "model.safetensors"))
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     if mode == "fsdp":
@@ -199,6 +220,7 @@ def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, m
         inner = unwrap(model)
         inner.load_trainable_state_dict(weights)
         load_optimizer_state_by_name(inner, optimizer, optim)
+    state["hyperparameter_changes"] = keep_hyperparameters(optimizer, fresh)
     if ema is not None:
         ema_path = path / "ema.safetensors"
         if ema_path.exists():
@@ -224,16 +246,29 @@ def init_weights(model, path: str) -> int:
     return len(weights)
 
 
+def locate_model_dir(name: str, ckpt: Path) -> str:
+    """A checkpoint's ``lm``/``vision``: as recorded, or, for a relative path recorded by an older run (relative
+    to the working directory it trained in), the same path under the nearest folder above ``ckpt`` that holds it."""
+    if os.path.isabs(name) or os.path.isdir(name):
+        return name
+    for parent in Path(ckpt).resolve().parents:
+        if (parent / name).is_dir():
+            return str(parent / name)
+    return name                                     # a hub id, or a path resolve_dir will report as missing
+
+
 def load_model_from_checkpoint(path: str, weights: str = "auto", device: str = "cpu"):
     """Rebuild the model a checkpoint was trained from and load its trainable (or EMA) weights.
 
-    Returns ``(model, info)``; nothing is unpickled (safetensors and JSON only).
+    Returns ``(model, info)``; nothing is unpickled (safetensors and JSON only). A model directory that is
+    not there (moved, or another machine) is a :class:`FileNotFoundError` naming it.
     """
     from model import cogvlm
 
     ckpt = find_checkpoint(path)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    mcfg = cogvlm.VisualExpertConfig(**state["model_config"])
+    mcfg = cogvlm.VisualExpertConfig(**{**state["model_config"], **{k: locate_model_dir(state["model_config"][k], ckpt)
+                                                                     for k in ("lm", "vision")}})
     model = cogvlm.VisualExpertForCausalLM.from_config(mcfg)
     use_ema = (ckpt / "ema.safetensors").exists() if weights == "auto" else weights == "ema"
     f = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")

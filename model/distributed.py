@@ -66,6 +66,15 @@ def mean_across(value: float, dist: Dist) -> float:
     return t.item() / dist.world_size
 
 
+def all_ranks(flag: bool, dist: Dist) -> bool:
+    """True when ``flag`` is true on every rank (a collective: every rank calls it)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def unwrap(model):
     """The model inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
     return model.module if hasattr(model, "module") else model
