@@ -90,6 +90,14 @@ class DataError(UsageError):
     """The shards yield (almost) no usable sample: the message gives the skip counts and their meaning."""
 
 
+def check_slots(rows: int, world_size: int, num_workers: int) -> None:
+    """Every (rank, loader worker) slot needs a row of its own: fewer rows than slots is a :class:`DataError`."""
+    slots = world_size * max(num_workers, 1)
+    if rows < slots:
+        raise DataError(f"the shards hold {rows} rows, fewer than the {slots} loader slots ({world_size} ranks x "
+                        f"{max(num_workers, 1)} workers) that each need one: use fewer --num-workers or ranks, or more data")
+
+
 def describe_skips(skipped: Counter) -> str:
     """``"64 corrupt_image: UnidentifiedImageError (the image bytes do not decode), ..."``: each reason's
     meaning from the one table of reasons (grounding.reasons)."""
@@ -241,13 +249,9 @@ class GroundingBatches(IterableDataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.cursors: dict[int, tuple[int, int, int]] = {}   # logical worker -> (epoch, row, offset)
         self.worker_offset = 0                                # which logical worker physical worker 0 plays
-        rows = sum(map(sum, self.group_sizes))
-        if rows == 0:
+        if sum(map(sum, self.group_sizes)) == 0:
             raise DataError(f"shards {self.paths} hold no rows: check --shards")
-        if rows < self.num_slots:
-            raise DataError(f"the shards hold {rows} rows, fewer than the {self.num_slots} loader slots "
-                            f"({world_size} ranks x {max(self.num_workers, 1)} workers) that each need one: "
-                            "use fewer --num-workers or ranks, or more data")
+        check_slots(sum(map(sum, self.group_sizes)), world_size, self.num_workers)
 
     # -- splitting --
     @property

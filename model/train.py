@@ -365,9 +365,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def check_inputs(cfg: TrainConfig) -> None:
     """What a run would otherwise find wrong only after building its model, or at its first eval: the model
-    JSON, the checkpoint to resume or start from, the training and eval shards (footers only)."""
+    JSON, the checkpoint to resume or start from, the training and eval shards (footers only), fewer training
+    rows than (rank, loader worker) slots."""
     from grounding.schema import check_shards
-    from model.data import READ_COLUMNS, resolve_shards
+    from model.data import READ_COLUMNS, check_slots, resolve_shards
 
     if not cfg.data.shards:
         raise UsageError("no training data: give --shards GLOB [GLOB ...] (grounding shards, OUT/shards/*.parquet)")
@@ -386,7 +387,11 @@ def check_inputs(cfg: TrainConfig) -> None:
         except FileNotFoundError as e:
             raise UsageError(f"{e}; check {flag}") from e
         columns = READ_COLUMNS + (["phrases"] if flag == "--eval-shards" else [])
-        check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards", flag=flag)
+        footers, _ = check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards",
+                                  flag=flag)
+        if flag == "--shards" and sum(f.num_rows for f in footers.values()):    # no rows at all: said when read
+            check_slots(sum(f.num_rows for f in footers.values()), int(os.environ.get("WORLD_SIZE", "1")),
+                        cfg.num_workers)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -203,3 +203,12 @@ def test_rec_answers_cut_at_max_length_are_logged_and_warned(tmp_path, debug_mod
     s = train(debug(out_dir=str(tmp_path / "long"), shards=[shards], max_steps=2, save_every=0, max_length=200),
               model_config=debug_model_config)
     assert s["answer_cut"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_fewer_rows_than_loader_slots_stops_before_anything_is_built(tmp_path):
+    from grounding.cli import UsageError
+
+    shards = make_shards(tmp_path, n_images=3, rows_per_shard=3)
+    with pytest.raises(UsageError, match=r"the shards hold 3 rows, fewer than the 4 loader slots \(1 ranks x 4 workers\)"):
+        main(["--shards", shards, "--num-workers", "4", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
