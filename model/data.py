@@ -95,7 +95,8 @@ def check_slots(rows: int, world_size: int, num_workers: int) -> None:
     slots = world_size * max(num_workers, 1)
     if rows < slots:
         raise DataError(f"the shards hold {rows} rows, fewer than the {slots} loader slots ({world_size} ranks x "
-                        f"{max(num_workers, 1)} workers) that each need one: use fewer --num-workers or ranks, or more data")
+                        f"{max(num_workers, 1)} workers) that each need one: use fewer --num-workers or ranks, "
+                        "or more data")
 
 
 def describe_skips(skipped: Counter) -> str:

@@ -19,7 +19,8 @@ A run whose ``out_dir`` holds a checkpoint resumes from it (``--resume auto``), 
 ``--deterministic`` on CPU, 2N steps straight and N steps + resume + N steps log identical losses
 (tests/model/test_train.py). The optimizer's moments come back from the checkpoint; its settings (``--lr``,
 ``--weight-decay``, ``--beta1``/``--beta2``, the schedule) are this command's, and those that differ from the
-checkpoint's are printed and logged (``hyperparameter_changes`` in the ``resume`` event). Every rank reads its own shards (model.data); rank 0 writes logs and checkpoints.
+checkpoint's are printed and logged (``hyperparameter_changes`` in the ``resume`` event). Every rank reads its
+own shards (model.data); rank 0 writes logs and checkpoints.
 
 This file is the loop and its command line; the pieces live beside it: model.train_config (the run's
 configuration, in sections, and its presets), model.optim (AdamW, schedule, EMA), model.checkpoint (save,
