@@ -102,6 +102,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
                     dist: Dist, mode: str) -> Path | None:
     """Every rank calls this; rank 0 writes ``checkpoints/step_N`` atomically and prunes old ones."""
     weights, optim = trainable_and_optimizer_state(model, optimizer, mode)
+    ema_weights = full_tensors(ema.shadow) if ema is not None else None      # FSDP: gathered by every rank
     rngs = gather_objects({k: (v if not isinstance(v, torch.Tensor) else v.clone()) for k, v in rng_state().items()}, dist)
     data_states = gather_objects(state.pop("data_state_local"), dist)
     if not dist.main:
@@ -113,8 +114,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
     tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        if ema_weights is not None:
+            save_file(ema_weights, str(tmp / "ema.safetensors"))
         torch.save(optim, tmp / "optimizer.pt")
         rng_tensors, rng_json = {}, []
         for r, s in enumerate(rngs):
@@ -137,6 +138,23 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; sharded DTensors (FSDP: the EMA's shadow) gathered whole first (a collective: every
+    rank calls it)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in tensors.items()}
+
+
+def load_ema(ema: EMA, saved: dict[str, torch.Tensor]) -> None:
+    """Saved (whole, CPU) EMA tensors in place of the shadow: on its device, and sharded as it is under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    live = ema.shadow
+    ema.shadow = {k: (distribute_tensor(v.to(live[k].dtype), live[k].device_mesh, live[k].placements)
+                      if isinstance(live.get(k), DTensor) else v.to(live[k].device) if k in live else v)
+                  for k, v in saved.items()}
 
 
 def trainable_and_optimizer_state(model, optimizer, mode: str) -> tuple[dict, dict]:
@@ -224,7 +242,7 @@ def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, m
     if ema is not None:
         ema_path = path / "ema.safetensors"
         if ema_path.exists():
-            ema.shadow = load_file(str(ema_path))
+            load_ema(ema, load_file(str(ema_path)))
     rng_tensors = load_file(str(path / "rng.safetensors"))
     rng_json = json.loads((path / "rng.json").read_text())
     if len(rng_json) == dist.world_size:

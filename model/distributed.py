@@ -109,6 +109,16 @@ def wrap_parallel(model, parallel: str, dist: Dist, autocast_dtype: torch.dtype 
     return DDP(model, device_ids=ids, broadcast_buffers=False), "ddp"
 
 
+def reshard(model) -> None:
+    """Shard FSDP2 modules' parameters again after forwards with no backward (evaluation): FSDP2 leaves the root's
+    unsharded then, as plain tensors, where loading weights or saving expects the sharded DTensors. No-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 # --- are the ranks still in sync? --------------------------------------------------------------
 # Each rank hashes what it holds itself (no collective touches the tensors), then the short digests are
 # gathered and compared. Under DDP every rank holds every trainable weight, so all of them must agree.

@@ -46,7 +46,7 @@ from grounding.cli import UsageError, add_bool_flag, field_flags, flag_hint, run
 from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
 from model.data import GroundingBatches, make_loader
 from model.distributed import (
-    Dist, all_ranks, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
+    Dist, all_ranks, gather_objects, init_distributed, mean_across, ranks_in_sync, reshard, unwrap, wrap_parallel,
 )
 from model.optim import EMA, build_optimizer, clip_gradients, set_lr
 from model.train_config import PRESETS, TrainConfig, flat_fields
@@ -300,6 +300,7 @@ def evaluate_during_training(cfg: TrainConfig, model, ema: EMA | None, dist: Dis
         model.load_trainable_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
     sync = (lambda finished: all_ranks(finished, dist)) if dist.enabled else None
     _, results = evaluate_rec(model, padded, batch_size=cfg.eval.batch_size, max_new_tokens=budget, all_done=sync)
+    reshard(model)
     if backup is not None:
         model.load_trainable_state_dict(backup)
     summary = summarize([r for rank_results in gather_objects(results[:len(mine)], dist) for r in rank_results])

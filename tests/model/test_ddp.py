@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers_train import make_shards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,10 +57,16 @@ def test_two_process_gloo_ddp_stays_in_sync(tmp_path):
 
 
 def test_two_process_fsdp_resumes_exactly(tmp_path):
+    """With an EMA (the stage2 preset keeps one): its sharded shadow is saved whole and resharded on resume."""
+    from safetensors.torch import load_file
+
     shards = make_shards(tmp_path, n_images=8, rows_per_shard=2)
-    straight = torchrun(tmp_path / "a", shards, "--parallel", "fsdp", "--deterministic", "true")
-    torchrun(tmp_path / "b", shards, "--parallel", "fsdp", "--deterministic", "true", "--stop-after", "2")
-    resumed = torchrun(tmp_path / "b", shards, "--parallel", "fsdp", "--deterministic", "true")
+    flags = ("--parallel", "fsdp", "--deterministic", "true", "--ema-decay", "0.5")
+    straight = torchrun(tmp_path / "a", shards, *flags)
+    torchrun(tmp_path / "b", shards, *flags, "--stop-after", "2")
+    resumed = torchrun(tmp_path / "b", shards, *flags)
+    ema_a, ema_b = (load_file(str(tmp_path / d / "checkpoints" / "step_00000004" / "ema.safetensors")) for d in "ab")
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert straight[0]["parallel"] == "fsdp" and straight[-1]["ranks_in_sync"] is True, straight
     shard0, shard1 = straight[-1]["rank_weight_digests"]
     assert shard0 != shard1                    # each rank hashed its own shard (nothing all-gathered)
@@ -70,11 +77,11 @@ def test_two_process_fsdp_resumes_exactly(tmp_path):
 
 def test_two_process_fsdp_evaluates_during_training(tmp_path):
     """--eval-every under FSDP: every forward needs both ranks, so both evaluate (a share each, padded to one
-    length, generation stopping when both ranks are done); rank 0 logs all 5 examples once, with the numbers one
-    process computes from the saved weights and the token budget that fits the answers."""
+    length, generation stopping when both ranks are done) with the EMA weights; rank 0 logs all 5 examples once,
+    with the numbers one process computes from the saved EMA weights and the token budget that fits the answers."""
     shards = make_shards(tmp_path, n_images=8, rows_per_shard=2)
     log = torchrun(tmp_path / "run", shards, "--parallel", "fsdp", "--eval-shards", shards, "--eval-every", "2",
-                   "--eval-limit", "5", "--eval-batch-size", "2")
+                   "--eval-limit", "5", "--eval-batch-size", "2", "--ema-decay", "0.5")
     evals = [r for r in log if r.get("event") == "eval"]
     assert [e["step"] for e in evals] == [2, 4] and all(e["n"] == 5 for e in evals), evals
     from model.checkpoint import load_model_from_checkpoint
@@ -83,7 +90,7 @@ def test_two_process_fsdp_evaluates_during_training(tmp_path):
     model, info = load_model_from_checkpoint(str(tmp_path / "run"))
     examples = shard_examples([shards], "eval", 5)
     summary, _ = evaluate_rec(model, examples, batch_size=2)
-    assert info["step"] == 4 and summary["max_new_tokens"] == answer_budget(model.tokenizer, examples) > 24
+    assert info["step"] == 4 and info["weights"] == "ema" and summary["max_new_tokens"] == answer_budget(model.tokenizer, examples) > 24
     keys = ("n", "acc@0.5", "parse_failures", "cut_answers", "max_new_tokens")
     assert {k: evals[-1][k] for k in keys} == {k: summary[k] for k in keys}
     assert evals[-1]["mean_iou"] == pytest.approx(summary["mean_iou"], abs=1e-6)
