@@ -92,6 +92,11 @@ class VisualExpertConfig:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def is_local_path(name: str) -> bool:
+    """A path, not a hub id (``org/name``): absolute, ``./`` or ``../``, or more than one ``/``."""
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
+
+
 def resolve_dir(name_or_path: str) -> Path:
     """A local directory as is; a hub id (``org/name``) through the hub cache (configs, tokenizer, safetensors).
 
@@ -100,7 +105,7 @@ def resolve_dir(name_or_path: str) -> Path:
     """
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
-    if os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1:
+    if is_local_path(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError

@@ -367,7 +367,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def check_inputs(cfg: TrainConfig) -> None:
     """What a run would otherwise find wrong only after building its model, or at its first eval: the model
-    JSON, the checkpoint to resume or start from, the training and eval shards (footers only), fewer training
+    JSON (and the local LM / vision directories it names), the checkpoint to resume or start from, the training and eval shards (footers only), fewer training
     rows than (rank, loader worker) slots."""
     from grounding.schema import check_shards
     from model.data import READ_COLUMNS, check_slots, resolve_shards
@@ -376,6 +376,17 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise UsageError("no training data: give --shards GLOB [GLOB ...] (grounding shards, OUT/shards/*.parquet)")
     if cfg.model != "debug" and not Path(cfg.model).is_file():
         raise UsageError(f"--model {cfg.model}: no such file (a JSON of VisualExpertConfig fields, or 'debug')")
+    if cfg.model != "debug":
+        from model.cogvlm import is_local_path
+        try:
+            fields = json.loads(Path(cfg.model).read_text())
+        except ValueError as e:
+            raise UsageError(f"--model {cfg.model}: not JSON ({e})") from e
+        for key in ("lm", "vision"):
+            value = fields.get(key) if isinstance(fields, dict) else None
+            if isinstance(value, str) and is_local_path(value) and not os.path.isdir(value):
+                raise UsageError(f"--model {cfg.model}: {key} {value!r} is no directory (a relative path is read "
+                                 f"from the working directory, {os.getcwd()})")
     for flag, path in (("--resume", cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "none") else None),
                        ("--init-from", cfg.checkpoint.init_from)):
         if path:

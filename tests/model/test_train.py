@@ -212,3 +212,16 @@ def test_fewer_rows_than_loader_slots_stops_before_anything_is_built(tmp_path):
     with pytest.raises(UsageError, match=r"the shards hold 3 rows, fewer than the 4 loader slots \(1 ranks x 4 workers\)"):
         main(["--shards", shards, "--num-workers", "4", "--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_json_naming_a_missing_directory_is_a_usage_error(tmp_path, shards8, monkeypatch):
+    """--model cogvlm.json with relative lm/vision: read from the working directory, checked before anything is built
+    (a name with one '/', ``org/name``, may be a hub id: left to the hub)."""
+    from grounding.cli import UsageError
+
+    (tmp_path / "models" / "lm").mkdir(parents=True)
+    (tmp_path / "cogvlm.json").write_text(json.dumps({"lm": "models/lm", "vision": "models/towers/vit"}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=rf"--model cogvlm.json: vision 'models/towers/vit' is no directory .*{tmp_path}"):
+        main(["--model", "cogvlm.json", "--shards", shards8, "--out-dir", "run"])
+    assert not (tmp_path / "run").exists()
