@@ -42,9 +42,10 @@ def torchrun(out, shards, *args) -> list[dict]:
 def test_two_process_gloo_ddp_stays_in_sync(tmp_path):
     shards = make_shards(tmp_path, n_images=8, rows_per_shard=2)      # 4 shards: 2 per rank
     out = tmp_path / "run"
-    log = torchrun(out, shards)
+    log = torchrun(out, shards, "--eval-shards", shards, "--eval-every", "4", "--eval-limit", "3")
     start, end = log[0], log[-1]
     assert start["world_size"] == 2 and start["parallel"] == "ddp"
+    assert [(r["step"], r["n"]) for r in log if r.get("event") == "eval"] == [(4, 3)]   # shares 2 + 1 (+1 copy dropped)
     assert end["event"] == "end" and end["step"] == 4
     assert end["ranks_in_sync"] is True and end["rank_digests"][0] == end["rank_digests"][1]
     assert end["rank_weight_digests"][0] == end["rank_weight_digests"][1]          # DDP: full replicas
