@@ -75,11 +75,14 @@ _BOX = rf"{_COORD},{_COORD},{_COORD},{_COORD}"
 _BOXES_RE = re.compile(rf"\[\[({_BOX}(?:;{_BOX})*)\]\]")
 
 
-def parse_boxes(text: str) -> list[NormBox]:
+def parse_boxes(text: str, partial: bool = False) -> list[NormBox]:
     """The boxes of the first ``[[...]]`` group in ``text``; raises :class:`BoxParseError`.
 
     Accepts surrounding text ("Answer: [[...]]") and spaces inside the brackets; rejects wrong
     digit counts, a coordinate count other than four, and boxes whose corners are out of order.
+    ``partial``: ``text`` was cut off (a generation that ran out of tokens), so a group without ``]]``
+    gives its complete boxes (``[[a;b;1`` -> ``[a, b]``); a group cut before its first box ends is
+    still an error.
     """
     if not isinstance(text, str):
         raise BoxParseError("not a string", repr(text))
@@ -87,9 +90,16 @@ def parse_boxes(text: str) -> list[NormBox]:
         raise BoxParseError("no '[[' in output", text)
     start = text.index("[[")
     end = text.find("]]", start)
-    if end < 0:
-        raise BoxParseError("unterminated box group (no ']]')", text)
-    group = re.sub(r"\s+", "", text[start:end + 2])
+    if end >= 0:
+        group = re.sub(r"\s+", "", text[start:end + 2])
+    else:
+        parts = re.sub(r"\s+", "", text[start + 2:]).split(";")
+        parts[-1] = parts[-1].removesuffix("]")                     # cut between the two closing brackets
+        if re.fullmatch(_BOX, parts[-1]) is None:
+            parts = parts[:-1]                                       # the box being written when the text stopped
+        if not partial or not parts:
+            raise BoxParseError("unterminated box group (no ']]')", text)
+        group = "[[" + ";".join(parts) + "]]"
     m = _BOXES_RE.fullmatch(group)
     if m is None:
         inner = group[2:-2]
@@ -109,10 +119,10 @@ def parse_boxes(text: str) -> list[NormBox]:
     return boxes
 
 
-def try_parse_boxes(text: str) -> tuple[list[NormBox] | None, str | None]:
-    """``(boxes, None)`` or ``(None, reason)``: the form evaluation code wants."""
+def try_parse_boxes(text: str, partial: bool = False) -> tuple[list[NormBox] | None, str | None]:
+    """``(boxes, None)`` or ``(None, reason)``: the form evaluation code wants (``partial``: see :func:`parse_boxes`)."""
     try:
-        return parse_boxes(text), None
+        return parse_boxes(text, partial), None
     except BoxParseError as e:
         return None, e.reason
 

@@ -102,6 +102,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
                     dist: Dist, mode: str) -> Path | None:
     """Every rank calls this; rank 0 writes ``checkpoints/step_N`` atomically and prunes old ones."""
     weights, optim = trainable_and_optimizer_state(model, optimizer, mode)
+    ema_weights = full_tensors(ema.shadow) if ema is not None else None      # FSDP: gathered by every rank
     rngs = gather_objects({k: (v if not isinstance(v, torch.Tensor) else v.clone()) for k, v in rng_state().items()}, dist)
     data_states = gather_objects(state.pop("data_state_local"), dist)
     if not dist.main:
@@ -113,8 +114,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
     tmp.mkdir()
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        if ema_weights is not None:
+            save_file(ema_weights, str(tmp / "ema.safetensors"))
         torch.save(optim, tmp / "optimizer.pt")
         rng_tensors, rng_json = {}, []
         for r, s in enumerate(rngs):
@@ -137,6 +138,23 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; sharded DTensors (FSDP: the EMA's shadow) gathered whole first (a collective: every
+    rank calls it)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for k, v in tensors.items()}
+
+
+def load_ema(ema: EMA, saved: dict[str, torch.Tensor]) -> None:
+    """Saved (whole, CPU) EMA tensors in place of the shadow: on its device, and sharded as it is under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    live = ema.shadow
+    ema.shadow = {k: (distribute_tensor(v.to(live[k].dtype), live[k].device_mesh, live[k].placements)
+                      if isinstance(live.get(k), DTensor) else v.to(live[k].device) if k in live else v)
+                  for k, v in saved.items()}
 
 
 def trainable_and_optimizer_state(model, optimizer, mode: str) -> tuple[dict, dict]:
@@ -183,9 +201,30 @@ def load_optimizer_state_by_name(model, optimizer, saved: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+HYPERPARAMETERS = ("base_lr", "weight_decay", "betas", "eps")   # logged when a resumed run changes them
+
+
+def keep_hyperparameters(optimizer, fresh: list[dict]) -> dict:
+    """After loading a checkpoint's optimizer state, put back this run's group settings ``fresh`` (everything but
+    ``params``: learning rate, weight decay, betas...), so flags given on resume take effect; returns
+    ``{key: [saved per group, now per group]}`` for the :data:`HYPERPARAMETERS` that changed."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (betas: a tuple, a list in JSON)
+    changed = {}
+    for key in HYPERPARAMETERS:
+        saved, now = [plain(g.get(key)) for g in optimizer.param_groups], [plain(f.get(key)) for f in fresh]
+        if saved != now:
+            changed[key] = [saved, now]
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
+    return changed
+
+
 def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, mode: str) -> dict:
-    """Restore weights, optimizer, EMA and this rank's RNG; returns the trainer state (step, data...)."""
+    """Restore weights, optimizer state, EMA and this rank's RNG; returns the trainer state (step, data...) with
+    ``hyperparameter_changes``: the optimizer keeps this run's learning rate, weight decay and betas (what the
+    command line says now), and the ones that differ from the checkpoint's are listed there."""
     state = json.loads((path / "trainer_state.json").read_text())
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     weights = load_file(str(path / "model.safetensors"))
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     if mode == "fsdp":
@@ -199,10 +238,11 @@ def load_checkpoint(path: Path, model, optimizer, ema: EMA | None, dist: Dist, m
         inner = unwrap(model)
         inner.load_trainable_state_dict(weights)
         load_optimizer_state_by_name(inner, optimizer, optim)
+    state["hyperparameter_changes"] = keep_hyperparameters(optimizer, fresh)
     if ema is not None:
         ema_path = path / "ema.safetensors"
         if ema_path.exists():
-            ema.shadow = load_file(str(ema_path))
+            load_ema(ema, load_file(str(ema_path)))
     rng_tensors = load_file(str(path / "rng.safetensors"))
     rng_json = json.loads((path / "rng.json").read_text())
     if len(rng_json) == dist.world_size:
@@ -224,16 +264,29 @@ def init_weights(model, path: str) -> int:
     return len(weights)
 
 
+def locate_model_dir(name: str, ckpt: Path) -> str:
+    """A checkpoint's ``lm``/``vision``: as recorded, or, for a relative path recorded by an older run (relative
+    to the working directory it trained in), the same path under the nearest folder above ``ckpt`` that holds it."""
+    if os.path.isabs(name) or os.path.isdir(name):
+        return name
+    for parent in Path(ckpt).resolve().parents:
+        if (parent / name).is_dir():
+            return str(parent / name)
+    return name                                     # a hub id, or a path resolve_dir will report as missing
+
+
 def load_model_from_checkpoint(path: str, weights: str = "auto", device: str = "cpu"):
     """Rebuild the model a checkpoint was trained from and load its trainable (or EMA) weights.
 
-    Returns ``(model, info)``; nothing is unpickled (safetensors and JSON only).
+    Returns ``(model, info)``; nothing is unpickled (safetensors and JSON only). A model directory that is
+    not there (moved, or another machine) is a :class:`FileNotFoundError` naming it.
     """
     from model import cogvlm
 
     ckpt = find_checkpoint(path)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    mcfg = cogvlm.VisualExpertConfig(**state["model_config"])
+    mcfg = cogvlm.VisualExpertConfig(**{**state["model_config"], **{k: locate_model_dir(state["model_config"][k], ckpt)
+                                                                     for k in ("lm", "vision")}})
     model = cogvlm.VisualExpertForCausalLM.from_config(mcfg)
     use_ema = (ckpt / "ema.safetensors").exists() if weights == "auto" else weights == "ema"
     f = ckpt / ("ema.safetensors" if use_ema else "model.safetensors")

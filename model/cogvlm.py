@@ -92,12 +92,28 @@ class VisualExpertConfig:
 
 # --- loading ---------------------------------------------------------------------------------
 
+def is_local_path(name: str) -> bool:
+    """A path, not a hub id (``org/name``): absolute, ``./`` or ``../``, or more than one ``/``."""
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
+
+
 def resolve_dir(name_or_path: str) -> Path:
-    """A local directory as is; a hub id through the hub cache (configs, tokenizer, safetensors)."""
+    """A local directory as is; a hub id (``org/name``) through the hub cache (configs, tokenizer, safetensors).
+
+    A path that is no directory (absolute, ``./...``, or more than one ``/``), or a hub id that cannot be
+    fetched (offline, unknown), raises :class:`FileNotFoundError` naming it.
+    """
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
+    if is_local_path(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no such model directory")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except (HFValidationError, OSError) as e:
+        raise FileNotFoundError(f"{name_or_path}: not a local directory, and not available from the hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 class SafetensorsCheckpoint:
@@ -708,9 +724,12 @@ class VisualExpertForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
-                 generator: torch.Generator | None = None, image_embeds=None) -> torch.LongTensor:
+                 generator: torch.Generator | None = None, image_embeds=None, all_done=None) -> torch.LongTensor:
         """New tokens only, (B, new); rows that finished are padded with the pad id. KV cache; the
-        prompt may be left- or right-padded (each row continues from its last real token)."""
+        prompt may be left- or right-padded (each row continues from its last real token).
+
+        ``all_done`` (distributed, e.g. FSDP): this rank's "every row finished" -> whether every rank's rows
+        did (model.distributed.all_ranks), so all ranks stop at the same step and make the same forward calls."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -731,7 +750,8 @@ class VisualExpertForCausalLM(nn.Module):
             token = token.masked_fill(done, self.pad_token_id)
             new.append(token)
             done = done | (token == eos)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            finished = bool(done.all())
+            if step == max_new_tokens - 1 or (all_done(finished) if all_done is not None else finished):
                 break
             out = self(token[:, None], torch.ones(B, 1, dtype=torch.long, device=dev), past_key_values=cache,
                        use_cache=True)

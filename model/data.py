@@ -13,13 +13,16 @@ no padding) keeps them valid. That is why the model's image transform (grounding
 
 :class:`GroundingBatches` is an ``IterableDataset`` that yields whole collated batches. Its rows
 are split over ``(rank, loader worker)`` slots without overlap: by shard when there are at least as
-many shards as slots, else by row group, else by row. Every batch carries the slot's cursor
+many non-empty shards as slots (a shard may hold no rows), else by row group, else by row; fewer rows
+than slots is an error at once. Every batch carries the slot's cursor
 (``epoch``, row index, sample offset) so a trainer can save the exact data position and resume
 from it (:meth:`GroundingBatches.resume`). A row whose image does not decode, or that has no QA
 pair of the wanted task, is skipped and counted (``batch["skipped"]``, rows by reason; REC pairs whose
 answer does not parse are left out and counted as ``bad_answer: …``). Samples longer than
-``max_length`` are kept, cut, and counted apart (``batch["truncated"]``, samples in the batch); a
-sample cut before its first answer token teaches nothing and is skipped as ``too_long``.
+``max_length`` are kept, cut, and counted apart (``batch["truncated"]``, samples in the batch); REC
+samples among them lost the end of their box answer and its EOS, and are counted again as
+``batch["answer_cut"]`` (the trainer logs and warns: raise ``max_length``); a sample cut before its
+first answer token teaches nothing and is skipped as ``too_long``.
 
 Bad data never loops silently: every shard is checked when opened (:func:`grounding.schema.check_shards`:
 a rejects shard, missing columns, a truncated or non-Parquet file stop at once with the file's name,
@@ -85,6 +88,15 @@ def row_group_sizes(path: str) -> list[int]:
 
 class DataError(UsageError):
     """The shards yield (almost) no usable sample: the message gives the skip counts and their meaning."""
+
+
+def check_slots(rows: int, world_size: int, num_workers: int) -> None:
+    """Every (rank, loader worker) slot needs a row of its own: fewer rows than slots is a :class:`DataError`."""
+    slots = world_size * max(num_workers, 1)
+    if rows < slots:
+        raise DataError(f"the shards hold {rows} rows, fewer than the {slots} loader slots ({world_size} ranks x "
+                        f"{max(num_workers, 1)} workers) that each need one: use fewer --num-workers or ranks, "
+                        "or more data")
 
 
 def describe_skips(skipped: Counter) -> str:
@@ -240,6 +252,7 @@ class GroundingBatches(IterableDataset):
         self.worker_offset = 0                                # which logical worker physical worker 0 plays
         if sum(map(sum, self.group_sizes)) == 0:
             raise DataError(f"shards {self.paths} hold no rows: check --shards")
+        check_slots(sum(map(sum, self.group_sizes)), world_size, self.num_workers)
 
     # -- splitting --
     @property
@@ -250,12 +263,14 @@ class GroundingBatches(IterableDataset):
         return self.rank * max(self.num_workers, 1) + worker
 
     def slot_rows(self, slot: int) -> list[list[RowRef]]:
-        """The slot's rows, grouped by row group: shards, else row groups, else rows are dealt out."""
+        """The slot's rows, grouped by row group: non-empty shards, else row groups, else rows are dealt out
+        (a shard with no rows, which the pipeline writes when it keeps none, is left out first)."""
         n = self.num_slots
-        groups = [(s, g, size) for s, sizes in enumerate(self.group_sizes) for g, size in enumerate(sizes)]
-        if len(self.paths) >= n:
-            mine = [(s, g, size) for s, g, size in groups if s % n == slot]
-            return [[RowRef(s, g, r) for r in range(size)] for s, g, size in mine]
+        groups = [(s, g, size) for s, sizes in enumerate(self.group_sizes) for g, size in enumerate(sizes) if size]
+        shards = sorted({s for s, _, _ in groups})
+        if len(shards) >= n:
+            mine = {s for i, s in enumerate(shards) if i % n == slot}
+            return [[RowRef(s, g, r) for r in range(size)] for s, g, size in groups if s in mine]
         if len(groups) >= n:
             return [[RowRef(s, g, r) for r in range(size)] for i, (s, g, size) in enumerate(groups) if i % n == slot]
         out, k = [], 0
@@ -324,7 +339,7 @@ class GroundingBatches(IterableDataset):
             if truncated and all(x == IGNORE_INDEX for x in labels):
                 continue                                      # cut before the answer: nothing to learn
             samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels, "task": task, "key": row["key"],
-                            "truncated": truncated})
+                            "truncated": truncated, "answer_cut": truncated and task == "rec"})
         if not samples:
             skipped["too_long"] += 1
             return []
@@ -369,7 +384,7 @@ class GroundingBatches(IterableDataset):
         cache: dict[tuple[int, int], list[dict]] = {}
         pending: list[dict] = []
         skipped: Counter = Counter()
-        truncated = 0                                         # kept samples cut at max_length (not skipped)
+        truncated = answer_cut = 0                            # kept samples cut at max_length (not skipped); REC ones
         guard = SkipGuard(self.config, slot, self.num_slots)
         while True:
             order = self.epoch_order(slot, epoch)
@@ -394,13 +409,14 @@ class GroundingBatches(IterableDataset):
                 for k, s in enumerate(samples):
                     pending.append(s)
                     truncated += bool(s.get("truncated"))
+                    answer_cut += bool(s.get("answer_cut"))
                     if len(pending) == self.config.batch_size:
                         nxt = (epoch, pos, offset + k + 1) if k + 1 < len(samples) else (epoch, pos + 1, 0)
                         batch = collate(pending, self.pad_id)
                         batch["worker"], batch["cursor"] = worker, nxt
-                        batch["skipped"], batch["truncated"] = dict(skipped), truncated
+                        batch["skipped"], batch["truncated"], batch["answer_cut"] = dict(skipped), truncated, answer_cut
                         yield batch
-                        pending, skipped, truncated = [], Counter(), 0
+                        pending, skipped, truncated, answer_cut = [], Counter(), 0, 0
                 pos, offset = pos + 1, 0
             guard.end_pass(len(order))
             epoch, pos = epoch + 1, 0
@@ -408,7 +424,7 @@ class GroundingBatches(IterableDataset):
                 if pending:
                     batch = collate(pending, self.pad_id)
                     batch["worker"], batch["cursor"], batch["skipped"] = worker, (epoch, 0, 0), dict(skipped)
-                    batch["truncated"] = truncated
+                    batch["truncated"], batch["answer_cut"] = truncated, answer_cut
                     yield batch
                 return
 

@@ -66,6 +66,15 @@ def mean_across(value: float, dist: Dist) -> float:
     return t.item() / dist.world_size
 
 
+def all_ranks(flag: bool, dist: Dist) -> bool:
+    """True when ``flag`` is true on every rank (a collective: every rank calls it)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def unwrap(model):
     """The model inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
     return model.module if hasattr(model, "module") else model
@@ -98,6 +107,16 @@ def wrap_parallel(model, parallel: str, dist: Dist, autocast_dtype: torch.dtype 
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DDP(model, device_ids=ids, broadcast_buffers=False), "ddp"
+
+
+def reshard(model) -> None:
+    """Shard FSDP2 modules' parameters again after forwards with no backward (evaluation): FSDP2 leaves the root's
+    unsharded then, as plain tensors, where loading weights or saving expects the sharded DTensors. No-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # --- are the ranks still in sync? --------------------------------------------------------------

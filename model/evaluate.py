@@ -4,6 +4,13 @@ A prediction is the first box of the first ``[[...]]`` group in the generated an
 when its IoU with a true box of the expression is at least 0.5. An answer that does not parse is a
 miss, counted with its reason (``grounding.boxes.try_parse_boxes``).
 
+The token budget (``max_new_tokens``) follows the data: by default it fits the longest true answer of the
+examples and any answer of ``MAX_BOXES`` (3, the pipeline's boxes per phrase) boxes, + EOS
+(:func:`answer_budget`), so a model that writes a whole multi-box answer is never cut. An answer that still
+runs out of tokens (no EOS) is counted (``cut_answers``); it is scored on its first box when that box is
+complete (``[[a;b;1`` -> ``a``): what follows cannot change the prediction. A cut answer without a complete
+box is a parse failure ``cut at max_new_tokens (...)``; an answer the model ended itself must be well-formed.
+
 Two sources, both as users have them:
 
 - held-out grounding shards (``--shards val=data/val/*.parquet``): every ``rec`` QA pair; the truth
@@ -37,11 +44,14 @@ from typing import Callable, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from grounding.boxes import denormalize_box, box_iou, format_question, try_parse_boxes
+from grounding.boxes import (
+    box_iou, denormalize_box, format_answer, format_question, normalize_box, prompt_and_target, try_parse_boxes,
+)
 from grounding.cli import UsageError, add_bool_flag, run_cli
 from grounding.schema import phrase_prompt
 
 THRESHOLD = 0.5
+MAX_BOXES = 3   # boxes per phrase a shard holds at most by default (grounding.detect's top_k)
 
 
 @dataclass
@@ -79,16 +89,21 @@ class RecResult:
     iou: float
     hit: bool
     parse_failure: str | None = None
+    cut: bool = False                        # generation ran out of tokens (no EOS)
 
 
 # --- scoring ---------------------------------------------------------------------------------
 
-def score_answer(answer: str, example: RecExample, threshold: float = THRESHOLD) -> RecResult:
-    """Parse the generated ``answer`` and score its first box against the example's truth."""
-    boxes, reason = try_parse_boxes(answer)
+def score_answer(answer: str, example: RecExample, threshold: float = THRESHOLD, cut: bool = False) -> RecResult:
+    """Parse the generated ``answer`` and score its first box against the example's truth. ``cut``: the answer
+    ran out of tokens; its first box still counts when complete (see the module docstring)."""
+    boxes, reason = try_parse_boxes(answer, partial=cut)
     if boxes is None:
-        return RecResult(example.key, example.split, example.phrase, answer, None, 0.0, False, reason)
-    return score_box(boxes[0], example, threshold, answer)
+        reason = f"cut at max_new_tokens ({reason})" if cut else reason
+        return RecResult(example.key, example.split, example.phrase, answer, None, 0.0, False, reason, cut)
+    result = score_box(boxes[0], example, threshold, answer)
+    result.cut = cut
+    return result
 
 
 def score_box(box: Sequence[int], example: RecExample, threshold: float = THRESHOLD, answer: str = "") -> RecResult:
@@ -99,7 +114,7 @@ def score_box(box: Sequence[int], example: RecExample, threshold: float = THRESH
 
 
 def summarize(results: Sequence[RecResult]) -> dict:
-    """Acc@0.5 overall and per split, parse failures by reason, mean IoU."""
+    """Acc@0.5 overall and per split, parse failures by reason, mean IoU, answers cut by the token budget."""
     def block(rs: Sequence[RecResult]) -> dict:
         n = len(rs)
         return {"n": n, "acc@0.5": sum(r.hit for r in rs) / n if n else 0.0,
@@ -108,7 +123,8 @@ def summarize(results: Sequence[RecResult]) -> dict:
     splits = defaultdict(list)
     for r in results:
         splits[r.split].append(r)
-    return {**block(results), "splits": {s: block(rs) for s, rs in sorted(splits.items())},
+    return {**block(results), "cut_answers": sum(r.cut for r in results),
+            "splits": {s: block(rs) for s, rs in sorted(splits.items())},
             "parse_failure_reasons": dict(Counter(r.parse_failure for r in results if r.parse_failure))}
 
 
@@ -201,17 +217,36 @@ def _read_json(path: str, flag: str):
 
 # --- generation ------------------------------------------------------------------------------
 
-def generate_answers(model, examples: Sequence[RecExample], batch_size: int = 16, max_new_tokens: int = 24,
-                     progress: Callable[[int], None] | None = None) -> list[tuple[str | None, str | None]]:
-    """Greedy answers for the examples, batched: ``[(text, None) | (None, "image: reason")]``."""
+def answer_budget(tokenizer, examples: Sequence[RecExample], max_boxes: int = MAX_BOXES) -> int:
+    """New tokens a complete answer needs: the longest, in tokens, of each example's true answer and of that
+    answer with its last box repeated up to ``max_boxes`` boxes, + 1 for EOS."""
+    longest = 0
+    for ex in examples:
+        boxes = [tuple(b) if ex.frame == "norm" else normalize_box(b, ex.width, ex.height) for b in ex.boxes]
+        boxes += [boxes[-1]] * (max_boxes - len(boxes))
+        target = prompt_and_target(ex.question, format_answer(boxes))[1]
+        longest = max(longest, len(tokenizer(target, add_special_tokens=False)["input_ids"]))
+    return longest + 1
+
+
+def generate_answers(model, examples: Sequence[RecExample], batch_size: int = 16, max_new_tokens: int | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     all_done: Callable[[bool], bool] | None = None) -> list[tuple[str | None, str | None, bool]]:
+    """Greedy answers for the examples, batched: ``[(text, None, cut) | (None, "image: reason", False)]``; ``cut``:
+    the answer ran out of tokens. ``max_new_tokens`` None: :func:`answer_budget`.
+
+    ``all_done`` (distributed evaluation): every rank's "all rows finished" -> the verdict of all ranks, so every
+    rank makes the same forward calls (FSDP needs each rank in each one); an image that does not load is then
+    replaced by a blank one, so no batch is left out on one rank only."""
     import torch
 
     from model.data import encode_prompt, pad_left
 
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    budget = max_new_tokens or answer_budget(tok, examples)
     device = next(model.parameters()).device
-    out: list[tuple[str | None, str | None]] = [(None, None)] * len(examples)
+    out: list[tuple[str | None, str | None, bool]] = [(None, None, False)] * len(examples)
     was_training = model.training
     model.eval()
     try:
@@ -223,15 +258,19 @@ def generate_answers(model, examples: Sequence[RecExample], batch_size: int = 16
                     images.append(examples[i].load_image())
                     good.append(i)
                 except Exception as e:
-                    out[i] = (None, f"image: {type(e).__name__}")
-            if good:
-                ids, mask = pad_left([encode_prompt(tok, examples[i].question) for i in good], pad_id)
+                    out[i] = (None, f"image: {type(e).__name__}", False)
+                    if all_done is not None:
+                        images.append(Image.new("RGB", (32, 32)))     # stands in; its answer is not used
+            run = chunk if all_done is not None else good
+            if run:
+                ids, mask = pad_left([encode_prompt(tok, examples[i].question) for i in run], pad_id)
                 pixels = model.preprocess(images)
                 with torch.no_grad():
                     new = model.generate(ids.to(device), mask.to(device), pixels.to(device),
-                                         max_new_tokens=max_new_tokens, do_sample=False)  # (B, new)
-                for i, seq in zip(good, new.tolist()):
-                    out[i] = (tok.decode(seq, skip_special_tokens=True), None)
+                                         max_new_tokens=budget, do_sample=False, all_done=all_done)  # (B, new)
+                for i, seq in zip(run, new.tolist()):
+                    if out[i][1] is None:
+                        out[i] = (tok.decode(seq, skip_special_tokens=True), None, tok.eos_token_id not in seq)
             if progress:
                 progress(len(chunk))
     finally:
@@ -239,16 +278,19 @@ def generate_answers(model, examples: Sequence[RecExample], batch_size: int = 16
     return out
 
 
-def evaluate_rec(model, examples: Sequence[RecExample], batch_size: int = 16, max_new_tokens: int = 24,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict, list[RecResult]]:
-    """Generate and score: ``(summary, results)``; an image that does not load is a miss with its reason."""
+def evaluate_rec(model, examples: Sequence[RecExample], batch_size: int = 16, max_new_tokens: int | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 all_done: Callable[[bool], bool] | None = None) -> tuple[dict, list[RecResult]]:
+    """Generate and score: ``(summary, results)``; an image that does not load is a miss with its reason.
+    ``max_new_tokens`` None: :func:`answer_budget` (the summary says which was used)."""
+    budget = max_new_tokens or answer_budget(model.tokenizer, examples)
     results = []
-    for ex, (text, err) in zip(examples, generate_answers(model, examples, batch_size, max_new_tokens, progress)):
+    for ex, (text, err, cut) in zip(examples, generate_answers(model, examples, batch_size, budget, progress, all_done)):
         if err is not None:
             results.append(RecResult(ex.key, ex.split, ex.phrase, "", None, 0.0, False, err))
         else:
-            results.append(score_answer(text, ex))
-    return summarize(results), results
+            results.append(score_answer(text, ex, cut=cut))
+    return {**summarize(results), "max_new_tokens": budget}, results
 
 
 # --- pictures --------------------------------------------------------------------------------
@@ -311,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="*", help="RefCOCO splits to evaluate (default: all)")
     p.add_argument("--limit", type=int, help="at most this many examples per source")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: enough for the longest true answer and for {MAX_BOXES} boxes")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default="rec_eval.json", help="JSON report; the PNG goes beside it")
     p.add_argument("--pictures", type=int, default=8, help="examples drawn in the PNG (0: none)")
@@ -328,6 +371,9 @@ def _cuda() -> bool:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from model.checkpoint import load_model_from_checkpoint
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     examples: list[RecExample] = []
     skipped: Counter = Counter()
@@ -347,12 +393,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UsageError("nothing to evaluate: give --shards or --refs/--instances/--images")
     try:
         model, info = load_model_from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
-    except FileNotFoundError as e:
-        raise UsageError(f"{e}; check --checkpoint (a checkpoint folder or a run folder)") from e
+    except OSError as e:       # no checkpoint there, or the model directories its trainer_state.json names are not
+        raise UsageError(f"{e}; check --checkpoint (a checkpoint folder or a run folder, whose "
+                         "trainer_state.json names the LM and vision directories it was trained from)") from e
     from tqdm import tqdm
     with tqdm(total=len(examples), desc="REC eval", unit="ex") as bar:
         summary, results = evaluate_rec(model, examples, args.batch_size, args.max_new_tokens, bar.update)
-    report = {**summary, "checkpoint": info, "max_new_tokens": args.max_new_tokens,
+    report = {**summary, "checkpoint": info,
               "skipped": {k: v for k, v in skipped.items() if v}, "results": [r.__dict__ for r in results]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

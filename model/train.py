@@ -12,11 +12,15 @@ learning rate when it is unfrozen), linear warmup then cosine decay to ``min_lr_
 clipping, gradient accumulation, bfloat16 autocast on GPU, an optional EMA of the trainable weights
 (the paper used one). Logs go to the console (a progress bar) and to ``out_dir/log.jsonl``: loss,
 learning rate, gradient norm, tokens/s, samples/s and the data rows skipped (corrupt images...) and the
-samples truncated to ``max_length`` (kept, counted apart).
+samples truncated to ``max_length`` (kept, counted apart; ``answer_cut``: the REC ones among them, whose box
+answer lost its end, warned about once).
 
 A run whose ``out_dir`` holds a checkpoint resumes from it (``--resume auto``), exactly: with
 ``--deterministic`` on CPU, 2N steps straight and N steps + resume + N steps log identical losses
-(tests/model/test_train.py). Every rank reads its own shards (model.data); rank 0 writes logs and checkpoints.
+(tests/model/test_train.py). The optimizer's moments come back from the checkpoint; its settings (``--lr``,
+``--weight-decay``, ``--beta1``/``--beta2``, the schedule) are this command's, and those that differ from the
+checkpoint's are printed and logged (``hyperparameter_changes`` in the ``resume`` event). Every rank reads its
+own shards (model.data); rank 0 writes logs and checkpoints.
 
 This file is the loop and its command line; the pieces live beside it: model.train_config (the run's
 configuration, in sections, and its presets), model.optim (AdamW, schedule, EMA), model.checkpoint (save,
@@ -42,7 +46,7 @@ from grounding.cli import UsageError, add_bool_flag, field_flags, flag_hint, run
 from model.checkpoint import find_checkpoint, init_weights, load_checkpoint, resume_path, save_checkpoint
 from model.data import GroundingBatches, make_loader
 from model.distributed import (
-    Dist, gather_objects, init_distributed, mean_across, ranks_in_sync, unwrap, wrap_parallel,
+    Dist, all_ranks, gather_objects, init_distributed, mean_across, ranks_in_sync, reshard, unwrap, wrap_parallel,
 )
 from model.optim import EMA, build_optimizer, clip_gradients, set_lr
 from model.train_config import PRESETS, TrainConfig, flat_fields
@@ -60,6 +64,13 @@ def resolve_model_config(cfg: TrainConfig):
     else:
         mcfg = cogvlm.VisualExpertConfig(**json.loads(Path(cfg.model).read_text()))
     return dataclasses.replace(mcfg, **cfg.model_overrides) if cfg.model_overrides else mcfg
+
+
+def absolute_model_paths(mcfg):
+    """``lm``/``vision`` that name local directories, made absolute: checkpoints record the resolved paths,
+    so evaluation from another working directory finds them (hub ids stay as they are)."""
+    paths = {k: os.path.abspath(getattr(mcfg, k)) for k in ("lm", "vision") if os.path.isdir(getattr(mcfg, k, ""))}
+    return dataclasses.replace(mcfg, **paths) if paths and dataclasses.is_dataclass(mcfg) else mcfg
 
 
 def build_model(model_config, seed: int):
@@ -84,11 +95,13 @@ def set_determinism(deterministic: bool) -> None:
 @dataclass
 class Progress:
     """Where the run is (saved in every checkpoint): optimizer steps, batches read, each loader worker's
-    data cursor, and totals over all ranks (samples, tokens, rows skipped by reason, samples truncated)."""
+    data cursor, and totals over all ranks (samples, tokens, rows skipped by reason, samples truncated, REC
+    samples among them whose box answer was cut: ``answer_cut``)."""
     step: int = 0
     batches: int = 0
     cursors: dict = field(default_factory=dict)
-    totals: dict = field(default_factory=lambda: {"samples": 0, "tokens": 0, "skipped": {}, "truncated": 0})
+    totals: dict = field(default_factory=lambda: {"samples": 0, "tokens": 0, "skipped": {}, "truncated": 0,
+                                                  "answer_cut": 0})
 
     def count(self, batch: dict, world_size: int) -> None:
         self.batches += 1
@@ -96,6 +109,7 @@ class Progress:
         for k, v in batch["skipped"].items():
             self.totals["skipped"][k] = self.totals["skipped"].get(k, 0) + v
         self.totals["truncated"] += batch.get("truncated", 0)
+        self.totals["answer_cut"] += batch.get("answer_cut", 0)
         self.totals["samples"] += batch["input_ids"].shape[0] * world_size   # every micro-step: exact in checkpoints
         self.totals["tokens"] += int(batch["attention_mask"].sum()) * world_size
 
@@ -104,7 +118,7 @@ class Progress:
         ds = state["data_states"][rank]
         self.step, self.batches = state["step"], ds["batches"]
         self.cursors = {int(k): tuple(v) for k, v in ds["cursors"].items()}
-        self.totals = {**self.totals, **state.get("totals", {})}   # older checkpoints lack "truncated"
+        self.totals = {**self.totals, **state.get("totals", {})}   # older checkpoints lack "truncated", "answer_cut"
         return ds
 
 
@@ -163,6 +177,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     mcfg = model_config if model_config is not None else (resolve_model_config(cfg) if dist.main else None)
     if model_config is None and dist.enabled:
         mcfg = gather_objects(mcfg, dist)[0]  # rank 0 writes the debug checkpoints once
+    mcfg = absolute_model_paths(mcfg)
 
     # model, optimizer, data
     model = build_model(mcfg, cfg.seed)
@@ -182,12 +197,19 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     ckpt_path = resume_path(cfg.checkpoint, cfg.out_dir)
     torch.manual_seed(cfg.seed + 1000 + dist.rank)  # dropout etc. differ by rank, replay exactly
     random.seed(cfg.seed + dist.rank)
+    changed = {}
     if ckpt_path is not None:
-        dataset.resume(progress.restore(load_checkpoint(ckpt_path, model, optimizer, ema, dist, mode), dist.rank))
+        state = load_checkpoint(ckpt_path, model, optimizer, ema, dist, mode)
+        changed = state["hyperparameter_changes"]           # this run's --lr etc. take effect; say which changed
+        dataset.resume(progress.restore(state, dist.rank))
     log = JsonlLog(out / "log.jsonl" if dist.main else None)
     if dist.main:
         (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": _config_dict(mcfg)}, indent=1))
+        if changed:
+            print("resume: optimizer settings changed since the checkpoint, the new ones apply: "
+                  + "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), file=sys.stderr)
         log.write({"event": "start" if ckpt_path is None else "resume", "step": progress.step,
+                   **({"hyperparameter_changes": changed} if ckpt_path is not None else {}),
                    "world_size": dist.world_size, "parallel": mode, "device": str(dist.device),
                    "checkpoint": str(ckpt_path) if ckpt_path else None, "bad_shards": dataset.bad_shards,
                    "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
@@ -200,7 +222,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         bar = tqdm(total=stop, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
     history: list[dict] = []
     data_iter = iter(make_loader(dataset, cfg.seed))
-    meter, last_eval = Throughput(), None
+    meter, last_eval, warned_cut = Throughput(), None, False
     while progress.step < stop:
         lr = set_lr(optimizer, progress.step, cfg.optim)
         loss_sum = 0.0
@@ -224,9 +246,14 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         if step % cfg.log_every == 0 or step == stop:
             rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
                    **meter.rates(dist.world_size), "skipped": dict(progress.totals["skipped"]),
-                   "truncated": progress.totals["truncated"]}
+                   "truncated": progress.totals["truncated"], "answer_cut": progress.totals["answer_cut"]}
             history.append(rec)
             log.write(rec)
+            if rec["answer_cut"] and not warned_cut and dist.main:
+                warned_cut = True
+                print(f"warning: REC samples cut inside their box answer at --max-length {cfg.data.max_length} (no "
+                      f"EOS, boxes incomplete; {rec['answer_cut']} so far on this rank, counted as answer_cut in "
+                      "log.jsonl): raise --max-length", file=sys.stderr)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if bar is not None:
@@ -234,7 +261,7 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
         pause_t = time.perf_counter()                # throughput counts training time only
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == stop):
             last_eval = evaluate_during_training(cfg, inner, ema, dist, step, log)
-            if on_eval is not None and last_eval is not None:
+            if on_eval is not None:
                 on_eval(step, last_eval)
         if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or step == stop:
             save_checkpoint(cfg.out_dir, step, model, optimizer, ema,
@@ -248,31 +275,39 @@ def _train(cfg: TrainConfig, model_config, on_eval) -> dict:
     totals = progress.totals
     in_sync = ranks_in_sync(model, optimizer, dist)
     summary = {"step": progress.step, "history": history, "last_eval": last_eval, "skipped": totals["skipped"],
-               "truncated": totals["truncated"], "totals": totals, "out_dir": str(out), "model": inner, **in_sync}
+               "truncated": totals["truncated"], "answer_cut": totals["answer_cut"], "totals": totals,
+               "out_dir": str(out), "model": inner, **in_sync}
     if dist.main:
         log.write({"event": "end", "step": progress.step, "skipped": totals["skipped"], "truncated": totals["truncated"],
-                   **in_sync})
+                   "answer_cut": totals["answer_cut"], **in_sync})
     return summary
 
 
-def evaluate_during_training(cfg: TrainConfig, model, ema: EMA | None, dist: Dist, step: int, log: JsonlLog) -> dict | None:
-    """REC Acc@0.5 on ``eval.shards`` (rank 0; EMA weights when kept); the others wait."""
-    result = None
-    if dist.main:
-        from model.evaluate import evaluate_rec, shard_examples
+def evaluate_during_training(cfg: TrainConfig, model, ema: EMA | None, dist: Dist, step: int, log: JsonlLog) -> dict:
+    """REC Acc@0.5 on ``eval.shards`` (EMA weights when kept). Every rank generates for its share of the examples,
+    in lockstep (under FSDP each forward needs every rank: the shares are padded to one length and generation
+    stops when every rank's rows are done); rank 0 logs the summary of all results. The same dict on every rank."""
+    from model.evaluate import answer_budget, evaluate_rec, shard_examples, summarize
 
-        examples = shard_examples(cfg.eval.shards, "eval", cfg.eval.limit)
-        backup = None
-        if ema is not None:
-            backup = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-            model.load_trainable_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
-        summary, _ = evaluate_rec(model, examples, batch_size=cfg.eval.batch_size)
-        if backup is not None:
-            model.load_trainable_state_dict(backup)
-        result = {k: summary[k] for k in ("n", "acc@0.5", "mean_iou", "parse_failures")}
+    examples = shard_examples(cfg.eval.shards, "eval", cfg.eval.limit)       # every rank reads the same list
+    budget = cfg.eval.max_new_tokens or answer_budget(model.tokenizer, examples)
+    mine = examples[dist.rank::dist.world_size]
+    share = -(-len(examples) // dist.world_size)                              # ceil: the longest share
+    padded = mine + examples[:1] * (share - len(mine))                       # copies, scored and dropped
+    backup = None
+    if ema is not None:
+        backup = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+        model.load_trainable_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()})
+    sync = (lambda finished: all_ranks(finished, dist)) if dist.enabled else None
+    _, results = evaluate_rec(model, padded, batch_size=cfg.eval.batch_size, max_new_tokens=budget, all_done=sync)
+    reshard(model)
+    if backup is not None:
+        model.load_trainable_state_dict(backup)
+    summary = summarize([r for rank_results in gather_objects(results[:len(mine)], dist) for r in rank_results])
+    result = {k: summary[k] for k in ("n", "acc@0.5", "mean_iou", "parse_failures", "cut_answers")}
+    result["max_new_tokens"] = budget
+    if dist.main:
         log.write({"event": "eval", "step": step, **result})
-    if dist.enabled:
-        torch.distributed.barrier()
     return result
 
 
@@ -332,14 +367,26 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def check_inputs(cfg: TrainConfig) -> None:
     """What a run would otherwise find wrong only after building its model, or at its first eval: the model
-    JSON, the checkpoint to resume or start from, the training and eval shards (footers only)."""
+    JSON (and the local LM / vision directories it names), the checkpoint to resume or start from, the training and eval shards (footers only), fewer training
+    rows than (rank, loader worker) slots."""
     from grounding.schema import check_shards
-    from model.data import READ_COLUMNS, resolve_shards
+    from model.data import READ_COLUMNS, check_slots, resolve_shards
 
     if not cfg.data.shards:
         raise UsageError("no training data: give --shards GLOB [GLOB ...] (grounding shards, OUT/shards/*.parquet)")
     if cfg.model != "debug" and not Path(cfg.model).is_file():
         raise UsageError(f"--model {cfg.model}: no such file (a JSON of VisualExpertConfig fields, or 'debug')")
+    if cfg.model != "debug":
+        from model.cogvlm import is_local_path
+        try:
+            fields = json.loads(Path(cfg.model).read_text())
+        except ValueError as e:
+            raise UsageError(f"--model {cfg.model}: not JSON ({e})") from e
+        for key in ("lm", "vision"):
+            value = fields.get(key) if isinstance(fields, dict) else None
+            if isinstance(value, str) and is_local_path(value) and not os.path.isdir(value):
+                raise UsageError(f"--model {cfg.model}: {key} {value!r} is no directory (a relative path is read "
+                                 f"from the working directory, {os.getcwd()})")
     for flag, path in (("--resume", cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "none") else None),
                        ("--init-from", cfg.checkpoint.init_from)):
         if path:
@@ -353,7 +400,11 @@ def check_inputs(cfg: TrainConfig) -> None:
         except FileNotFoundError as e:
             raise UsageError(f"{e}; check {flag}") from e
         columns = READ_COLUMNS + (["phrases"] if flag == "--eval-shards" else [])
-        check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards", flag=flag)
+        footers, _ = check_shards(files, columns=columns, skip_bad=cfg.data.skip_bad_shards and flag == "--shards",
+                                  flag=flag)
+        if flag == "--shards" and sum(f.num_rows for f in footers.values()):    # no rows at all: said when read
+            check_slots(sum(f.num_rows for f in footers.values()), int(os.environ.get("WORLD_SIZE", "1")),
+                        cfg.num_workers)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

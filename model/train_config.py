@@ -25,17 +25,20 @@ AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")   # float32: no autocast
 
 @dataclass
 class EvalConfig:
-    """REC Acc@0.5 on held-out shards during training (rank 0; EMA weights when kept)."""
+    """REC Acc@0.5 on held-out shards during training (every rank its share; EMA weights when kept)."""
     shards: list[str] = field(default_factory=list)
     every: int = 0                          # 0: never
     limit: int = 64
     batch_size: int = 32
+    max_new_tokens: int | None = None       # None: the longest true answer, and 3 boxes, fit (model.evaluate.answer_budget)
 
     def __post_init__(self):
         if isinstance(self.shards, str):
             self.shards = [self.shards]
         if self.every < 0 or self.limit < 1 or self.batch_size < 1:
             raise ValueError("EvalConfig: every >= 0, limit >= 1 and batch_size >= 1 required")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError("EvalConfig: max_new_tokens must be >= 1 (or None: fit the answers)")
         if self.every and not self.shards:
             raise ValueError("EvalConfig: eval_every needs eval_shards")
 

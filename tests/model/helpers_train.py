@@ -48,3 +48,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_multibox_shards(root, n_images: int = 6, boxes: int = 3, seed: int = 5) -> str:
+    """``root/multibox/00000.parquet``: the world's rows with every REC answer holding ``boxes`` boxes (its own
+    object's box first, then the image's other objects', repeated when there are fewer), as a top_k=3 pipeline
+    writes them ``[[a;b;c]]``; returns the folder."""
+    from grounding.boxes import format_answer, parse_boxes
+    from grounding.schema import write_shard
+    from grounding.world import truth_rows
+
+    rows = truth_rows(make_world(n_images, seed=seed))
+    for r in rows:
+        own = [parse_boxes(q["answer"])[0] for q in r["qa"] if q["task"] == "rec"]
+        for k, q in enumerate(q for q in r["qa"] if q["task"] == "rec"):
+            others = own[k + 1:] + own[:k]
+            q["answer"] = format_answer(([own[k]] + (others * boxes))[:boxes] if others else [own[k]] * boxes)
+    out = os.path.join(str(root), "multibox")
+    write_shard(rows, os.path.join(out, "00000.parquet"))
+    return out

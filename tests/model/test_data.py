@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from PIL import Image
-from helpers_train import debug_model, debug_model_config, one_thread, make_shards, shards8  # noqa: F401
+from helpers_train import debug_model, debug_model_config, one_thread, make_multibox_shards, make_shards, shards8  # noqa: F401
 
 from grounding.boxes import parse_boxes, prompt_and_target
 from grounding.schema import read_shard, write_shard, row_to_dict
@@ -240,3 +240,42 @@ def test_a_row_group_that_does_not_read_names_its_file_or_is_skipped_and_counted
     good = {r["key"] for r in read_rows(shards[1])}
     assert {k for b in batches for k in b["keys"]} <= good and len(batches) == 3
     assert sum(b["skipped"].get("unreadable_row_group", 0) for b in batches) >= 4
+
+
+def test_empty_shards_are_left_out_before_rows_are_dealt(tmp_path, tok, pre):
+    """The pipeline writes a shard with no rows when it keeps none of its input. 5 files (one empty) over 4
+    loader slots: dealt by file, one slot would get only the empty one and stop the run mid-way; empty files
+    are left out first, every slot gets rows and one pass reads every row once."""
+    rows = read_rows(make_shards(tmp_path, n_images=8, rows_per_shard=8))
+    folder = tmp_path / "with_empty"
+    for i, chunk in enumerate([rows[0:2], rows[2:4], rows[4:6], [], rows[6:8]]):
+        write_shard(chunk, str(folder / f"{i:05d}.parquet"))
+    ds = GroundingBatches(DataConfig(shards=[str(folder)], batch_size=2, repeat=False), tok, pre, num_workers=4)
+    assert len(ds.paths) == 5 and [len(ds.epoch_order(ds.slot_of(w), 0)) for w in range(4)] == [2, 2, 2, 2]
+    keys = [k for b in make_loader(ds) for k in b["keys"]]
+    assert sorted(keys) == sorted(r["key"] for r in rows)
+
+
+def test_fewer_rows_than_loader_slots_is_an_error_at_once(tmp_path, tok, pre):
+    shards = make_shards(tmp_path, n_images=3, rows_per_shard=3)
+    n = len(read_rows(shards))
+    with pytest.raises(DataError, match=rf"the shards hold {n} rows, fewer than the 4 loader slots "
+                                        r"\(2 ranks x 2 workers\).*--num-workers"):
+        GroundingBatches(DataConfig(shards=[shards]), tok, pre, rank=1, world_size=2, num_workers=2)
+    fits = GroundingBatches(DataConfig(shards=[shards]), tok, pre, rank=1, world_size=2, num_workers=1)   # 2 slots
+    assert fits.num_slots == 2 and fits.epoch_order(fits.slot_of(0), 0)
+
+
+def test_rec_answers_cut_at_max_length_are_counted_apart(tmp_path, tok, pre):
+    """3-box answers ``[[a;b;c]]`` (a top_k=3 pipeline's) do not fit max_length 48: the samples are kept (their
+    first boxes still teach) but counted as answer_cut, so the trainer can say so; at 200 tokens nothing is cut."""
+    folder = make_multibox_shards(tmp_path)
+    rec = [q for r in read_rows(folder) for q in r["qa"] if q["task"] == "rec"]
+    cut_by_hand = sum(encode_qa(tok, q["question"], q["answer"], 48)[2] for q in rec)
+    assert cut_by_hand > len(rec) // 2
+    cfg = dict(shards=[folder], batch_size=4, qa_per_image=4, shuffle=False)
+    short = one_epoch(DataConfig(max_length=48, **cfg), tok, pre)
+    assert sum(len(b["keys"]) for b in short) == len(rec)                 # every pair kept ...
+    assert sum(b["answer_cut"] for b in short) == sum(b["truncated"] for b in short) == cut_by_hand  # ... counted
+    long = one_epoch(DataConfig(max_length=200, **cfg), tok, pre)
+    assert sum(b["answer_cut"] for b in long) == 0 and sum(len(b["keys"]) for b in long) == len(rec)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_train import debug_model, debug_model_config, one_thread, shards8  # noqa: F401
+import torch
+from helpers_train import debug_model, debug_model_config, make_multibox_shards, one_thread, shards8  # noqa: F401
 from PIL import Image
 
-from grounding.boxes import format_answer, normalize_box
+from grounding.boxes import format_answer, normalize_box, prompt_and_target
 from grounding.world import make_world, write_world
 from model.evaluate import (
     RecExample, draw_predictions, evaluate_rec, main, parse_split_globs, refcoco_examples, score_answer,
@@ -84,6 +85,56 @@ def test_evaluate_rec_runs_generation_and_draws(debug_model, shards8, tmp_path):
     assert Image.open(png).size == (4 * 224, 224 + 28)
 
 
+class TruthModel(torch.nn.Module):
+    """The best a trained model can do: answers each question (in the order asked) with ``answers``' text and EOS,
+    cut at ``max_new_tokens`` exactly as ``model.generate`` cuts (rows padded to the longest). Everything else
+    (token budget, decoding, parsing, scoring) is the evaluator's own path."""
+
+    def __init__(self, model, answers: list[str]):
+        super().__init__()
+        self.inner, self.tokenizer, self.answers = model, model.tokenizer, iter(answers)
+
+    def preprocess(self, images):
+        return self.inner.preprocess(images)
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32, **kw):
+        tok = self.tokenizer
+        rows = [(tok(next(self.answers), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:max_new_tokens]
+                for _ in range(input_ids.shape[0])]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+
+
+def multibox_truth(tmp_path):
+    examples = shard_examples([make_multibox_shards(tmp_path)])
+    assert len(examples) >= 12 and all(len(e.boxes) == 3 for e in examples)
+    return examples, [prompt_and_target(e.question, format_answer(e.boxes))[1] for e in examples]
+
+
+def test_perfect_multi_box_answers_score_one_within_the_default_token_budget(tmp_path, debug_model):
+    """Shards hold up to 3 boxes per phrase ``[[a;b;c]]`` (~18 tokens a box): the default budget fits the longest
+    true answer and EOS, so a model that writes the whole truth scores 1.0 (a fixed 24 cut them mid-box)."""
+    examples, truth = multibox_truth(tmp_path)
+    tok = debug_model.tokenizer
+    summary, results = evaluate_rec(TruthModel(debug_model, truth), examples, batch_size=4)
+    assert summary["acc@0.5"] == 1.0 and summary["parse_failures"] == 0 and summary["cut_answers"] == 0
+    assert summary["max_new_tokens"] == max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in truth) + 1 > 24
+    assert all(r.predicted == list(e.boxes[0]) for r, e in zip(results, examples))
+
+
+def test_an_answer_cut_by_the_budget_is_counted_and_scored_on_its_complete_first_box(tmp_path, debug_model):
+    examples, truth = multibox_truth(tmp_path)
+    summary, results = evaluate_rec(TruthModel(debug_model, truth), examples, batch_size=4, max_new_tokens=24)
+    assert summary["cut_answers"] == len(examples) and summary["acc@0.5"] == 1.0 and summary["max_new_tokens"] == 24
+    assert all(";" in r.answer and not r.answer.endswith("]]") for r in results)      # cut inside the second box
+    summary, _ = evaluate_rec(TruthModel(debug_model, truth), examples, batch_size=4, max_new_tokens=10)
+    assert summary["acc@0.5"] == 0.0 and summary["parse_failure_reasons"] == {
+        "cut at max_new_tokens (unterminated box group (no ']]'))": len(examples)}
+    # an answer the model ended itself (EOS) must be well-formed: the same text is a miss
+    ex = examples[0]
+    assert score_answer(results[0].answer, ex).parse_failure == "unterminated box group (no ']]')"
+
+
 def test_parse_split_globs():
     assert parse_split_globs(["val=a/*.parquet", "b/c.parquet", "val=d.parquet"]) == {
         "val": ["a/*.parquet", "d.parquet"], "held_out": ["b/c.parquet"]}
@@ -101,6 +152,41 @@ def test_cli_writes_report_and_picture_from_a_checkpoint(tmp_path, shards8, debu
     assert saved["n"] == 4 and set(saved["splits"]) == {"val"} and len(saved["results"]) == 4
     assert saved["checkpoint"]["weights"] == "ema" and saved["checkpoint"]["step"] == 2
     assert (tmp_path / "report" / "val.png").exists() and report["acc@0.5"] == saved["acc@0.5"]
+
+
+def test_a_run_trained_in_one_directory_evaluates_from_another(tmp_path, shards8, monkeypatch, capsys):
+    """The README trains with a relative --out-dir: the checkpoint records the model directories resolved, so
+    evaluation from another working directory finds them; a checkpoint of an older run (paths relative to where it
+    trained) finds them above itself; a directory that is gone is a one-line usage error, not a traceback."""
+    import os
+    import shutil
+
+    from grounding.cli import run_cli
+    from model.checkpoint import find_checkpoint
+    from model.train import train
+    from model.train_config import debug
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    train(debug(out_dir="runs/x", shards=[shards8], max_steps=1, warmup_steps=0, save_every=0))
+    state_file = find_checkpoint(str(tmp_path / "a" / "runs" / "x")) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["model_config"]["lm"] == str(tmp_path / "a" / "runs" / "x" / "debug_model" / "tiny-llama")
+    assert os.path.isabs(state["model_config"]["vision"])
+    monkeypatch.chdir(tmp_path / "b")
+    args = ["--checkpoint", str(tmp_path / "a" / "runs" / "x"), "--shards", shards8, "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "2", "--out", "e.json", "--pictures", "0", "--device", "cpu"]
+    assert main(args)["n"] == 2
+    state["model_config"].update(lm="runs/x/debug_model/tiny-llama", vision="runs/x/debug_model/tiny-clip")
+    state_file.write_text(json.dumps(state))
+    assert main(args)["n"] == 2
+    shutil.move(tmp_path / "a" / "runs" / "x" / "debug_model", tmp_path / "moved")
+    capsys.readouterr()
+    assert run_cli(main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs/x/debug_model/tiny-llama: no such model directory; check --checkpoint"), err
+    assert "Traceback" not in err
 
 
 # --- the RefCOCO command line, end to end ------------------------------------------------------

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers_train import debug_model_config, make_shards, one_thread, shards8  # noqa: F401
+from helpers_train import debug_model_config, make_multibox_shards, make_shards, one_thread, shards8  # noqa: F401
 from safetensors.torch import load_file
 
 from model.checkpoint import find_checkpoint, list_checkpoints, load_model_from_checkpoint
@@ -110,7 +110,8 @@ def test_lr_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(max_steps=0), dict(warmup_steps=500), dict(ema_decay=1.0),
                                  dict(parallel="tp"), dict(stop_after=1000), dict(eval_every=5),
-                                 dict(caption_weight=0.0, rec_weight=0.0), dict(qa_per_image=0)])
+                                 dict(caption_weight=0.0, rec_weight=0.0), dict(qa_per_image=0),
+                                 dict(eval_max_new_tokens=0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TrainConfig.from_flat(**bad)
@@ -167,3 +168,60 @@ def test_init_from_copies_weights_with_a_fresh_optimizer(tmp_path, shards8, debu
     after = dict(s2["model"].named_parameters())
     assert all(torch.allclose(after[n], t, atol=1e-6) for n, t in trained.items())   # lr 1e-9: one step moves nothing
     assert json.loads((tmp_path / "s2" / "log.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def test_optimizer_settings_given_on_resume_take_effect_and_are_logged(tmp_path, shards8, debug_model_config, capsys):
+    """Resuming with a new --lr (and weight decay, beta2): the optimizer state comes back, the new settings are what
+    it uses (the weights barely move at lr 1e-6), and the change is printed and logged in the resume event."""
+    kw = dict(shards=[shards8], max_steps=4, warmup_steps=0, min_lr_ratio=1.0, save_every=2)   # a constant lr
+    train(debug(out_dir=str(tmp_path), lr=1e-3, stop_after=2, **kw), model_config=debug_model_config)
+    capsys.readouterr()
+    train(debug(out_dir=str(tmp_path), lr=1e-6, weight_decay=0.2, beta2=0.9, **kw), model_config=debug_model_config)
+    step2, step4 = list_checkpoints(str(tmp_path))
+    groups = torch.load(step4 / "optimizer.pt", weights_only=True)["param_groups"]
+    n = len(groups)
+    assert [(g["base_lr"], g["lr"], tuple(g["betas"])) for g in groups] == [(1e-6, 1e-6, (0.9, 0.9))] * n
+    assert sorted(g["weight_decay"] for g in groups) == [0.0] * (n - 1) + [0.2]         # none on biases and norms
+    before, after = load_file(str(step2 / "model.safetensors")), load_file(str(step4 / "model.safetensors"))
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-5       # 2 steps at 1e-3 move ~2e-3
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resume = next(r for r in log if r.get("event") == "resume")
+    changes = resume["hyperparameter_changes"]
+    assert changes["base_lr"] == [[1e-3] * n, [1e-6] * n] and changes["betas"] == [[[0.9, 0.95]] * n, [[0.9, 0.9]] * n]
+    assert sorted(changes["weight_decay"][1]) == [0.0] * (n - 1) + [0.2] and "eps" not in changes
+    assert [r["lr"] for r in log if "loss" in r] == [1e-3, 1e-3, 1e-6, 1e-6]
+    assert "base_lr [0.001" in capsys.readouterr().err
+
+
+def test_rec_answers_cut_at_max_length_are_logged_and_warned(tmp_path, debug_model_config, capsys):
+    shards = make_multibox_shards(tmp_path)
+    s = train(debug(out_dir=str(tmp_path / "run"), shards=[shards], max_steps=2, save_every=0, max_length=48),
+              model_config=debug_model_config)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert s["answer_cut"] == log[-1]["answer_cut"] == log[-2]["answer_cut"] > 0       # end event, last step
+    assert "warning: REC samples cut inside their box answer at --max-length 48" in capsys.readouterr().err
+    s = train(debug(out_dir=str(tmp_path / "long"), shards=[shards], max_steps=2, save_every=0, max_length=200),
+              model_config=debug_model_config)
+    assert s["answer_cut"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_fewer_rows_than_loader_slots_stops_before_anything_is_built(tmp_path):
+    from grounding.cli import UsageError
+
+    shards = make_shards(tmp_path, n_images=3, rows_per_shard=3)
+    with pytest.raises(UsageError, match=r"the shards hold 3 rows, fewer than the 4 loader slots \(1 ranks x 4 workers\)"):
+        main(["--shards", shards, "--num-workers", "4", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_json_naming_a_missing_directory_is_a_usage_error(tmp_path, shards8, monkeypatch):
+    """--model cogvlm.json with relative lm/vision: read from the working directory, checked before anything is built
+    (a name with one '/', ``org/name``, may be a hub id: left to the hub)."""
+    from grounding.cli import UsageError
+
+    (tmp_path / "models" / "lm").mkdir(parents=True)
+    (tmp_path / "cogvlm.json").write_text(json.dumps({"lm": "models/lm", "vision": "models/towers/vit"}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=rf"--model cogvlm.json: vision 'models/towers/vit' is no directory .*{tmp_path}"):
+        main(["--model", "cogvlm.json", "--shards", shards8, "--out-dir", "run"])
+    assert not (tmp_path / "run").exists()
