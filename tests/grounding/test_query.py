@@ -427,6 +427,16 @@ def test_cli_reports_export_render(known_out, one_head_out, tmp_path, capsys, mo
     assert Image.open(tmp_path / "s.png").size == (3 * 108 + 8, 100 + 18 * 3 + 8 + 8)
 
 
+def test_cli_value_options_of_any_command_may_come_before_the_command(known_out, tmp_path, capsys):
+    """`--where`, `-n` and the other value options of a command parse before it, as `--data` does."""
+    assert main(["--data", str(known_out), "--where", "num_boxes >= 3", "export", str(tmp_path / "w")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1  # only k1 has 3 boxes
+    assert main(["--data", str(known_out), "-n", "2", "--where", "num_boxes >= 2", "render", str(tmp_path / "s.png")]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert main(["--data", str(known_out), "--limit", "1", "report", "top_heads", "-f", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("ball,4")
+
+
 def test_cli_errors_are_messages_not_tracebacks(known_out, tmp_path, capsys):
     assert main(["SELECT no_such_column FROM shards", "--data", str(known_out)]) == 2
     assert "no_such_column" in capsys.readouterr().err
