@@ -290,6 +290,19 @@ def test_balanced_export_caps_and_drops(one_head_out, tmp_path):
     assert read_metadata(res.files[0])["provenance"]["export"]["cap"] == 4
 
 
+def test_balanced_export_lists_only_the_concepts_it_kept(tmp_path):
+    """An image drawn for a kept concept may also name a concept the min_images rule dropped: the export's
+    concepts (and export.json's count) list only the kept one."""
+    rows = [make_row(f"cat{i}", [("a cat", "cat", "cat", [[0, 0, 500, 500]], [0.5])]) for i in range(3)]
+    rows.append(make_row("both", [("a cat", "cat", "cat", [[0, 0, 500, 500]], [0.5]),
+                                  ("an emu", "emu", "emu", [[500, 500, 999, 999]], [0.5])]))
+    write_shard(rows, str(tmp_path / "src" / "shards" / "00000.parquet"), provenance={"detector": "hand"})
+    res = export_shards(connect(tmp_path / "src"), tmp_path / "bal", ExportConfig(cap=10, min_images=3))
+    assert res.images == 4 and res.concepts == {"cat": 4}  # emu: 1 image < 3, dropped
+    written = json.loads((tmp_path / "bal" / "export.json").read_text())
+    assert written["concepts"] == {"cat": 4} and res.summary()["concepts"] == 1
+
+
 def test_balanced_export_is_deterministic_under_a_seed(one_head_out, tmp_path):
     out, _ = one_head_out
     c = connect(out)
