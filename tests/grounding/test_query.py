@@ -162,6 +162,33 @@ def test_top_heads_and_phrases(con):
         report(con, "summary", limit=3)
 
 
+def test_reports_count_an_expressions_inherited_boxes_once(tmp_path):
+    """A referring expression carries a copy of its head chunk's boxes and scores: summary, scores, top_heads and
+    top_phrases count the chunk's boxes once and report the expression apart."""
+    caption = "a man riding a horse"
+    man, horse = [[0, 0, 499, 999]], [[300, 300, 999, 999]]
+    phrases = [{"text": "a man", "start": 0, "end": 5, "head": "man", "kind": "chunk", "prompt": "man",
+                "boxes_norm": man, "det_scores": [0.9]},
+               {"text": "a horse", "start": 13, "end": 20, "head": "horse", "kind": "chunk", "prompt": "horse",
+                "boxes_norm": horse, "det_scores": [0.3]},
+               {"text": caption, "start": 0, "end": 20, "head": "man", "kind": "expression", "prompt": "man riding a horse",
+                "boxes_norm": man, "det_scores": [0.9]}]  # inherited from "a man"
+    row, reason = build_record(key="e0", caption=caption, image=_jpeg(), width=40, height=30, phrases=phrases,
+                               min_boxes=1, source_shard="s0", source_row=0)
+    assert reason is None
+    write_shard([row], str(tmp_path / "shards" / "00000.parquet"), provenance={"detector": "hand"})
+    c = connect(tmp_path)
+    s = records(report(c, "summary"))[0]
+    assert (s["phrases"], s["phrase_boxes"]) == (2, 2)  # the expression's copy of the man's box is not a third
+    assert {k: s[k] for k in ("phrases", "expressions", "boxes", "phrase_boxes")} == {
+        "phrases": 2, "expressions": 1, "boxes": 2, "phrase_boxes": 2}
+    assert s["mean_score"] == pytest.approx(0.6, abs=1e-6)
+    assert sum(r["boxes"] for r in records(report(c, "scores"))) == 2
+    heads = {r["head"]: (r["phrases"], r["boxes"], r["expressions"]) for r in records(report(c, "top_heads"))}
+    assert heads == {"man": (1, 1, 1), "horse": (1, 1, 0)}
+    assert {r["phrase"]: r["boxes"] for r in records(report(c, "top_phrases"))} == {"man": 1, "horse": 1}
+
+
 def test_rejects_and_per_source_shard(con):
     assert [(r["stage"], r["reason"], r["rows"], r["share"], r["example_error"])
             for r in records(report(con, "rejects_by_reason"))] == [
