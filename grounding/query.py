@@ -125,7 +125,7 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
     ``prefetch=False`` turns DuckDB's Parquet prefetching off. With it on, DuckDB 2.0 reads a fixed
     ~1 MB past each nested column chunk (``phrases``, ``qa``), which pulls the next row group's
     image bytes into metadata queries: on 128 MiB of shards (128 KiB images, row groups of 128)
-    the summary report read 8.4 MiB with it on and 0.25 MiB with it off, equally fast from the page
+    the summary report read 8.8 MiB with it on and 0.31 MiB with it off, equally fast from the page
     cache (``benchmarks/bench_query.py``). Turn it on for remote object stores, where fewer, larger
     reads pay.
     """
