@@ -128,22 +128,21 @@ def install_url_guard(allow_private_hosts: bool = False, allow_hosts: Iterable[s
     urllib.request.install_opener(urllib.request.build_opener(SafeRedirectHandler(allow_private_hosts, allow_hosts)))
 
 
-def _upright_resizer_class():
-    from img2dataset.resizer import Resizer
+class UprightResizer:
+    """img2dataset's Resizer over the image turned to its EXIF-displayed frame, without the tag (re-encoded at
+    ``quality``; untagged images pass through untouched)."""
 
-    class UprightResizer(Resizer):
-        """img2dataset's Resizer over the image turned to its EXIF-displayed frame, without the tag."""
+    def __init__(self, resizer, quality: int):
+        self.resizer, self.quality = resizer, quality
 
-        def __call__(self, img_stream, blurring_bbox_list=None):
-            data = img_stream.read()
-            try:
-                image_header(data, self.max_image_area)  # never decode a bomb; img2dataset reports it below
-                data = upright_bytes(data)
-            except Exception:  # noqa: BLE001 - bad or too large bytes: img2dataset gives the row its error
-                pass
-            return super().__call__(io.BytesIO(data), blurring_bbox_list)
-
-    return UprightResizer
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        data = img_stream.read()
+        try:
+            image_header(data, self.resizer.max_image_area)  # never decode a bomb; img2dataset reports it below
+            data = upright_bytes(data, self.quality)
+        except Exception:  # noqa: BLE001 - bad or too large bytes: img2dataset gives the row its error
+            pass
+        return self.resizer(io.BytesIO(data), blurring_bbox_list)
 
 
 def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: int = 5, max_pixels: int = MAX_PIXELS):
@@ -151,11 +150,13 @@ def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: 
     upright first) for this config; its resizer refuses images of more than ``max_pixels`` (the job's one
     pixel limit, :attr:`pipeline.config.JobConfig.max_pixels`)."""
     from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    resizer = _upright_resizer_class()(image_size=config.image_size, resize_mode=config.resize_mode,
-                      resize_only_if_bigger=config.resize_only_if_bigger, encode_quality=config.encode_quality,
-                      encode_format=config.encode_format, skip_reencode=True, max_image_area=max_pixels)
+    resizer = UprightResizer(Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
+                                     resize_only_if_bigger=config.resize_only_if_bigger,
+                                     encode_quality=config.encode_quality, encode_format=config.encode_format,
+                                     skip_reencode=True, max_image_area=max_pixels), config.encode_quality)
     return Downloader(
         sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=config.threads, save_caption=True,
         extract_exif=False, output_folder=downloads.rstrip("/"), column_list=CARRIED_COLUMNS + ["caption", "url"],
