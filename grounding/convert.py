@@ -103,11 +103,11 @@ class _ImageFolder:
         """The file name (relative to ``images/``) of the image, upright and untagged; raises ``ValueError``
         for bytes of no known format (or an EXIF-oriented image that does not decode)."""
         try:
+            data = upright_bytes(data)  # an MPO turned upright is a JPEG: name it after the bytes written
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
-            data = upright_bytes(data)
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image bytes are not a known image format: {e}") from e
+            raise ValueError(f"image bytes are not a known image format (or do not decode): {e}") from e
         ext = EXTENSIONS.get(fmt or "", "." + (fmt or "img").lower())
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:120] or "image"
         name, n = stem + ext, 1

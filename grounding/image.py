@@ -4,10 +4,10 @@ row's image is unusable, and the vision towers' transform (resize to a square, n
 The frame is the displayed one: a JPEG whose EXIF ``Orientation`` tag says "rotate 90 degrees to display"
 (phone photos) is decoded rotated, and :func:`image_header` gives its displayed width and height, as an
 EXIF-aware viewer shows it. The detector, the shard's ``width`` / ``height`` and boxes, the trainer and the
-renderer all see that frame; a shard keeps the downloaded bytes (tag included). Exports that write image
-files use :func:`upright_bytes`: the pixels turned to the displayed frame and no tag, which loaders that
-ignore EXIF (plain ``PIL.Image.open``, GroundingDINO's ODVG loader, torchvision's ``CocoDetection``) and
-loaders that apply it (detectron2, mmcv) read alike.
+renderer all see that frame. :func:`upright_bytes` turns tagged bytes into that frame without the tag, which
+loaders that ignore EXIF (plain ``PIL.Image.open``, GroundingDINO's ODVG loader, torchvision's
+``CocoDetection``) and loaders that apply it (detectron2, mmcv) read alike: downloads are stored so
+(:mod:`pipeline.download`), and exports write so (:mod:`grounding.convert`) the tagged bytes of older shards.
 
 Used by the renderer (grounding.render), the detector's command line (grounding.detect_cli), the trainer's data
 (model.data), the evaluator (model.evaluate) and the model's vision tower (model.cogvlm), which ships
@@ -93,7 +93,8 @@ def upright_bytes(data: bytes, quality: int = 95) -> bytes:
     """Encoded image bytes whose pixels are in the displayed frame and carry no orientation tag.
 
     Bytes without an orientation to apply come back unchanged (no re-encoding); others are decoded,
-    turned, and re-encoded in their own format (JPEG at ``quality``), ICC profile kept, EXIF dropped.
+    turned, and re-encoded in their own format (JPEG at ``quality``; a phone's MPO as JPEG), ICC profile
+    kept, EXIF dropped.
     """
     with _open(data) as im:
         o, fmt, icc = orientation(im), im.format, im.info.get("icc_profile")
@@ -101,11 +102,12 @@ def upright_bytes(data: bytes, quality: int = 95) -> bytes:
             return bytes(data)
         im.load()
         turned = im.transpose(_TO_DISPLAY[o])
+    fmt = "JPEG" if fmt in ("JPEG", "MPO") else fmt or "PNG"
     buf = io.BytesIO()
     options = {"quality": quality} if fmt == "JPEG" else {}
     if icc:
         options["icc_profile"] = icc
-    turned.save(buf, format=fmt or "PNG", **options)
+    turned.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
