@@ -1,7 +1,7 @@
 """Grounding shards to the formats other tools read (COCO, ODVG, GRIT), and back where they allow.
 
-Each converter writes a folder ``DEST`` with ``images/`` (every row's image bytes, unchanged, named
-after its key) and one annotation file, streaming rows (only COCO keeps its metadata, never pixels,
+Each converter writes a folder ``DEST`` with ``images/`` (every row's image bytes, named after its key)
+and one annotation file, streaming rows (only COCO keeps its metadata, never pixels,
 in memory until the end). Boxes leave the shard's 0..999 grid by :func:`grounding.boxes.denormalize_box`
 (the centre of each bin) and come back by :func:`grounding.boxes.normalize_box`, so a round trip
 returns the same ``boxes_norm``.
@@ -30,6 +30,13 @@ returns the same ``boxes_norm``.
   entry per box). Our ``chunk`` phrases go to ``noun_chunks``, ``expression`` phrases to
   ``ref_exps``; ``file_name`` (under ``DEST/images``) and ``caption_raw`` are added. :func:`read_grit` rebuilds rows.
 
+Image files are in the frame of the boxes and of ``width`` / ``height``: the displayed frame
+(:mod:`grounding.image`). Bytes are copied unchanged, except those of an image carrying an EXIF orientation
+(a shard made before downloads were turned upright): they are written turned, without the tag
+(:func:`grounding.image.upright_bytes`), because COCO / ODVG / GRIT consumers disagree on the tag (plain
+``PIL.Image.open``, torchvision's ``CocoDetection`` and Open-GroundingDino's loader ignore it, detectron2 and
+mmcv apply it) and tagless upright pixels read the same in all of them.
+
 A row whose image bytes no image library can name a format for is skipped, and listed with its
 reason in ``DEST/export.json`` (``skipped``) and in :class:`ConvertResult`.
 """
@@ -48,6 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from PIL import Image, UnidentifiedImageError
 
 from grounding.boxes import NORM, denormalize_box, normalize_box
+from grounding.image import upright_bytes
 from grounding.records import build_record
 from grounding.schema import phrase_prompt
 
@@ -92,12 +100,14 @@ class _ImageFolder:
         self.used: set[str] = set()
 
     def write(self, key: str, data: bytes) -> str:
-        """The file name (relative to ``images/``); raises ``ValueError`` for bytes of no known format."""
+        """The file name (relative to ``images/``) of the image, upright and untagged; raises ``ValueError``
+        for bytes of no known format (or an EXIF-oriented image that does not decode)."""
         try:
+            data = upright_bytes(data)  # an MPO turned upright is a JPEG: name it after the bytes written
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image bytes are not a known image format: {e}") from e
+            raise ValueError(f"image bytes are not a known image format (or do not decode): {e}") from e
         ext = EXTENSIONS.get(fmt or "", "." + (fmt or "img").lower())
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:120] or "image"
         name, n = stem + ext, 1

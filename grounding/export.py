@@ -72,8 +72,7 @@ def _where(cfg: ExportConfig) -> str:
     return f"({cfg.where})" if cfg.where else "true"
 
 
-def balance_sql(cfg: ExportConfig) -> str:
-    """The SQL that selects the balanced subset's keys (parameters ``$cap``, ``$min_images``, ``$seed``)."""
+def _concepts_cte(cfg: ExportConfig) -> str:
     concept = CONCEPTS[cfg.by]
     return f"""
 WITH concepts AS (            -- (image, concept) once per image
@@ -81,7 +80,12 @@ WITH concepts AS (            -- (image, concept) once per image
     FROM (SELECT key, unnest(phrases) AS p FROM shards WHERE {_where(cfg)})
     WHERE {concept} IS NOT NULL),
 freq AS (                     -- images per concept
-    SELECT concept, count(*) AS images FROM concepts GROUP BY concept),
+    SELECT concept, count(*) AS images FROM concepts GROUP BY concept)"""
+
+
+def balance_sql(cfg: ExportConfig) -> str:
+    """The SQL that selects the balanced subset's keys (parameters ``$cap``, ``$min_images``, ``$seed``)."""
+    return _concepts_cte(cfg) + """,
 drawn AS (                    -- each kept concept's images in the seed's order
     SELECT key, concept,
            row_number() OVER (PARTITION BY concept ORDER BY md5(key || ':' || $seed), key) AS draw
@@ -119,7 +123,9 @@ class ExportResult:
     images: int
     config: ExportConfig
     source_files: int
-    concepts: dict[str, int] = field(default_factory=dict)  # balanced: concept -> images in the subset
+    # balanced: each concept kept by the min_images rule -> its images in the subset (a dropped concept that a
+    # kept image also names is not listed)
+    concepts: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {"dest": self.dest, "images": self.images, "shards": len(self.files),
@@ -183,12 +189,11 @@ def export_shards(con: duckdb.DuckDBPyConnection, dest: str | os.PathLike, confi
     if pending:
         flush(final=True)
 
-    if cfg.balanced:
-        concept = CONCEPTS[cfg.by]
-        concepts = dict(con.execute(f"""
-            SELECT {concept} AS concept, count(DISTINCT key) AS images
-            FROM (SELECT key, unnest(phrases) AS p FROM shards WHERE key IN (SELECT key FROM _export_keys))
-            WHERE {concept} IS NOT NULL GROUP BY concept ORDER BY concept""").fetchall())
+    if cfg.balanced:  # the concepts the min_images rule kept, each with its images in the subset
+        concepts = dict(con.execute(_concepts_cte(cfg) + """
+            SELECT concept, count(*) AS images FROM concepts JOIN freq USING (concept)
+            WHERE freq.images >= $min_images AND key IN (SELECT key FROM _export_keys)
+            GROUP BY concept ORDER BY concept""", {"min_images": cfg.min_images}).fetchall())
         con.execute("DROP TABLE IF EXISTS _export_keys")
     result = ExportResult(dest=str(dest), files=written, images=total, config=cfg,
                           source_files=len(files), concepts=concepts)

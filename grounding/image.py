@@ -1,6 +1,14 @@
 """Images, one way everywhere: decoding encoded bytes (header first, with the pixel limit), the reason a
 row's image is unusable, and the vision towers' transform (resize to a square, normalise).
 
+The frame is the displayed one: a JPEG whose EXIF ``Orientation`` tag says "rotate 90 degrees to display"
+(phone photos) is decoded rotated, and :func:`image_header` gives its displayed width and height, as an
+EXIF-aware viewer shows it. The detector, the shard's ``width`` / ``height`` and boxes, the trainer and the
+renderer all see that frame. :func:`upright_bytes` turns tagged bytes into that frame without the tag, which
+loaders that ignore EXIF (plain ``PIL.Image.open``, GroundingDINO's ODVG loader, torchvision's
+``CocoDetection``) and loaders that apply it (detectron2, mmcv) read alike: downloads are stored so
+(:mod:`pipeline.download`), and exports write so (:mod:`grounding.convert`) the tagged bytes of older shards.
+
 Used by the renderer (grounding.render), the detector's command line (grounding.detect_cli), the trainer's data
 (model.data), the evaluator (model.evaluate) and the model's vision tower (model.cogvlm), which ships
 its :class:`ImageTransform` so nobody re-implements normalisation.
@@ -24,6 +32,12 @@ NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_S
 
 ImageSource = Union[bytes, str, os.PathLike]
 
+ORIENTATION_TAG = 0x0112   # EXIF Orientation: 1 upright, 2-8 a flip and/or rotation to apply for display
+# orientation -> the transpose that turns the stored pixels into the displayed frame (as ImageOps.exif_transpose)
+_TO_DISPLAY = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
 
 class ImageTooLarge(ValueError):
     """The header declares more pixels than allowed (a decompression bomb, or just too big)."""
@@ -33,8 +47,18 @@ def _open(source: ImageSource) -> Image.Image:
     return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source)
 
 
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image, from its header; 1 without a tag or with a broken one."""
+    try:
+        o = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF: treat as upright, as viewers do
+        return 1
+    return o if o in _TO_DISPLAY else 1
+
+
 def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` from the encoded header, without decoding pixels.
+    """``(width, height)`` of the displayed frame (EXIF orientation applied) from the encoded header,
+    without decoding pixels.
 
     Raises :class:`ImageTooLarge` when ``width * height > max_pixels`` (PIL's own bomb check maps to it
     too) and PIL's errors for bytes that are not an image.
@@ -42,6 +66,8 @@ def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int
     try:
         with _open(source) as im:
             w, h = im.size
+            if orientation(im) in (5, 6, 7, 8):  # a quarter turn: the displayed frame is h x w
+                w, h = h, w
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(str(e)) from e
     if w * h > max_pixels:
@@ -50,14 +76,39 @@ def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int
 
 
 def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Encoded bytes (or a file) -> RGB image, the header's size checked before any pixel is decoded.
+    """Encoded bytes (or a file) -> RGB image in the displayed frame (EXIF orientation applied), the
+    header's size checked before any pixel is decoded.
 
     Raises :class:`ImageTooLarge` or PIL's error; :func:`try_decode_image` turns those into a reason.
     """
     image_header(source, max_pixels)
     with _open(source) as im:
         im.load()
-        return im.convert("RGB")
+        o = orientation(im)
+        rgb = im.convert("RGB")
+    return rgb.transpose(_TO_DISPLAY[o]) if o != 1 else rgb
+
+
+def upright_bytes(data: bytes, quality: int = 95) -> bytes:
+    """Encoded image bytes whose pixels are in the displayed frame and carry no orientation tag.
+
+    Bytes without an orientation to apply come back unchanged (no re-encoding); others are decoded,
+    turned, and re-encoded in their own format (JPEG at ``quality``; a phone's MPO as JPEG), ICC profile
+    kept, EXIF dropped.
+    """
+    with _open(data) as im:
+        o, fmt, icc = orientation(im), im.format, im.info.get("icc_profile")
+        if o == 1:
+            return bytes(data)
+        im.load()
+        turned = im.transpose(_TO_DISPLAY[o])
+    fmt = "JPEG" if fmt in ("JPEG", "MPO") else fmt or "PNG"
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    if icc:
+        options["icc_profile"] = icc
+    turned.save(buf, format=fmt, **options)
+    return buf.getvalue()
 
 
 def decode_failure(e: Exception) -> str:

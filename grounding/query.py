@@ -125,7 +125,7 @@ def connect(data: str | os.PathLike | None = None, *, shards: str | None = None,
     ``prefetch=False`` turns DuckDB's Parquet prefetching off. With it on, DuckDB 2.0 reads a fixed
     ~1 MB past each nested column chunk (``phrases``, ``qa``), which pulls the next row group's
     image bytes into metadata queries: on 128 MiB of shards (128 KiB images, row groups of 128)
-    the summary report read 8.4 MiB with it on and 0.25 MiB with it off, equally fast from the page
+    the summary report read 8.8 MiB with it on and 0.31 MiB with it off, equally fast from the page
     cache (``benchmarks/bench_query.py``). Turn it on for remote object stores, where fewer, larger
     reads pay.
     """
@@ -193,20 +193,28 @@ _DISTINCT_BOXES = """
     SELECT DISTINCT key, box FROM (
         SELECT key, unnest(p.boxes_norm) AS box FROM (SELECT key, unnest(phrases) AS p FROM shards))"""
 
-# Every (phrase, box) pair with its detector score.
+# A chunk (the detector's phrase) as opposed to a referring expression, which carries a copy of its head
+# chunk's boxes and scores: counting both would count those boxes twice.
+_IS_CHUNK = "coalesce(p.kind, 'chunk') = 'chunk'"
+
+# Every (chunk, box) pair with its detector score.
 _PHRASE_BOXES = """
     SELECT key, p.head AS head, unnest(p.boxes_norm) AS box, unnest(p.det_scores) AS score
-    FROM (SELECT key, unnest(phrases) AS p FROM shards)"""
+    FROM (SELECT key, unnest(phrases) AS p FROM shards)
+    WHERE """ + _IS_CHUNK
 
 REPORTS: dict[str, Report] = {r.name: r for r in [
     Report("summary",
-           "One row: images, phrases, distinct boxes, (phrase, box) pairs, QA pairs, the share of images\n"
-           "with >= 2 boxes, mean boxes per image, detector-score mean/median/min, rejects, and kept_share =\n"
-           "images / (images + rejects), the share of input rows that became training rows.",
+           "One row: images, phrases (chunks), expressions (referring expressions: they reuse their chunk's\n"
+           "boxes, so they are counted apart and nowhere else), distinct boxes, (chunk, box) pairs, QA pairs,\n"
+           "the share of images with >= 2 boxes, mean boxes per image, detector-score mean/median/min over\n"
+           "(chunk, box) pairs, rejects, and kept_share = images / (images + rejects), the share of input rows\n"
+           "that became training rows.",
            """
 WITH img AS (
     SELECT count(*) AS images,
-           coalesce(sum(len(phrases)), 0)::BIGINT AS phrases,
+           coalesce(sum(len(list_filter(phrases, lambda p: """ + _IS_CHUNK + """))), 0)::BIGINT AS phrases,
+           coalesce(sum(len(list_filter(phrases, lambda p: NOT """ + _IS_CHUNK + """))), 0)::BIGINT AS expressions,
            coalesce(sum(num_boxes), 0)::BIGINT AS boxes,
            coalesce(sum(len(qa)), 0)::BIGINT AS qa_pairs,
            avg((num_boxes >= 2)::INTEGER) AS share_2plus_boxes,
@@ -217,7 +225,7 @@ det AS (
            min(score) AS min_score
     FROM (""" + _PHRASE_BOXES + """)),
 rej AS (SELECT count(*) AS rejects FROM rejects)
-SELECT images, phrases, boxes, phrase_boxes, qa_pairs, share_2plus_boxes, boxes_per_image,
+SELECT images, phrases, expressions, boxes, phrase_boxes, qa_pairs, share_2plus_boxes, boxes_per_image,
        mean_score, median_score, min_score, rejects,
        images / nullif(images + rejects, 0) AS kept_share
 FROM img, det, rej"""),
@@ -241,7 +249,7 @@ SELECT b.range::INTEGER AS bin, b.range / $bins AS area_from, (b.range + 1) / $b
 FROM range($bins) AS b LEFT JOIN binned ON binned.bin = b.range
 ORDER BY bin""", {"bins": 10}),
     Report("scores",
-           "Histogram of detector scores over (phrase, box) pairs in $bins equal bins over [0, 1]\n"
+           "Histogram of detector scores over (chunk, box) pairs in $bins equal bins over [0, 1]\n"
            "(a score of exactly 1.0 falls in the last bin); empty bins show 0.",
            """
 WITH binned AS (
@@ -253,21 +261,28 @@ SELECT b.range::INTEGER AS bin, b.range / $bins AS score_from, (b.range + 1) / $
 FROM range($bins) AS b LEFT JOIN binned ON binned.bin = b.range
 ORDER BY bin""", {"bins": 10}),
     Report("top_heads",
-           "The $limit most frequent head nouns: images that name them, phrases, boxes, mean score.",
+           "The $limit most frequent head nouns: images whose chunks name them, chunks (phrases), their boxes\n"
+           "and mean score; apart, the referring expressions with that head (they reuse their chunk's boxes).",
            """
-SELECT p.head AS head, count(DISTINCT key) AS images, count(*) AS phrases,
-       sum(len(p.boxes_norm))::BIGINT AS boxes, avg(list_avg(p.det_scores)) AS mean_score
+SELECT p.head AS head, count(DISTINCT key) FILTER (WHERE """ + _IS_CHUNK + """) AS images,
+       count(*) FILTER (WHERE """ + _IS_CHUNK + """) AS phrases,
+       sum(len(p.boxes_norm)) FILTER (WHERE """ + _IS_CHUNK + """)::BIGINT AS boxes,
+       avg(list_avg(p.det_scores)) FILTER (WHERE """ + _IS_CHUNK + """) AS mean_score,
+       count(*) FILTER (WHERE NOT """ + _IS_CHUNK + """) AS expressions
 FROM (SELECT key, unnest(phrases) AS p FROM shards)
 WHERE p.head IS NOT NULL
 GROUP BY p.head
+HAVING count(*) FILTER (WHERE """ + _IS_CHUNK + """) > 0
 ORDER BY images DESC, phrases DESC, head
 LIMIT $limit""", {"limit": 20}),
     Report("top_phrases",
-           "The $limit most frequent phrases (the detector prompt, else the caption text, lower-cased).",
+           "The $limit most frequent chunks (the detector prompt, else the caption text, lower-cased); referring\n"
+           "expressions reuse their chunk's boxes and are counted in summary and top_heads.",
            """
 SELECT lower(coalesce(p.prompt, p.text)) AS phrase, count(DISTINCT key) AS images, count(*) AS phrases,
        sum(len(p.boxes_norm))::BIGINT AS boxes, avg(list_avg(p.det_scores)) AS mean_score
 FROM (SELECT key, unnest(phrases) AS p FROM shards)
+WHERE """ + _IS_CHUNK + """
 GROUP BY phrase
 ORDER BY images DESC, phrases DESC, phrase
 LIMIT $limit""", {"limit": 20}),

@@ -99,16 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_VALUE_OPTIONS = {"--data", "--shards", "--rejects", "--threads", "-f", "--format", "-o", "--output", "--max-rows"}
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string, of any command, that takes a value (``--where``, ``-n``, ``--data`` ...):
+    read from the parser itself, so a new option cannot be forgotten here."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                found |= _value_options(p)
+        elif action.option_strings and action.nargs != 0:
+            found.update(action.option_strings)
+    return found
 
 
 def _command_first(argv: list[str]) -> list[str]:
-    """Let options come before the command (`--data OUT report summary`), and make a bare SQL
-    string mean the `sql` command (`grounding-query "SELECT ..."`)."""
+    """Let options come before the command (`--data OUT --where "..." export DEST`), and make a bare
+    SQL string mean the `sql` command (`grounding-query "SELECT ..."`)."""
+    value_options = _value_options(build_parser())
     i = 0
     while i < len(argv):
         if argv[i].startswith("-"):
-            i += 2 if argv[i] in _VALUE_OPTIONS else 1
+            i += 2 if argv[i] in value_options else 1  # `--opt=value` is one word: not in the set
             continue
         if argv[i] in COMMANDS:
             return [argv[i]] + argv[:i] + argv[i + 1:]

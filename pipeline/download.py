@@ -20,6 +20,13 @@ A server whose ``X-Robots-Tag`` carries one of ``disallowed_header_directives`` 
 default: ``noai``, ``noimageai``, ``noindex``, ``noimageindex``) is not used: img2dataset marks the
 row ``failed_to_download`` with :data:`OPTED_OUT_MESSAGE`, which the job counts as ``opted_out``.
 
+EXIF orientation: img2dataset decodes with OpenCV's ``IMREAD_UNCHANGED``, which ignores the JPEG
+``Orientation`` tag, and with ``skip_reencode`` keeps the bytes, tag and all: a phone photo tagged "rotate
+to display" would be stored, measured and resized in its raw (sideways) frame while EXIF-aware loaders show
+it turned. :class:`UprightResizer` hands img2dataset the image already turned to its displayed frame
+(:func:`grounding.image.upright_bytes`, one JPEG re-encode, only for tagged images), so the stored bytes carry
+no tag and ``width`` / ``height`` / ``original_*`` are the displayed frame's, the frame the boxes are in.
+
 Columns of a download shard: ``key`` (img2dataset's), ``url``, ``caption``, ``status``
 (``success`` | ``failed_to_download`` | ``failed_to_resize``), ``error_message``, ``width``,
 ``height``, ``original_width``, ``original_height``, ``jpg`` (image bytes), plus the carried
@@ -27,6 +34,7 @@ Columns of a download shard: ``key`` (img2dataset's), ``url``, ``caption``, ``st
 """
 from __future__ import annotations
 
+import io
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -36,7 +44,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grounding.image import MAX_PIXELS
+from grounding.image import MAX_PIXELS, image_header, upright_bytes
 from grounding.source import check_url
 
 CARRIED_COLUMNS = ["sample_key", "source_shard", "source_row"]
@@ -120,16 +128,35 @@ def install_url_guard(allow_private_hosts: bool = False, allow_hosts: Iterable[s
     urllib.request.install_opener(urllib.request.build_opener(SafeRedirectHandler(allow_private_hosts, allow_hosts)))
 
 
+class UprightResizer:
+    """img2dataset's Resizer over the image turned to its EXIF-displayed frame, without the tag (re-encoded at
+    ``quality``; untagged images pass through untouched)."""
+
+    def __init__(self, resizer, quality: int):
+        self.resizer, self.quality = resizer, quality
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        data = img_stream.read()
+        try:
+            image_header(data, self.resizer.max_image_area)  # never decode a bomb; img2dataset reports it below
+            data = upright_bytes(data, self.quality)
+        except Exception:  # noqa: BLE001 - bad or too large bytes: img2dataset gives the row its error
+            pass
+        return self.resizer(io.BytesIO(data), blurring_bbox_list)
+
+
 def downloader(config: DownloadConfig, downloads: str, shard_rows: int, digits: int = 5, max_pixels: int = MAX_PIXELS):
-    """img2dataset's own per-shard ``Downloader`` (Parquet writer, its resizer) for this config; its resizer
-    refuses images of more than ``max_pixels`` (the job's one pixel limit, :attr:`pipeline.config.JobConfig.max_pixels`)."""
+    """img2dataset's own per-shard ``Downloader`` (Parquet writer, its resizer turning EXIF-oriented images
+    upright first) for this config; its resizer refuses images of more than ``max_pixels`` (the job's one
+    pixel limit, :attr:`pipeline.config.JobConfig.max_pixels`)."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    resizer = Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
-                      resize_only_if_bigger=config.resize_only_if_bigger, encode_quality=config.encode_quality,
-                      encode_format=config.encode_format, skip_reencode=True, max_image_area=max_pixels)
+    resizer = UprightResizer(Resizer(image_size=config.image_size, resize_mode=config.resize_mode,
+                                     resize_only_if_bigger=config.resize_only_if_bigger,
+                                     encode_quality=config.encode_quality, encode_format=config.encode_format,
+                                     skip_reencode=True, max_image_area=max_pixels), config.encode_quality)
     return Downloader(
         sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=config.threads, save_caption=True,
         extract_exif=False, output_folder=downloads.rstrip("/"), column_list=CARRIED_COLUMNS + ["caption", "url"],

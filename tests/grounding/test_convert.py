@@ -2,6 +2,7 @@
 pycocotools, the reference reader) and line by line, against the synthetic world's true boxes."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pycocotools.coco import COCO
 
 from grounding.convert import read_coco, read_grit, write_coco, write_grit, write_odvg
 from grounding.query_cli import main
+from grounding.records import build_record
 from grounding.schema import read_shard, row_to_dict, write_shard
 from grounding.world import make_world, truth_rows, write_truth_shards
 
@@ -135,3 +137,48 @@ def test_coco_export_feeds_the_project_detector_trainer(world, rows, tmp_path):
         assert Image.open(ex.image).size == (ex.width, ex.height) == (im.width, im.height)
         assert [ex.phrases[lab] for lab in ex.labels] == [o.phrase for o in im.objects]
         assert all(_close(b, o.box, im.width, im.height) for b, o in zip(ex.boxes, im.objects))
+
+
+def _oriented_row() -> dict:
+    """A row as a shard made before downloads were turned upright holds it: JPEG bytes of 300x200 stored pixels
+    with EXIF orientation 6, so displayed 200x300, and the row's width/height/box in that displayed frame (the
+    red block, stored top-left, is displayed top-right)."""
+    im = Image.new("RGB", (300, 200), (128, 128, 128))
+    im.paste((220, 20, 20), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    phrase = {"text": "a red block", "start": 0, "end": 11, "head": "block", "kind": "chunk", "prompt": "red block",
+              "boxes_norm": [[800, 0, 999, 199]], "det_scores": [0.9]}
+    row, reason = build_record(key="photo", caption="a red block", image=buf.getvalue(), width=200, height=300,
+                               phrases=[phrase], min_boxes=1)
+    assert reason is None
+    return row
+
+
+@pytest.mark.parametrize("fmt", ["coco", "odvg", "grit"])
+def test_exif_oriented_image_is_written_upright_in_the_frame_of_its_boxes(fmt, tmp_path):
+    """A loader that ignores EXIF (plain PIL, as torchvision's CocoDetection and Open-GroundingDino do) finds the
+    image at the annotation's width/height with the box on the red block; no tag is left to turn it again."""
+    write = {"coco": write_coco, "odvg": write_odvg, "grit": write_grit}[fmt]
+    write([_oriented_row()], tmp_path / fmt)
+    if fmt == "coco":
+        ann = json.loads((tmp_path / fmt / "annotations.json").read_text())
+        info, (x, y, bw, bh) = ann["images"][0], ann["annotations"][0]["bbox"]
+        name, size, box = info["file_name"], (info["width"], info["height"]), (x, y, x + bw, y + bh)
+    elif fmt == "odvg":
+        d = json.loads((tmp_path / fmt / "odvg.jsonl").read_text())
+        name, size, box = d["filename"], (d["width"], d["height"]), d["grounding"]["regions"][0]["bbox"]
+    else:
+        d = json.loads((tmp_path / fmt / "grit.jsonl").read_text())
+        x0, y0, x1, y1 = d["noun_chunks"][0][2:6]
+        name, size, box = d["file_name"], (d["width"], d["height"]), (x0 * d["width"], y0 * d["height"],
+                                                                        x1 * d["width"], y1 * d["height"])
+    with Image.open(tmp_path / fmt / "images" / name) as pic:
+        assert pic.getexif().get(0x0112) in (None, 1)
+        assert pic.size == size == (200, 300)
+        rgb = pic.convert("RGB")
+    cx, cy = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
+    r, g, b = rgb.getpixel((cx, cy))
+    assert r > 180 and g < 80 and b < 80  # the box sits on the red block

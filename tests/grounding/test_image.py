@@ -7,10 +7,11 @@ import pickle
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from grounding.image import (
-    CLIP_MEAN, CLIP_STD, MAX_PIXELS, ImageTooLarge, ImageTransform, decode_image, image_header, try_decode_image,
+    CLIP_MEAN, CLIP_STD, MAX_PIXELS, ORIENTATION_TAG, ImageTooLarge, ImageTransform, decode_image, image_header,
+    try_decode_image, upright_bytes,
 )
 
 
@@ -35,6 +36,51 @@ def test_size_limit_is_read_from_the_header_before_decoding():
         decode_image(data, max_pixels=59_999)
     assert try_decode_image(data, max_pixels=59_999) == (None, "too_many_pixels")
     assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS                  # PIL's own bomb limit, defined once here
+
+
+def oriented_jpeg() -> bytes:
+    """A phone-style JPEG: 300x200 stored pixels, a red block in the stored top-left corner, EXIF Orientation 6
+    ("rotate 90 degrees clockwise to display"): displayed 200x300 with the block top-right."""
+    im = Image.new("RGB", (300, 200), (128, 128, 128))
+    im.paste((220, 20, 20), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _red(px) -> bool:
+    return px[0] > 180 and px[1] < 80 and px[2] < 80
+
+
+def test_exif_oriented_jpeg_is_measured_and_decoded_in_its_displayed_frame():
+    """As the pipeline gets it: img2dataset's Resizer (skip_reencode, image smaller than image_size) keeps
+    the bytes and the tag; header and decoder must give the frame an EXIF-aware viewer shows."""
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(image_size=512, resize_mode="keep_ratio_largest", resize_only_if_bigger=True,
+                      encode_quality=95, encode_format="jpg", skip_reencode=True)
+    stored, *_, err = resizer(io.BytesIO(oriented_jpeg()))
+    assert err is None and Image.open(io.BytesIO(stored)).getexif()[ORIENTATION_TAG] == 6
+    viewer = ImageOps.exif_transpose(Image.open(io.BytesIO(stored))).convert("RGB")
+    assert image_header(stored) == viewer.size == (200, 300)
+    im = decode_image(stored)
+    assert im.size == (200, 300) and im.tobytes() == viewer.tobytes()
+    assert _red(im.getpixel((190, 10))) and not _red(im.getpixel((10, 10)))  # the block is top-right
+    assert try_decode_image(stored)[0].size == (200, 300)
+
+
+def test_upright_bytes_turn_the_pixels_and_drop_the_tag():
+    tagged = oriented_jpeg()
+    up = Image.open(io.BytesIO(upright_bytes(tagged)))
+    assert up.format == "JPEG" and up.getexif().get(ORIENTATION_TAG) in (None, 1)
+    assert up.size == (200, 300)  # a loader that ignores EXIF now sees the displayed frame
+    up = up.convert("RGB")
+    assert _red(up.getpixel((190, 10))) and not _red(up.getpixel((10, 10)))
+    assert image_header(upright_bytes(tagged)) == image_header(tagged)
+    plain = png(30, 20)
+    assert upright_bytes(plain) == plain  # nothing to turn: the bytes are kept as they are
 
 
 def test_broken_bytes_give_a_short_reason_not_a_crash():

@@ -162,6 +162,33 @@ def test_top_heads_and_phrases(con):
         report(con, "summary", limit=3)
 
 
+def test_reports_count_an_expressions_inherited_boxes_once(tmp_path):
+    """A referring expression carries a copy of its head chunk's boxes and scores: summary, scores, top_heads and
+    top_phrases count the chunk's boxes once and report the expression apart."""
+    caption = "a man riding a horse"
+    man, horse = [[0, 0, 499, 999]], [[300, 300, 999, 999]]
+    phrases = [{"text": "a man", "start": 0, "end": 5, "head": "man", "kind": "chunk", "prompt": "man",
+                "boxes_norm": man, "det_scores": [0.9]},
+               {"text": "a horse", "start": 13, "end": 20, "head": "horse", "kind": "chunk", "prompt": "horse",
+                "boxes_norm": horse, "det_scores": [0.3]},
+               {"text": caption, "start": 0, "end": 20, "head": "man", "kind": "expression", "prompt": "man riding a horse",
+                "boxes_norm": man, "det_scores": [0.9]}]  # inherited from "a man"
+    row, reason = build_record(key="e0", caption=caption, image=_jpeg(), width=40, height=30, phrases=phrases,
+                               min_boxes=1, source_shard="s0", source_row=0)
+    assert reason is None
+    write_shard([row], str(tmp_path / "shards" / "00000.parquet"), provenance={"detector": "hand"})
+    c = connect(tmp_path)
+    s = records(report(c, "summary"))[0]
+    assert (s["phrases"], s["phrase_boxes"]) == (2, 2)  # the expression's copy of the man's box is not a third
+    assert {k: s[k] for k in ("phrases", "expressions", "boxes", "phrase_boxes")} == {
+        "phrases": 2, "expressions": 1, "boxes": 2, "phrase_boxes": 2}
+    assert s["mean_score"] == pytest.approx(0.6, abs=1e-6)
+    assert sum(r["boxes"] for r in records(report(c, "scores"))) == 2
+    heads = {r["head"]: (r["phrases"], r["boxes"], r["expressions"]) for r in records(report(c, "top_heads"))}
+    assert heads == {"man": (1, 1, 1), "horse": (1, 1, 0)}
+    assert {r["phrase"]: r["boxes"] for r in records(report(c, "top_phrases"))} == {"man": 1, "horse": 1}
+
+
 def test_rejects_and_per_source_shard(con):
     assert [(r["stage"], r["reason"], r["rows"], r["share"], r["example_error"])
             for r in records(report(con, "rejects_by_reason"))] == [
@@ -288,6 +315,19 @@ def test_balanced_export_caps_and_drops(one_head_out, tmp_path):
     for h in ("cat", "fox"):  # the documented draw: the first `cap` images in md5(key:seed) order
         assert {k for k in kept if k.startswith(h)} == set(_md5_order([f"{h}{i}" for i in range(counts[h])], 0)[:4])
     assert read_metadata(res.files[0])["provenance"]["export"]["cap"] == 4
+
+
+def test_balanced_export_lists_only_the_concepts_it_kept(tmp_path):
+    """An image drawn for a kept concept may also name a concept the min_images rule dropped: the export's
+    concepts (and export.json's count) list only the kept one."""
+    rows = [make_row(f"cat{i}", [("a cat", "cat", "cat", [[0, 0, 500, 500]], [0.5])]) for i in range(3)]
+    rows.append(make_row("both", [("a cat", "cat", "cat", [[0, 0, 500, 500]], [0.5]),
+                                  ("an emu", "emu", "emu", [[500, 500, 999, 999]], [0.5])]))
+    write_shard(rows, str(tmp_path / "src" / "shards" / "00000.parquet"), provenance={"detector": "hand"})
+    res = export_shards(connect(tmp_path / "src"), tmp_path / "bal", ExportConfig(cap=10, min_images=3))
+    assert res.images == 4 and res.concepts == {"cat": 4}  # emu: 1 image < 3, dropped
+    written = json.loads((tmp_path / "bal" / "export.json").read_text())
+    assert written["concepts"] == {"cat": 4} and res.summary()["concepts"] == 1
 
 
 def test_balanced_export_is_deterministic_under_a_seed(one_head_out, tmp_path):
@@ -425,6 +465,16 @@ def test_cli_reports_export_render(known_out, one_head_out, tmp_path, capsys, mo
           "--where", "num_boxes >= 2"])
     assert "3 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "s.png").size == (3 * 108 + 8, 100 + 18 * 3 + 8 + 8)
+
+
+def test_cli_value_options_of_any_command_may_come_before_the_command(known_out, tmp_path, capsys):
+    """`--where`, `-n` and the other value options of a command parse before it, as `--data` does."""
+    assert main(["--data", str(known_out), "--where", "num_boxes >= 3", "export", str(tmp_path / "w")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1  # only k1 has 3 boxes
+    assert main(["--data", str(known_out), "-n", "2", "--where", "num_boxes >= 2", "render", str(tmp_path / "s.png")]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert main(["--data", str(known_out), "--limit", "1", "report", "top_heads", "-f", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("ball,4")
 
 
 def test_cli_errors_are_messages_not_tracebacks(known_out, tmp_path, capsys):

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.stages import admit_downloads
 from pipeline.download import (OPTED_OUT_MESSAGE, DownloadConfig, SafeRedirectHandler, discard_download, download_path, download_shard,
                                is_downloaded)
 
@@ -110,3 +111,58 @@ def test_img2dataset_shard_downloader_guards_redirects_and_honours_opt_out(redir
                            str(tmp_path / "d2"), 0, "w-00000", _rows(["noai"], redirect_server.base_url), shard_rows=8,
                            allow_hosts=["127.0.0.1"])
     assert again["status"].to_pylist() == ["success"]
+
+
+def _oriented_jpeg() -> bytes:
+    """300x200 stored pixels, a red block stored top-left, EXIF Orientation 6: displayed 200x300, block top-right."""
+    im = Image.new("RGB", (300, 200), (128, 128, 128))
+    im.paste((220, 20, 20), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_server():
+    """/photo.jpg: a JPEG carrying EXIF orientation 6."""
+    jpeg = _oriented_jpeg()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(jpeg)))
+            self.end_headers()
+            self.wfile.write(jpeg)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("image_size", [1024, 150])  # kept as fetched (skip_reencode) / resized by img2dataset
+def test_exif_oriented_photo_is_stored_upright_in_its_displayed_frame(photo_server, tmp_path, image_size):
+    """The stored bytes carry no orientation tag and their pixels, width/height and original_* are the frame an
+    EXIF-aware viewer shows; the shard's width/height (admit_downloads) agree."""
+    table = download_shard(DownloadConfig(threads=1, timeout=3, image_size=image_size), str(tmp_path / "d"), 0,
+                           "w-00000", _rows(["photo"], photo_server), shard_rows=8, allow_hosts=["127.0.0.1"])
+    row = table.to_pylist()[0]
+    assert row["status"] == "success", row["error_message"]
+    stored = Image.open(io.BytesIO(row["jpg"]))
+    assert stored.getexif().get(0x0112) in (None, 1)
+    side = min(image_size, 300)
+    assert stored.size == (row["width"], row["height"]) == (side * 2 // 3, side)
+    assert (row["original_width"], row["original_height"]) == (200, 300)
+    px = stored.convert("RGB")
+    w, h = px.size
+    assert px.getpixel((w - 5, 5))[0] > 180 and px.getpixel((w - 5, 5))[1] < 80  # the red block is top-right
+    assert px.getpixel((5, 5))[1] > 100
+    admitted = admit_downloads(table).to_pylist()[0]
+    assert (admitted["width"], admitted["height"]) == stored.size and admitted["reason"] is None
