@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from grounding.detect import BERT_SPECIAL_IDS, BoxDetector, DetectorConfig, image_error
-from grounding.positive_map import PhraseBoxes, plan_prompts, select_boxes, suppress_overlaps, token_span
+from grounding.positive_map import PhraseBoxes, clean_phrase, plan_prompts, select_boxes, suppress_overlaps, token_span
 from grounding.testing import save_tiny_detector
 from grounding.world import make_world, write_world
 
@@ -277,6 +277,23 @@ def test_boxes_do_not_depend_on_batch_neighbours_of_other_sizes():
     assert sum(pb.boxes != [] for r in alone for pb in r) > 10
     for a, b in zip(alone, batched):
         assert_same(a, b, atol=1e-5, box_atol=1e-4)
+
+
+def test_articles_and_end_punctuation_do_not_change_the_boxes():
+    """The API / CLI prompt "a red ball" as the pipeline prompts "red ball" (its phrase_prompt drops the article)."""
+    assert clean_phrase("A Red  ball!") == "red ball" and clean_phrase("the dog, ") == "dog"
+    assert clean_phrase("An apple.") == "apple" and clean_phrase("theatre seat") == "theatre seat"
+    demo = Path(__file__).resolve().parents[2] / "assets" / "demo_detector"
+    world = make_world(6, seed=12)
+    images = [im.render() for im in world]
+    bare = [[o.phrase for o in im.objects] for im in world]
+    dressed = [[f"{art} {p}{end}" for p, art, end in zip(ps, ("a", "The", "an", "the"), ("", ".", "!", " ,"))]
+               for ps in bare]
+    detector = BoxDetector(DetectorConfig(model=str(demo)))
+    plain, with_articles = detector(images, bare), detector(images, dressed)
+    assert sum(pb.boxes != [] for r in plain for pb in r) > 5
+    for a, b in zip(plain, with_articles):
+        assert [(pa.boxes, pa.scores) for pa in a] == [(pb.boxes, pb.scores) for pb in b]
 
 
 def test_a_bad_image_is_an_error_marker_not_a_crash(open_detector, world):
