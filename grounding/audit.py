@@ -141,19 +141,24 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
     image by its ``key`` (COCO ``images[].key``, else the ``file_name`` stem); the phrase's
     ``prompt`` (else ``text``) equal to one of the image's ref sentences (lower case, leading
     article dropped) -> that ref's box, else its last word equal to a category name -> every box of
-    that category. Shard boxes (0..999 of the shard's frame) are compared in the COCO image's
-    pixel frame. A ref sentence of a kept image that no shard phrase names is added with no
-    detector box (a miss). Phrases with no human box (``"white background"``) are counted apart
-    and left out of precision (nothing says whether their boxes are right). Returns the items and
-    counts: ``images``, ``images_without_annotations``, ``phrases_without_truth``,
-    ``boxes_without_truth``, ``missed_refs``.
+    that category. A referring expression (``kind == "expression"``) that is no ref sentence is
+    matched by its head chunk (:func:`head_chunk`), the chunk whose boxes it carries: "man riding a
+    horse" gets the man's human boxes, never the horse's. Every shard phrase is audited, so an
+    expression's inherited boxes are scored again under it (the shard trains on both pairs). Shard
+    boxes (0..999 of the shard's frame) are compared in the COCO image's pixel frame. A ref
+    sentence of a kept image that no shard phrase names is added with no detector box (a miss).
+    Phrases with no human box (a chunk whose words name no category or ref, such as ``"white
+    background"``, and the expressions built on such a chunk) are counted apart and left out of
+    precision (nothing says whether their boxes are right). Returns the items and counts:
+    ``images``, ``images_without_annotations``, ``phrases_without_truth`` (of them
+    ``expressions_without_truth``), ``boxes_without_truth``, ``missed_refs``.
     """
     from grounding.boxes import denormalize_box
     from grounding.detect import AnnotationIndex, normalize_sentence
 
     index = AnnotationIndex(annotations, refs)
     counts = {"images": 0, "images_without_annotations": 0, "phrases_without_truth": 0,
-              "boxes_without_truth": 0, "missed_refs": 0}
+              "expressions_without_truth": 0, "boxes_without_truth": 0, "missed_refs": 0}
     items: list[PhraseAudit] = []
     for row in rows:
         counts["images"] += 1
@@ -166,12 +171,18 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
         phrases = list(row["phrases"] or [])
         prompts = [phrase_prompt(p) for p in phrases]
         truths = index.lookup(key, prompts)
+        sentences = index.sentences.get(key, {})
         asked = set()
-        for p, prompt, truth in zip(phrases, prompts, truths):
+        for i, (p, prompt, truth) in enumerate(zip(phrases, prompts, truths)):
             asked.add(normalize_sentence(prompt))
             boxes = [denormalize_box(b, w, h) for b in p["boxes_norm"]]
-            if not truth.boxes:
+            expression = p.get("kind") == "expression"
+            if expression and normalize_sentence(prompt) not in sentences:
+                head = head_chunk(phrases, i)
+                truth = truths[head] if head is not None else None
+            if truth is None or not truth.boxes:
                 counts["phrases_without_truth"] += 1
+                counts["expressions_without_truth"] += expression
                 counts["boxes_without_truth"] += len(boxes)
                 continue
             items.append(PhraseAudit(key, prompt, list(truth.boxes), boxes, [float(s) for s in p["det_scores"]]))
@@ -182,6 +193,27 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
                 truth = index.lookup(key, [sentence])[0]
                 items.append(PhraseAudit(key, sentence, list(truth.boxes)))
     return items, counts
+
+
+def head_chunk(phrases: Sequence[dict], i: int) -> int | None:
+    """Index of the chunk whose boxes shard phrase ``i`` carries (``i`` itself for a chunk), else None.
+
+    A shard row keeps no chunk index (:class:`grounding.schema.Phrase`), so it is found as
+    :mod:`grounding.phrases` builds an expression: grown rightwards from its head chunk, with that
+    chunk's head noun. The chunk with the same head that starts where the expression starts; else
+    (an expression of a repeated chunk, whose boxes come from the chunk's first mention) the
+    longest chunk with the same head whose prompt the expression's prompt begins with.
+    """
+    p = phrases[i]
+    if p.get("kind") != "expression":
+        return i
+    chunks = [j for j, q in enumerate(phrases) if q.get("kind") != "expression" and q.get("head") == p.get("head")]
+    for j in chunks:
+        if phrases[j]["start"] == p["start"]:
+            return j
+    prompt = phrase_prompt(p).lower()
+    prefixed = [j for j in chunks if (prompt + " ").startswith(phrase_prompt(phrases[j]).lower() + " ")]
+    return max(prefixed, key=lambda j: len(phrase_prompt(phrases[j]))) if prefixed else None
 
 
 def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, target_precision: float = 0.9,
