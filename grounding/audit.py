@@ -43,7 +43,7 @@ class PhraseAudit:
     truth: list[Box]                                     # pixel xyxy (any frame, same as boxes)
     boxes: list[Box] = field(default_factory=list)       # detector boxes, best first
     scores: list[float] = field(default_factory=list)
-    tag: str = ""                                        # optional group (e.g. "held_out_pair")
+    tag: str = ""                                        # optional group ("held_out", "chunk", "expression"...)
 
 
 def match(item: PhraseAudit, iou: float = 0.5) -> list[bool]:
@@ -185,13 +185,14 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
                 counts["expressions_without_truth"] += expression
                 counts["boxes_without_truth"] += len(boxes)
                 continue
-            items.append(PhraseAudit(key, prompt, list(truth.boxes), boxes, [float(s) for s in p["det_scores"]]))
+            items.append(PhraseAudit(key, prompt, list(truth.boxes), boxes, [float(s) for s in p["det_scores"]],
+                                     tag="expression" if expression else "chunk"))
         for sentence, ann_ids in index.sentences.get(key, {}).items():
             if sentence not in asked:
                 counts["missed_refs"] += 1
                 asked.add(sentence)
                 truth = index.lookup(key, [sentence])[0]
-                items.append(PhraseAudit(key, sentence, list(truth.boxes)))
+                items.append(PhraseAudit(key, sentence, list(truth.boxes), tag="missed_ref"))
     return items, counts
 
 
@@ -221,8 +222,9 @@ def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, tar
     """Audit the grounding shards of ``data`` (a pipeline output folder, shard glob or a DuckDB
     connection with a ``shards`` view) against human boxes; optionally draw the calibration PNG.
 
-    Returns :func:`summarize`'s report plus ``counts`` (see :func:`shard_items`) and ``per_phrase``
-    (the top-1 IoU of each audited phrase).
+    Returns :func:`summarize`'s report plus ``counts`` (see :func:`shard_items`), ``by_kind`` (phrases and
+    recall@1 of chunks, expressions and missed refs apart) and ``per_phrase`` (the top-1 IoU of each
+    audited phrase).
     """
     from grounding.query import connect
 
@@ -235,6 +237,11 @@ def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, tar
     items, counts = shard_items(rows, annotations, refs)
     report = summarize(items, iou=iou, bins=bins, target_precision=target_precision)
     report["counts"] = counts
+    # recall@1 of each kind of audited phrase: "chunk", "expression" (scored with its head chunk's human
+    # boxes), "missed_ref" (a ref sentence no shard phrase names: 0 by construction)
+    report["by_kind"] = {kind: {"phrases": len(sub), "recall_at_1": summarize(sub, iou=iou)["recall_at_1"]}
+                         for kind in ("chunk", "expression", "missed_ref")
+                         for sub in [[it for it in items if it.tag == kind]] if sub}
     report["per_phrase"] = [{"key": it.key, "phrase": it.phrase, "top1_iou": round(top1_iou(it), 4),
                              "score": max(it.scores) if it.scores else None} for it in items]
     if png:

@@ -151,12 +151,15 @@ def test_an_expression_is_scored_against_its_head_chunks_human_boxes(tmp_path):
     assert [p["phrase"] for p in report["per_phrase"]] == ["horse"]
     assert report["counts"]["phrases_without_truth"] == 2 and report["counts"]["expressions_without_truth"] == 1
     assert report["true_boxes"] == 1 and report["by_threshold"][0]["precision"] == 1.0
+    assert report["by_kind"] == {"chunk": {"phrases": 1, "recall_at_1": 1.0}}
     (tmp_path / "man").mkdir()
     report = expression_case(tmp_path / "man", "man")
     assert report["recall_at_1"] == 1.0
     assert {p["phrase"]: p["top1_iou"] for p in report["per_phrase"]} == pytest.approx(
         {"man": 1.0, "man riding a horse": 1.0, "horse": 1.0}, abs=0.01)  # boxes_norm round to 1/1000
     assert report["counts"]["phrases_without_truth"] == 0
+    assert report["by_kind"] == {"chunk": {"phrases": 2, "recall_at_1": 1.0},
+                                 "expression": {"phrases": 1, "recall_at_1": 1.0}}
 
 
 def test_head_chunk_of_shard_phrases():
