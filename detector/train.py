@@ -11,7 +11,8 @@ Writes under ``--output``:
 - ``checkpoint.pt``: model, optimiser, schedule and step, written atomically (temporary file, then
   rename) every ``save_every`` steps; a rerun with the same ``--output`` resumes from it, and is refused
   (one line naming the keys, nothing written) when its config differs in anything but
-  :data:`RESUMABLE_CHANGES` (where it runs, logging / saving / evaluation cadence, the held-out set);
+  :data:`RESUMABLE_CHANGES` (where it runs, logging / saving / evaluation cadence, the held-out set; the
+  steps and time budgets only under a constant learning rate, ``optim.min_lr_ratio = 1``);
 - ``model/``: ``save_pretrained`` weights with tokenizer and image processor, the directory
   :class:`grounding.detect.BoxDetector` (``--detector-model`` of the pipeline) loads unchanged.
 
@@ -213,7 +214,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume(saved: dict, cfg: TrainConfig, where: Path) -> None:
     """Refuse (:class:`UsageError`, one line naming the keys) a resume whose config differs from the
-    checkpoint's in anything but :data:`RESUMABLE_CHANGES`."""
+    checkpoint's in anything but :data:`RESUMABLE_CHANGES` (and :data:`SCHEDULE_LENGTH` under a constant lr)."""
     old, new = _flat(saved), _flat(json.loads(json.dumps(asdict(cfg))))
     allowed = RESUMABLE_CHANGES | (SCHEDULE_LENGTH if cfg.optim.min_lr_ratio == 1.0 else frozenset())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in allowed)
