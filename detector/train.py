@@ -9,7 +9,10 @@ Writes under ``--output``:
 - ``log.jsonl``: one line per ``log_every`` steps (loss and its parts, lr, seconds/step) and one per
   evaluation (``"eval"``: validation recall@1 and precision / recall by threshold);
 - ``checkpoint.pt``: model, optimiser, schedule and step, written atomically (temporary file, then
-  rename) every ``save_every`` steps; a rerun with the same ``--output`` resumes from it;
+  rename) every ``save_every`` steps; a rerun with the same ``--output`` resumes from it, and is refused
+  (one line naming the keys, nothing written) when its config differs in anything but
+  :data:`RESUMABLE_CHANGES` (where it runs, logging / saving / evaluation cadence, the held-out set; the
+  steps and time budgets only under a constant learning rate, ``optim.min_lr_ratio = 1``);
 - ``model/``: ``save_pretrained`` weights with tokenizer and image processor, the directory
   :class:`grounding.detect.BoxDetector` (``--detector-model`` of the pipeline) loads unchanged.
 
@@ -191,9 +194,40 @@ def save_checkpoint(path: Path, model, optimizer, step: int, seconds: float, wal
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, float, float]:
-    """Restore ``model``, ``optimizer`` and the RNG; -> (step, training seconds, wall seconds so far)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+# Settings a resume may change: where and how fast it runs, how often it logs, saves and evaluates, and
+# the held-out set it is evaluated on. Everything else (data, model, optimiser, seed, batch size, and the
+# steps and time budgets that shape the cosine schedule) decides the weights: a change mid-run would
+# leave a checkpoint that no single config.json describes.
+RESUMABLE_CHANGES = frozenset({"output", "threads", "device", "log_every", "eval_every", "save_every",
+                               "data.val_coco", "data.val_images", "data.val_refs", "data.val_limit"})
+# The run's length may change too when the learning rate does not depend on it (optim.min_lr_ratio == 1:
+# warmup, then constant): resuming 3 steps to 6 then equals 6 steps straight.
+SCHEDULE_LENGTH = frozenset({"steps", "max_minutes", "max_wall_minutes", "budget_clock"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    """Refuse (:class:`UsageError`, one line naming the keys) a resume whose config differs from the
+    checkpoint's in anything but :data:`RESUMABLE_CHANGES` (and :data:`SCHEDULE_LENGTH` under a constant lr)."""
+    old, new = _flat(saved), _flat(json.loads(json.dumps(asdict(cfg))))
+    allowed = RESUMABLE_CHANGES | (SCHEDULE_LENGTH if cfg.optim.min_lr_ratio == 1.0 else frozenset())
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in allowed)
+    if changed:
+        diffs = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise UsageError(f"{where} was trained with another config ({diffs}); resume with --config "
+                         f"{where.parent / 'config.json'} (only where it runs, the log / save / eval cadence and "
+                         f"the held-out set may change; the length too under a constant lr) or use a new --output")
+
+
+def load_checkpoint(state: dict, model, optimizer) -> tuple[int, float, float]:
+    """Restore ``model``, ``optimizer`` and the RNG from a checkpoint's ``state``; -> (step, training seconds,
+    wall seconds so far)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if "torch_rng" in state:  # dropout draws continue as in an uninterrupted run
@@ -234,6 +268,10 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the final evaluation (``{}`` without a validation set)."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
+    if state is not None:
+        check_resume(state["config"], cfg, ckpt)  # before anything under --output is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     train_set, val_set, skipped = load_data(cfg)
@@ -249,8 +287,8 @@ def train(cfg: TrainConfig) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
-    ckpt = out / "checkpoint.pt"
-    step, seconds, wall = load_checkpoint(ckpt, model, optimizer) if ckpt.exists() else (0, 0.0, 0.0)
+    step, seconds, wall = load_checkpoint(state, model, optimizer) if state is not None else (0, 0.0, 0.0)
+    del state
     log = open(out / "log.jsonl", "a")
     write = lambda rec: (log.write(json.dumps(rec) + "\n"), log.flush())  # noqa: E731
     write({"event": "start", "step": step, "train_images": len(train_set), "val_images": len(val_set),

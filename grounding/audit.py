@@ -43,7 +43,7 @@ class PhraseAudit:
     truth: list[Box]                                     # pixel xyxy (any frame, same as boxes)
     boxes: list[Box] = field(default_factory=list)       # detector boxes, best first
     scores: list[float] = field(default_factory=list)
-    tag: str = ""                                        # optional group (e.g. "held_out_pair")
+    tag: str = ""                                        # optional group ("held_out", "chunk", "expression"...)
 
 
 def match(item: PhraseAudit, iou: float = 0.5) -> list[bool]:
@@ -141,19 +141,24 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
     image by its ``key`` (COCO ``images[].key``, else the ``file_name`` stem); the phrase's
     ``prompt`` (else ``text``) equal to one of the image's ref sentences (lower case, leading
     article dropped) -> that ref's box, else its last word equal to a category name -> every box of
-    that category. Shard boxes (0..999 of the shard's frame) are compared in the COCO image's
-    pixel frame. A ref sentence of a kept image that no shard phrase names is added with no
-    detector box (a miss). Phrases with no human box (``"white background"``) are counted apart
-    and left out of precision (nothing says whether their boxes are right). Returns the items and
-    counts: ``images``, ``images_without_annotations``, ``phrases_without_truth``,
-    ``boxes_without_truth``, ``missed_refs``.
+    that category. A referring expression (``kind == "expression"``) that is no ref sentence is
+    matched by its head chunk (:func:`head_chunk`), the chunk whose boxes it carries: "man riding a
+    horse" gets the man's human boxes, never the horse's. Every shard phrase is audited, so an
+    expression's inherited boxes are scored again under it (the shard trains on both pairs). Shard
+    boxes (0..999 of the shard's frame) are compared in the COCO image's pixel frame. A ref
+    sentence of a kept image that no shard phrase names is added with no detector box (a miss).
+    Phrases with no human box (a chunk whose words name no category or ref, such as ``"white
+    background"``, and the expressions built on such a chunk) are counted apart and left out of
+    precision (nothing says whether their boxes are right). Returns the items and counts:
+    ``images``, ``images_without_annotations``, ``phrases_without_truth`` (of them
+    ``expressions_without_truth``), ``boxes_without_truth``, ``missed_refs``.
     """
     from grounding.boxes import denormalize_box
     from grounding.detect import AnnotationIndex, normalize_sentence
 
     index = AnnotationIndex(annotations, refs)
     counts = {"images": 0, "images_without_annotations": 0, "phrases_without_truth": 0,
-              "boxes_without_truth": 0, "missed_refs": 0}
+              "expressions_without_truth": 0, "boxes_without_truth": 0, "missed_refs": 0}
     items: list[PhraseAudit] = []
     for row in rows:
         counts["images"] += 1
@@ -166,22 +171,50 @@ def shard_items(rows, annotations: str, refs: str | None = None) -> tuple[list[P
         phrases = list(row["phrases"] or [])
         prompts = [phrase_prompt(p) for p in phrases]
         truths = index.lookup(key, prompts)
+        sentences = index.sentences.get(key, {})
         asked = set()
-        for p, prompt, truth in zip(phrases, prompts, truths):
+        for i, (p, prompt, truth) in enumerate(zip(phrases, prompts, truths)):
             asked.add(normalize_sentence(prompt))
             boxes = [denormalize_box(b, w, h) for b in p["boxes_norm"]]
-            if not truth.boxes:
+            expression = p.get("kind") == "expression"
+            if expression and normalize_sentence(prompt) not in sentences:
+                head = head_chunk(phrases, i)
+                truth = truths[head] if head is not None else None
+            if truth is None or not truth.boxes:
                 counts["phrases_without_truth"] += 1
+                counts["expressions_without_truth"] += expression
                 counts["boxes_without_truth"] += len(boxes)
                 continue
-            items.append(PhraseAudit(key, prompt, list(truth.boxes), boxes, [float(s) for s in p["det_scores"]]))
+            items.append(PhraseAudit(key, prompt, list(truth.boxes), boxes, [float(s) for s in p["det_scores"]],
+                                     tag="expression" if expression else "chunk"))
         for sentence, ann_ids in index.sentences.get(key, {}).items():
             if sentence not in asked:
                 counts["missed_refs"] += 1
                 asked.add(sentence)
                 truth = index.lookup(key, [sentence])[0]
-                items.append(PhraseAudit(key, sentence, list(truth.boxes)))
+                items.append(PhraseAudit(key, sentence, list(truth.boxes), tag="missed_ref"))
     return items, counts
+
+
+def head_chunk(phrases: Sequence[dict], i: int) -> int | None:
+    """Index of the chunk whose boxes shard phrase ``i`` carries (``i`` itself for a chunk), else None.
+
+    A shard row keeps no chunk index (:class:`grounding.schema.Phrase`), so it is found as
+    :mod:`grounding.phrases` builds an expression: grown rightwards from its head chunk, with that
+    chunk's head noun. The chunk with the same head that starts where the expression starts; else
+    (an expression of a repeated chunk, whose boxes come from the chunk's first mention) the
+    longest chunk with the same head whose prompt the expression's prompt begins with.
+    """
+    p = phrases[i]
+    if p.get("kind") != "expression":
+        return i
+    chunks = [j for j, q in enumerate(phrases) if q.get("kind") != "expression" and q.get("head") == p.get("head")]
+    for j in chunks:
+        if phrases[j]["start"] == p["start"]:
+            return j
+    prompt = phrase_prompt(p).lower()
+    prefixed = [j for j in chunks if (prompt + " ").startswith(phrase_prompt(phrases[j]).lower() + " ")]
+    return max(prefixed, key=lambda j: len(phrase_prompt(phrases[j]))) if prefixed else None
 
 
 def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, target_precision: float = 0.9,
@@ -189,8 +222,9 @@ def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, tar
     """Audit the grounding shards of ``data`` (a pipeline output folder, shard glob or a DuckDB
     connection with a ``shards`` view) against human boxes; optionally draw the calibration PNG.
 
-    Returns :func:`summarize`'s report plus ``counts`` (see :func:`shard_items`) and ``per_phrase``
-    (the top-1 IoU of each audited phrase).
+    Returns :func:`summarize`'s report plus ``counts`` (see :func:`shard_items`), ``by_kind`` (phrases and
+    recall@1 of chunks, expressions and missed refs apart) and ``per_phrase`` (the top-1 IoU of each
+    audited phrase).
     """
     from grounding.query import connect
 
@@ -203,6 +237,11 @@ def audit(data, annotations: str, refs: str | None = None, iou: float = 0.5, tar
     items, counts = shard_items(rows, annotations, refs)
     report = summarize(items, iou=iou, bins=bins, target_precision=target_precision)
     report["counts"] = counts
+    # recall@1 of each kind of audited phrase: "chunk", "expression" (scored with its head chunk's human
+    # boxes), "missed_ref" (a ref sentence no shard phrase names: 0 by construction)
+    report["by_kind"] = {kind: {"phrases": len(sub), "recall_at_1": summarize(sub, iou=iou)["recall_at_1"]}
+                         for kind in ("chunk", "expression", "missed_ref")
+                         for sub in [[it for it in items if it.tag == kind]] if sub}
     report["per_phrase"] = [{"key": it.key, "phrase": it.phrase, "top1_iou": round(top1_iou(it), 4),
                              "score": max(it.scores) if it.scores else None} for it in items]
     if png:

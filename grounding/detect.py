@@ -228,16 +228,20 @@ class BoxDetector:
         return results  # type: ignore[return-value]
 
     def _run(self, work) -> list[tuple[torch.Tensor, torch.Tensor] | str]:
-        """Forward passes in chunks of ``batch_size``; a failing chunk is retried item by item.
+        """Forward passes in chunks of at most ``batch_size``; a failing chunk is retried item by item.
 
-        Passes are batched in order of resized image shape, so a chunk pads as little as possible
-        (padding costs compute and, through the Swin windows, nudges the outputs); results come
-        back in ``work`` order.
+        A chunk holds only passes whose preprocessed image tensors have the same shape: padding a
+        smaller image to its neighbour's size changes its Swin features and so its boxes, which
+        would make an image's boxes depend on the images batched with it. Grouped this way no image
+        is padded, and the batch size changes only speed. Results come back in ``work`` order.
         """
-        order = sorted(range(len(work)), key=lambda j: tuple(work[j][1].shape[1:]))
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, (_, pixels, _) in enumerate(work):
+            by_shape.setdefault(tuple(pixels.shape), []).append(j)
+        chunks = [group[s:s + self.config.batch_size] for group in by_shape.values()
+                  for s in range(0, len(group), self.config.batch_size)]
         out: list = [None] * len(work)
-        for s in range(0, len(order), self.config.batch_size):
-            chunk = order[s:s + self.config.batch_size]
+        for chunk in chunks:
             try:
                 results = self._forward([work[j] for j in chunk])
             except Exception:  # noqa: BLE001

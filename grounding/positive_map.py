@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from grounding.boxes import strip_article
+
 if TYPE_CHECKING:
     from grounding.detect import DetectorConfig
 
+TRAILING_PUNCTUATION = ".?!,;:'\" "  # stripped from a phrase's end (with spaces)
 SEPARATOR = " . "  # between phrases; the prompt also ends with " ."
 
 Box = tuple[float, float, float, float]
@@ -33,8 +36,14 @@ class PhraseBoxes:
 # --- prompts and token spans -----------------------------------------------------------------
 
 def clean_phrase(phrase: str) -> str:
-    """Lower case, '.' and '?' (the model's separators) and runs of spaces removed."""
-    return " ".join(re.sub(r"[.?]", " ", phrase.lower()).split())
+    """"A red ball!" -> "red ball": what the detector is prompted with for a phrase.
+
+    Lower case; trailing punctuation, '.' and '?' anywhere (the model's separators) and runs of spaces
+    removed; a leading article (a / an / the) dropped, as the pipeline's ``phrase_prompt`` drops it,
+    so the API and CLI box "a red ball" exactly as the pipeline boxes "red ball".
+    """
+    text = re.sub(r"[.?]", " ", phrase.lower()).strip().rstrip(TRAILING_PUNCTUATION)
+    return strip_article(" ".join(text.split()))
 
 
 @dataclass

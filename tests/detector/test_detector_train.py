@@ -83,6 +83,26 @@ def test_resume_continues_exactly(small_world, tmp_path):
     assert [r["step"] for r in starts if r.get("event") == "start"] == [0, 3]
 
 
+def test_resume_under_a_changed_config_is_refused_before_anything_is_written(small_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    cosine = ["--optim-warmup-steps", "0", "--save-every", "1", "--eval-every", "0"]
+    assert main(argv(*small_world, out, "--steps", "2", *cosine)) == 0
+    before = {f: (out / f).read_bytes() for f in ("config.json", "checkpoint.pt", "log.jsonl")}
+    for extra, keys in [(["--model-d-model", "64"], ["model.d_model"]),
+                        (["--optim-lr", "1e-3", "--batch-size", "2"], ["batch_size", "optim.lr"]),
+                        (["--steps", "4"], ["steps"])]:  # a cosine schedule: the length shapes the lr
+        capsys.readouterr()
+        assert run_cli(main, argv(*small_world, out, "--steps", "2", *cosine, *extra)) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "trained with another config" in err, err
+        named = err.split("(", 1)[1].split(")", 1)[0]
+        assert [d.split()[0] for d in named.split(", ")] == keys, err
+        assert {f: (out / f).read_bytes() for f in before} == before  # config.json still describes the checkpoint
+    # the cadence may change: the resume runs and config.json says what the second part used
+    assert main(argv(*small_world, out, "--steps", "2", *cosine, "--log-every", "1", "--eval-every", "2")) == 0
+    assert json.loads((out / "config.json").read_text())["log_every"] == 1
+
+
 def test_bad_config_is_a_clear_error(small_world, tmp_path, capsys):
     assert run_cli(main, argv(*small_world, tmp_path / "bad", "--steps", "0")) == 2
     err = capsys.readouterr().err

@@ -66,6 +66,7 @@ def case(tmp_path_factory):
 def test_known_ious_precision_recall_and_threshold(case):
     rep = audit(str(case), str(case / "coco.json"), str(case / "refs.json"), target_precision=0.9)
     assert rep["counts"] == {"images": 3, "images_without_annotations": 1, "phrases_without_truth": 1,
+                             "expressions_without_truth": 0,
                              "boxes_without_truth": 1, "missed_refs": 1}
     ious = {p["phrase"]: p["top1_iou"] for p in rep["per_phrase"]}
     assert ious["red ball"] == pytest.approx(1.0, abs=0.01)
@@ -112,3 +113,65 @@ def test_match_is_one_to_one_and_best_score_first():
     assert s["by_threshold"][0]["precision"] == 1.0 and s["by_threshold"][0]["recall"] == 1.0
     with pytest.raises(ValueError, match="iou"):
         summarize([item], iou=0.0)
+
+
+def expression_case(root, category_of_man: str):
+    """'A man riding a horse' through the real phrase extractor, boxed by a perfect detector."""
+    from grounding.boxes import normalize_box
+    from grounding.phrases import PhraseExtractor
+    from grounding.schema import Phrase, assign_boxes
+
+    w, h = 400, 300
+    man, horse = (40, 40, 140, 280), (180, 100, 380, 280)
+    caption = "A man riding a horse"
+    phrases = [p if isinstance(p, Phrase) else Phrase.from_dict(p) for p in PhraseExtractor()([caption])[0].phrases]
+    assert {(p.prompt, p.kind) for p in phrases} >= {("man", "chunk"), ("horse", "chunk"),
+                                                      ("man riding a horse", "expression")}
+    found = {i: ([list(normalize_box(man if p.head == "man" else horse, w, h))], [0.9])
+             for i, p in enumerate(phrases) if p.kind == "chunk"}
+    assign_boxes(phrases, found)
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, "JPEG")
+    row, _ = build_record(key="img1", caption=caption, image=buf.getvalue(), width=w, height=h, phrases=phrases)
+    (root / "shards").mkdir()
+    write_shard([row], str(root / "shards" / "s0.parquet"))
+    coco = {"images": [{"id": 1, "file_name": "img1.jpg", "width": w, "height": h}],
+            "categories": [{"id": 1, "name": category_of_man}, {"id": 19, "name": "horse"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [40, 40, 100, 240]},
+                            {"id": 2, "image_id": 1, "category_id": 19, "bbox": [180, 100, 200, 180]}]}
+    (root / "coco.json").write_text(json.dumps(coco))
+    return audit(str(root), str(root / "coco.json"))
+
+
+def test_an_expression_is_scored_against_its_head_chunks_human_boxes(tmp_path):
+    """'man riding a horse' carries the man's boxes: scored against the man, never the horse (its last word)."""
+    (tmp_path / "person").mkdir()
+    report = expression_case(tmp_path / "person", "person")  # no human box names "man"
+    assert report["recall_at_1"] == 1.0
+    assert [p["phrase"] for p in report["per_phrase"]] == ["horse"]
+    assert report["counts"]["phrases_without_truth"] == 2 and report["counts"]["expressions_without_truth"] == 1
+    assert report["true_boxes"] == 1 and report["by_threshold"][0]["precision"] == 1.0
+    assert report["by_kind"] == {"chunk": {"phrases": 1, "recall_at_1": 1.0}}
+    (tmp_path / "man").mkdir()
+    report = expression_case(tmp_path / "man", "man")
+    assert report["recall_at_1"] == 1.0
+    assert {p["phrase"]: p["top1_iou"] for p in report["per_phrase"]} == pytest.approx(
+        {"man": 1.0, "man riding a horse": 1.0, "horse": 1.0}, abs=0.01)  # boxes_norm round to 1/1000
+    assert report["counts"]["phrases_without_truth"] == 0
+    assert report["by_kind"] == {"chunk": {"phrases": 2, "recall_at_1": 1.0},
+                                 "expression": {"phrases": 1, "recall_at_1": 1.0}}
+
+
+def test_head_chunk_of_shard_phrases():
+    from grounding.audit import head_chunk
+
+    def p(text, start, head, kind):
+        return {"text": text, "start": start, "end": start + len(text), "head": head, "kind": kind, "prompt": text}
+
+    # "dog and cat and dog in a field": the second 'dog' chunk was merged into the first (same prompt)
+    rows = [p("dog", 0, "dog", "chunk"), p("cat", 8, "cat", "chunk"),
+            p("dog and cat and dog in a field", 0, "dog", "expression"), p("cat in a box", 8, "cat", "expression"),
+            p("bird on a wire", 40, "bird", "expression")]
+    assert [head_chunk(rows, i) for i in range(len(rows))] == [0, 1, 0, 1, None]
+    rows[2]["start"] = 16  # grown from the repeated mention: found by its prompt
+    assert head_chunk(rows, 2) == 0
