@@ -86,9 +86,13 @@ DIAGNOSIS = [
     "(gist pretraining, text only) is steerable on 64 images (0.606-0.726) yet learns no stage 1 from 4,000, while its "
     "answer positions do attend to the image tokens. So the missing piece is not the read path: the frozen LM decodes "
     "boxes only from the codes its own memory tokens form from listed digits, and the visual experts did not learn to "
-    "write that code from an image's geometry (they can memorise it for 64 images). The hypothesis this points to, "
-    "not tested here: a frozen LM that reads geometry needs text pretraining in which positions arrive as something smooth, not only as digits, which this world's "
-    "text does not have; the LM-trained recipe sidesteps this by letting the LM learn the code.",
+    "write that code from an image's geometry (they can memorise it for 64 images). Measured without any image "
+    "(pilots/round5/code_from_coordinates*.json): a small network given the TRUE box as four numbers, writing 4 soft "
+    "tokens at the image position, makes the frozen LM write held-out boxes at Acc@0.5 0.19 (gist LM) / 0.38 (the "
+    "4x8 lookup LM) vs 0.01-0.02 with shuffled coordinates (one run each, 1,500 steps): these frozen LMs' route from "
+    "a position to its digits caps a frozen-LM recipe near a third of the 0.6 target even with perfect geometry (the "
+    "lookup LM's stage 1 with images, 0.43, is at that ceiling). The LM-trained recipe sidesteps this by letting the "
+    "LM learn the route; a frozen LM would need one learned in pretraining, as a large LLM has.",
     "Why the frozen-LM recipe learns more slowly per step than the from-scratch one: with the LM frozen, every "
     "answer digit is emitted by frozen text weights; the image can steer it only through the attention that frozen "
     "text queries pay to trainable image keys/values (the visual experts, or the adapter alone in shallow). "
