@@ -96,9 +96,17 @@ class JobConfig:
         return cls(**d)
 
 
+# Bumped when the code changes the rows a config writes, so that an output folder written before refuses to
+# resume into mixed rows (rerun with --overwrite). 2: EXIF-oriented images stored and boxed upright; GroundingDINO
+# batches only images of one preprocessed shape (boxes no longer depend on their batch neighbours).
+ROWS_VERSION = 2
+
+
 def content_config(config: JobConfig) -> dict:
-    """The parts of the config that decide the output rows (execution settings left out)."""
+    """The parts of the config that decide the output rows (execution settings left out), and the version of
+    the code's row making (:data:`ROWS_VERSION`)."""
     d = asdict(config)
+    d["rows_version"] = ROWS_VERSION
     for k in ("output", "ray", "overwrite"):
         d.pop(k)
     for k in ("threads",):

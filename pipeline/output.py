@@ -33,7 +33,7 @@ from grounding.dedup import REASON_EVAL_OVERLAP, eval_set_of
 from grounding.detect import DetectorConfig
 from grounding.reasons import FAILED, canonical, outcome
 from grounding.schema import read_metadata
-from pipeline.config import JobConfig
+from pipeline.config import ROWS_VERSION, JobConfig
 
 STAGE_TIMES = ("read", "prefilter", "download", "decode", "dedup", "phrases", "detect", "assemble", "write")
 
@@ -104,10 +104,13 @@ def claim_output(layout: Layout, config: JobConfig, digest: str) -> None:
     previous = layout.read_json("config.json")
     if previous is not None and previous.get("config_hash") != digest:
         if not config.overwrite:
-            raise ValueError(f"{layout.root} holds a run with another config (hash {previous.get('config_hash')} != "
-                             f"{digest}); use a new --output or pass --overwrite to replace it")
+            older = previous.get("rows_version", 1)
+            why = (f"its rows were made by an older version of this code (rows version {older}, now {ROWS_VERSION})"
+                   if older != ROWS_VERSION else f"hash {previous.get('config_hash')} != {digest}")
+            raise ValueError(f"{layout.root} holds a run with another config ({why}); use a new --output or pass "
+                             f"--overwrite to replace it")
         layout.clear()
-    layout.write_json("config.json", {**asdict(config), "config_hash": digest})
+    layout.write_json("config.json", {**asdict(config), "config_hash": digest, "rows_version": ROWS_VERSION})
 
 
 def finished_summary(layout: Layout, name: str, digest: str) -> dict | None:
