@@ -91,3 +91,19 @@ def save_tiny_detector(path: str, seed: int = 0, shortest_edge: int = 224, longe
     model = GroundingDinoForObjectDetection(tiny_detector_config(len(tokenizer), max_text_len)).eval()
     model.save_pretrained(path)
     return path
+
+
+def oriented_jpeg(orientation: int = 6) -> bytes:
+    """A phone-style JPEG: 300x200 stored pixels, a red block in the stored top-left corner, EXIF Orientation
+    ``orientation`` (6: "rotate 90 degrees clockwise to display": displayed 200x300 with the block top-right)."""
+    import io
+
+    from PIL import Image
+
+    im = Image.new("RGB", (300, 200), (128, 128, 128))
+    im.paste((220, 20, 20), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = orientation   # the EXIF Orientation tag
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()

@@ -2,7 +2,6 @@
 pycocotools, the reference reader) and line by line, against the synthetic world's true boxes."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from grounding.convert import read_coco, read_grit, write_coco, write_grit, writ
 from grounding.query_cli import main
 from grounding.records import build_record
 from grounding.schema import read_shard, row_to_dict, write_shard
+from grounding.testing import oriented_jpeg
 from grounding.world import make_world, truth_rows, write_truth_shards
 
 FIELDS = ("key", "url", "caption", "caption_raw", "width", "height", "image", "qa", "grounded_caption", "num_boxes")
@@ -143,15 +143,9 @@ def _oriented_row() -> dict:
     """A row as a shard made before downloads were turned upright holds it: JPEG bytes of 300x200 stored pixels
     with EXIF orientation 6, so displayed 200x300, and the row's width/height/box in that displayed frame (the
     red block, stored top-left, is displayed top-right)."""
-    im = Image.new("RGB", (300, 200), (128, 128, 128))
-    im.paste((220, 20, 20), (0, 0, 60, 40))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
     phrase = {"text": "a red block", "start": 0, "end": 11, "head": "block", "kind": "chunk", "prompt": "red block",
               "boxes_norm": [[800, 0, 999, 199]], "det_scores": [0.9]}
-    row, reason = build_record(key="photo", caption="a red block", image=buf.getvalue(), width=200, height=300,
+    row, reason = build_record(key="photo", caption="a red block", image=oriented_jpeg(), width=200, height=300,
                                phrases=[phrase], min_boxes=1)
     assert reason is None
     return row

@@ -13,6 +13,7 @@ from grounding.image import (
     CLIP_MEAN, CLIP_STD, MAX_PIXELS, ORIENTATION_TAG, ImageTooLarge, ImageTransform, decode_image, image_header,
     try_decode_image, upright_bytes,
 )
+from grounding.testing import oriented_jpeg
 
 
 def png(w: int, h: int, color=(200, 30, 60), mode: str = "RGB") -> bytes:
@@ -36,18 +37,6 @@ def test_size_limit_is_read_from_the_header_before_decoding():
         decode_image(data, max_pixels=59_999)
     assert try_decode_image(data, max_pixels=59_999) == (None, "too_many_pixels")
     assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS                  # PIL's own bomb limit, defined once here
-
-
-def oriented_jpeg() -> bytes:
-    """A phone-style JPEG: 300x200 stored pixels, a red block in the stored top-left corner, EXIF Orientation 6
-    ("rotate 90 degrees clockwise to display"): displayed 200x300 with the block top-right."""
-    im = Image.new("RGB", (300, 200), (128, 128, 128))
-    im.paste((220, 20, 20), (0, 0, 60, 40))
-    exif = Image.Exif()
-    exif[ORIENTATION_TAG] = 6
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    return buf.getvalue()
 
 
 def _red(px) -> bool:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from grounding.testing import oriented_jpeg
 from pipeline.stages import admit_downloads
 from pipeline.download import (OPTED_OUT_MESSAGE, DownloadConfig, SafeRedirectHandler, discard_download, download_path, download_shard,
                                is_downloaded)
@@ -113,21 +114,10 @@ def test_img2dataset_shard_downloader_guards_redirects_and_honours_opt_out(redir
     assert again["status"].to_pylist() == ["success"]
 
 
-def _oriented_jpeg() -> bytes:
-    """300x200 stored pixels, a red block stored top-left, EXIF Orientation 6: displayed 200x300, block top-right."""
-    im = Image.new("RGB", (300, 200), (128, 128, 128))
-    im.paste((220, 20, 20), (0, 0, 60, 40))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def photo_server():
     """/photo.jpg: a JPEG carrying EXIF orientation 6."""
-    jpeg = _oriented_jpeg()
+    jpeg = oriented_jpeg()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
