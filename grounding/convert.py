@@ -30,12 +30,12 @@ returns the same ``boxes_norm``.
   entry per box). Our ``chunk`` phrases go to ``noun_chunks``, ``expression`` phrases to
   ``ref_exps``; ``file_name`` (under ``DEST/images``) and ``caption_raw`` are added. :func:`read_grit` rebuilds rows.
 
-Image files are in the frame of the boxes and of ``width`` / ``height``: the displayed frame
+Image files are in the frame of the boxes and of ``width`` / ``height``: the stored frame
 (:mod:`grounding.image`). Bytes are copied unchanged, except those of an image carrying an EXIF orientation
-(a shard made before downloads were turned upright): they are written turned, without the tag
-(:func:`grounding.image.upright_bytes`), because COCO / ODVG / GRIT consumers disagree on the tag (plain
-``PIL.Image.open``, torchvision's ``CocoDetection`` and Open-GroundingDino's loader ignore it, detectron2 and
-mmcv apply it) and tagless upright pixels read the same in all of them.
+tag (a shard made before downloads were stored upright): the tag is dropped and the pixels kept as stored
+(:func:`grounding.image.untagged_bytes`), since the row's boxes are in the stored frame, so consumers that apply
+EXIF (detectron2, mmcv) and those that ignore it (plain PIL, torchvision's CocoDetection, Open-GroundingDino)
+read the image in the frame of its boxes alike.
 
 A row whose image bytes no image library can name a format for is skipped, and listed with its
 reason in ``DEST/export.json`` (``skipped``) and in :class:`ConvertResult`.
@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from PIL import Image, UnidentifiedImageError
 
 from grounding.boxes import NORM, denormalize_box, normalize_box
-from grounding.image import upright_bytes
+from grounding.image import untagged_bytes
 from grounding.records import build_record
 from grounding.schema import phrase_prompt
 
@@ -100,10 +100,10 @@ class _ImageFolder:
         self.used: set[str] = set()
 
     def write(self, key: str, data: bytes) -> str:
-        """The file name (relative to ``images/``) of the image, upright and untagged; raises ``ValueError``
+        """The file name (relative to ``images/``) of the image, untagged; raises ``ValueError``
         for bytes of no known format (or an EXIF-oriented image that does not decode)."""
         try:
-            data = upright_bytes(data)  # an MPO turned upright is a JPEG: name it after the bytes written
+            data = untagged_bytes(data)  # a re-encoded MPO is a JPEG: name it after the bytes written
             with Image.open(io.BytesIO(data)) as im:
                 fmt = im.format
         except (UnidentifiedImageError, OSError) as e:

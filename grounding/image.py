@@ -1,13 +1,13 @@
 """Images, one way everywhere: decoding encoded bytes (header first, with the pixel limit), the reason a
 row's image is unusable, and the vision towers' transform (resize to a square, normalise).
 
-The frame is the displayed one: a JPEG whose EXIF ``Orientation`` tag says "rotate 90 degrees to display"
-(phone photos) is decoded rotated, and :func:`image_header` gives its displayed width and height, as an
-EXIF-aware viewer shows it. The detector, the shard's ``width`` / ``height`` and boxes, the trainer and the
-renderer all see that frame. :func:`upright_bytes` turns tagged bytes into that frame without the tag, which
-loaders that ignore EXIF (plain ``PIL.Image.open``, GroundingDINO's ODVG loader, torchvision's
-``CocoDetection``) and loaders that apply it (detectron2, mmcv) read alike: downloads are stored so
-(:mod:`pipeline.download`), and exports write so (:mod:`grounding.convert`) the tagged bytes of older shards.
+The frame is the stored one: pixels as encoded, an EXIF ``Orientation`` tag NOT applied, which is the frame
+a shard's ``width`` / ``height`` and boxes were measured in. The pipeline stores downloads upright and without
+the tag (:func:`upright_bytes`, :mod:`pipeline.download`), so for its shards the stored frame is the displayed
+one; rows of shards made before that keep tagged bytes with boxes in the stored frame, and stay consistent,
+since nothing here turns them. Exports drop a leftover tag without turning the pixels (:func:`untagged_bytes`),
+so loaders that apply EXIF (detectron2, mmcv) and loaders that ignore it (plain ``PIL.Image.open``,
+torchvision's ``CocoDetection``, GroundingDINO's ODVG loader) see the frame of the boxes alike.
 
 Used by the renderer (grounding.render), the detector's command line (grounding.detect_cli), the trainer's data
 (model.data), the evaluator (model.evaluate) and the model's vision tower (model.cogvlm), which ships
@@ -48,17 +48,25 @@ def _open(source: ImageSource) -> Image.Image:
 
 
 def orientation(im: Image.Image) -> int:
-    """The EXIF orientation (1..8) of an opened image, from its header; 1 without a tag or with a broken one."""
+    """The EXIF orientation (1..8) of an opened image, from its header, no pixel decoded (a PNG's tag is read
+    from an eXIf chunk before the pixel data only: ``getexif`` would decode the whole PNG to look past it);
+    1 without a tag or with a broken one."""
     try:
-        o = int(im.getexif().get(ORIENTATION_TAG, 1))
+        if im.format == "PNG":
+            raw = im.info.get("exif")
+            exif = Image.Exif()
+            if raw:
+                exif.load(raw)
+        else:
+            exif = im.getexif()
+        o = int(exif.get(ORIENTATION_TAG, 1))
     except Exception:  # noqa: BLE001 - malformed EXIF: treat as upright, as viewers do
         return 1
     return o if o in _TO_DISPLAY else 1
 
 
 def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` of the displayed frame (EXIF orientation applied) from the encoded header,
-    without decoding pixels.
+    """``(width, height)`` of the stored pixels from the encoded header, without decoding pixels.
 
     Raises :class:`ImageTooLarge` when ``width * height > max_pixels`` (PIL's own bomb check maps to it
     too) and PIL's errors for bytes that are not an image.
@@ -66,8 +74,6 @@ def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int
     try:
         with _open(source) as im:
             w, h = im.size
-            if orientation(im) in (5, 6, 7, 8):  # a quarter turn: the displayed frame is h x w
-                w, h = h, w
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(str(e)) from e
     if w * h > max_pixels:
@@ -76,38 +82,44 @@ def image_header(source: ImageSource, max_pixels: int = MAX_PIXELS) -> tuple[int
 
 
 def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Encoded bytes (or a file) -> RGB image in the displayed frame (EXIF orientation applied), the
-    header's size checked before any pixel is decoded.
+    """Encoded bytes (or a file) -> RGB image of the stored pixels, the header's size checked before any
+    pixel is decoded.
 
     Raises :class:`ImageTooLarge` or PIL's error; :func:`try_decode_image` turns those into a reason.
     """
     image_header(source, max_pixels)
     with _open(source) as im:
         im.load()
-        o = orientation(im)
-        rgb = im.convert("RGB")
-    return rgb.transpose(_TO_DISPLAY[o]) if o != 1 else rgb
+        return im.convert("RGB")
 
 
 def upright_bytes(data: bytes, quality: int = 95) -> bytes:
-    """Encoded image bytes whose pixels are in the displayed frame and carry no orientation tag.
+    """Encoded image bytes whose pixels are turned into the displayed frame and carry no orientation tag (what
+    the pipeline stores of a download). Bytes with no orientation to apply come back unchanged."""
+    return _without_orientation(data, quality, turn=True)
 
-    Bytes without an orientation to apply come back unchanged (no re-encoding); others are decoded,
-    turned, and re-encoded in their own format (JPEG at ``quality``; a phone's MPO as JPEG), ICC profile
-    kept, EXIF dropped.
-    """
+
+def untagged_bytes(data: bytes, quality: int = 95) -> bytes:
+    """Encoded image bytes with an orientation tag dropped and the pixels left as stored (what an export writes
+    of a row whose boxes are in the stored frame). Bytes with no orientation tag come back unchanged."""
+    return _without_orientation(data, quality, turn=False)
+
+
+def _without_orientation(data: bytes, quality: int, turn: bool) -> bytes:
+    """Tagged bytes decoded, turned (or not) and re-encoded in their own format (JPEG at ``quality``; a phone's
+    MPO as JPEG), ICC profile kept, EXIF dropped; others unchanged (no re-encoding)."""
     with _open(data) as im:
         o, fmt, icc = orientation(im), im.format, im.info.get("icc_profile")
         if o == 1:
             return bytes(data)
         im.load()
-        turned = im.transpose(_TO_DISPLAY[o])
+        pixels = im.transpose(_TO_DISPLAY[o]) if turn else im.copy()
     fmt = "JPEG" if fmt in ("JPEG", "MPO") else fmt or "PNG"
     buf = io.BytesIO()
     options = {"quality": quality} if fmt == "JPEG" else {}
     if icc:
         options["icc_profile"] = icc
-    turned.save(buf, format=fmt, **options)
+    pixels.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 

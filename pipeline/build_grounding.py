@@ -105,7 +105,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[JobConfig, SampleConfig | 
         base = {f.name: dataclasses.asdict(f.default_factory()) if f.default_factory is not dataclasses.MISSING
                 else f.default for f in dataclasses.fields(JobConfig)}
     base.pop("config_hash", None)
-    base.pop("rows_version", None)
+    base.pop("rows_version", None)   # written beside the config by claim_output
     apply_flags(base, args)
     return JobConfig.from_dict(with_sample_annotations(base) if sample is not None else base), sample
 

@@ -83,7 +83,8 @@ class JobConfig:
         parts = {"source": SourceConfig, "filters": FilterConfig, "download": DownloadConfig,
                  "phrases": PhraseConfig, "detector": DetectorConfig, "ray": RayConfig, "dedup": DedupConfig}
         d = dict(d)
-        d.pop("config_hash", None)
+        d.pop("config_hash", None)    # an output's config.json records these beside the config
+        d.pop("rows_version", None)
         if isinstance(d.get("download"), dict) and "max_image_area" in d["download"]:  # from before the one pixel limit
             download = dict(d["download"])
             area = int(download.pop("max_image_area"))

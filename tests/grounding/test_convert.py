@@ -140,21 +140,22 @@ def test_coco_export_feeds_the_project_detector_trainer(world, rows, tmp_path):
 
 
 def _oriented_row() -> dict:
-    """A row as a shard made before downloads were turned upright holds it: JPEG bytes of 300x200 stored pixels
-    with EXIF orientation 6, so displayed 200x300, and the row's width/height/box in that displayed frame (the
-    red block, stored top-left, is displayed top-right)."""
+    """A row as a shard made before downloads were stored upright holds it: JPEG bytes of 300x200 stored pixels
+    with EXIF orientation 6 (displayed 200x300), and the row's width/height/box in the stored frame, where the
+    detector saw it (the red block, stored top-left)."""
     phrase = {"text": "a red block", "start": 0, "end": 11, "head": "block", "kind": "chunk", "prompt": "red block",
-              "boxes_norm": [[800, 0, 999, 199]], "det_scores": [0.9]}
-    row, reason = build_record(key="photo", caption="a red block", image=oriented_jpeg(), width=200, height=300,
+              "boxes_norm": [[0, 0, 199, 199]], "det_scores": [0.9]}
+    row, reason = build_record(key="photo", caption="a red block", image=oriented_jpeg(), width=300, height=200,
                                phrases=[phrase], min_boxes=1)
     assert reason is None
     return row
 
 
 @pytest.mark.parametrize("fmt", ["coco", "odvg", "grit"])
-def test_exif_oriented_image_is_written_upright_in_the_frame_of_its_boxes(fmt, tmp_path):
+def test_exif_oriented_image_is_written_untagged_in_the_frame_of_its_boxes(fmt, tmp_path):
     """A loader that ignores EXIF (plain PIL, as torchvision's CocoDetection and Open-GroundingDino do) finds the
-    image at the annotation's width/height with the box on the red block; no tag is left to turn it again."""
+    image at the annotation's width/height with the box on the red block, and no tag is left for a loader that
+    applies EXIF to turn it away from its box."""
     write = {"coco": write_coco, "odvg": write_odvg, "grit": write_grit}[fmt]
     write([_oriented_row()], tmp_path / fmt)
     if fmt == "coco":
@@ -171,7 +172,7 @@ def test_exif_oriented_image_is_written_upright_in_the_frame_of_its_boxes(fmt, t
                                                                         x1 * d["width"], y1 * d["height"])
     with Image.open(tmp_path / fmt / "images" / name) as pic:
         assert pic.getexif().get(0x0112) in (None, 1)
-        assert pic.size == size == (200, 300)
+        assert pic.size == size == (300, 200)
         rgb = pic.convert("RGB")
     cx, cy = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
     r, g, b = rgb.getpixel((cx, cy))

@@ -7,11 +7,11 @@ import pickle
 
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from grounding.image import (
     CLIP_MEAN, CLIP_STD, MAX_PIXELS, ORIENTATION_TAG, ImageTooLarge, ImageTransform, decode_image, image_header,
-    try_decode_image, upright_bytes,
+    orientation, try_decode_image, untagged_bytes, upright_bytes,
 )
 from grounding.testing import oriented_jpeg
 
@@ -43,33 +43,44 @@ def _red(px) -> bool:
     return px[0] > 180 and px[1] < 80 and px[2] < 80
 
 
-def test_exif_oriented_jpeg_is_measured_and_decoded_in_its_displayed_frame():
-    """As the pipeline gets it: img2dataset's Resizer (skip_reencode, image smaller than image_size) keeps
-    the bytes and the tag; header and decoder must give the frame an EXIF-aware viewer shows."""
+def test_exif_oriented_jpeg_is_measured_and_decoded_in_its_stored_frame():
+    """Rows of shards made before downloads were stored upright hold tagged bytes with width/height and boxes
+    in the stored frame; header and decoding stay in that frame, so those rows keep lining up."""
     from img2dataset.resizer import Resizer
 
     resizer = Resizer(image_size=512, resize_mode="keep_ratio_largest", resize_only_if_bigger=True,
                       encode_quality=95, encode_format="jpg", skip_reencode=True)
     stored, *_, err = resizer(io.BytesIO(oriented_jpeg()))
     assert err is None and Image.open(io.BytesIO(stored)).getexif()[ORIENTATION_TAG] == 6
-    viewer = ImageOps.exif_transpose(Image.open(io.BytesIO(stored))).convert("RGB")
-    assert image_header(stored) == viewer.size == (200, 300)
+    assert image_header(stored) == (300, 200)
     im = decode_image(stored)
-    assert im.size == (200, 300) and im.tobytes() == viewer.tobytes()
-    assert _red(im.getpixel((190, 10))) and not _red(im.getpixel((10, 10)))  # the block is top-right
-    assert try_decode_image(stored)[0].size == (200, 300)
+    assert im.size == (300, 200) and _red(im.getpixel((10, 10))) and not _red(im.getpixel((290, 10)))
+    assert try_decode_image(stored)[0].size == (300, 200)
 
 
-def test_upright_bytes_turn_the_pixels_and_drop_the_tag():
+def test_upright_bytes_turn_the_pixels_and_untagged_bytes_keep_them_both_without_the_tag():
     tagged = oriented_jpeg()
     up = Image.open(io.BytesIO(upright_bytes(tagged)))
     assert up.format == "JPEG" and up.getexif().get(ORIENTATION_TAG) in (None, 1)
-    assert up.size == (200, 300)  # a loader that ignores EXIF now sees the displayed frame
+    assert up.size == (200, 300)  # the displayed frame, for loaders that ignore EXIF and those that apply it
     up = up.convert("RGB")
     assert _red(up.getpixel((190, 10))) and not _red(up.getpixel((10, 10)))
-    assert image_header(upright_bytes(tagged)) == image_header(tagged)
+    kept = Image.open(io.BytesIO(untagged_bytes(tagged)))
+    assert kept.getexif().get(ORIENTATION_TAG) in (None, 1) and kept.size == (300, 200)
+    assert _red(kept.convert("RGB").getpixel((10, 10)))          # the stored frame, as an old row's boxes
     plain = png(30, 20)
-    assert upright_bytes(plain) == plain  # nothing to turn: the bytes are kept as they are
+    assert upright_bytes(plain) == plain and untagged_bytes(plain) == plain  # nothing to do: bytes kept as they are
+
+
+def test_a_png_orientation_is_read_from_its_header_without_decoding():
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (220, 20, 20)).save(buf, "PNG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert orientation(im) == 6 and im._im is None   # no pixel decoded
+    assert Image.open(io.BytesIO(upright_bytes(buf.getvalue()))).size == (20, 30)
+    assert orientation(Image.open(io.BytesIO(png(30, 20)))) == 1
 
 
 def test_broken_bytes_give_a_short_reason_not_a_crash():

@@ -18,6 +18,7 @@ def test_the_rows_version_is_hashed_and_recorded(tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["rows_version"] == ROWS_VERSION and written["config_hash"] == config_hash(config)
     claim_output(Layout(str(tmp_path)), config, config_hash(config))   # the same code resumes
+    assert config_hash(JobConfig.from_dict(written)) == config_hash(config)  # an output's config.json replays
 
 
 def test_an_output_of_older_rows_is_refused_with_the_reason_and_replaced_on_overwrite(tmp_path):
