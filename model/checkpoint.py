@@ -102,7 +102,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
                     dist: Dist, mode: str) -> Path | None:
     """Every rank calls this; rank 0 writes ``checkpoints/step_N`` atomically and prunes old ones."""
     weights, optim = trainable_and_optimizer_state(model, optimizer, mode)
-    ema_weights = full_tensors(ema.shadow) if ema is not None else None      # FSDP: gathered by every rank
+    ema_weights = full_tensors(ema.shadow, keep=dist.main) if ema is not None else None  # FSDP: every rank gathers
     rngs = gather_objects({k: (v if not isinstance(v, torch.Tensor) else v.clone()) for k, v in rng_state().items()}, dist)
     data_states = gather_objects(state.pop("data_state_local"), dist)
     if not dist.main:
@@ -140,11 +140,16 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, ema: EMA | None, 
     return final
 
 
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies; sharded DTensors (FSDP: the EMA's shadow) gathered whole first (a collective: every
-    rank calls it)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for k, v in tensors.items()}
+    rank calls it). ``keep=False`` (the ranks that do not write): join the gathers, copy nothing, return {}."""
+    out = {}
+    for k, v in tensors.items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        if keep:
+            out[k] = v.detach().cpu().contiguous()
+    return out
 
 
 def load_ema(ema: EMA, saved: dict[str, torch.Tensor]) -> None:
