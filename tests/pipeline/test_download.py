@@ -16,6 +16,7 @@ from grounding.testing import oriented_jpeg
 from pipeline.stages import admit_downloads
 from pipeline.download import (OPTED_OUT_MESSAGE, DownloadConfig, SafeRedirectHandler, discard_download, download_path, download_shard,
                                is_downloaded)
+from pipeline_helpers import serve_images
 
 
 def _rows(keys: list[str], base: str = "http://127.0.0.1:9") -> pa.Table:
@@ -117,24 +118,8 @@ def test_img2dataset_shard_downloader_guards_redirects_and_honours_opt_out(redir
 @pytest.fixture(scope="module")
 def photo_server():
     """/photo.jpg: a JPEG carrying EXIF orientation 6."""
-    jpeg = oriented_jpeg()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(jpeg)))
-            self.end_headers()
-            self.wfile.write(jpeg)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_images({"/photo.jpg": oriented_jpeg()}) as url:
+        yield url
 
 
 @pytest.mark.parametrize("image_size", [1024, 150])  # kept as fetched (skip_reencode) / resized by img2dataset

@@ -2,10 +2,8 @@
 and the header check before decoding; the old ``--download-max-image-area`` is an alias of it."""
 from __future__ import annotations
 
-import http.server
 import io
 import json
-import threading
 
 import pyarrow as pa
 import pytest
@@ -17,6 +15,7 @@ from pipeline.build_grounding import config_from_args
 from pipeline.config import JobConfig, config_hash, content_config
 from pipeline.download import DownloadConfig, download_shard
 from pipeline.stages import admit_downloads
+from pipeline_helpers import serve_images
 
 BIG = (80, 60)  # 4800 pixels
 
@@ -29,24 +28,8 @@ def _jpeg(size) -> bytes:
 
 @pytest.fixture(scope="module")
 def server():
-    images = {"/big.jpg": _jpeg(BIG), "/small.jpg": _jpeg((40, 30))}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = images.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serve_images({"/big.jpg": _jpeg(BIG), "/small.jpg": _jpeg((40, 30))}) as url:
+        yield url
 
 
 def _job(tmp_path, max_pixels: int) -> JobConfig:
