@@ -1,0 +1,92 @@
+"""The oracle-perception probe (benchmarks/probe_oracle_perception.py): its image tokens carry exactly the
+objects of the picture (box, colour, shape; nothing in the box-only arm), they reach the frozen LM's answer
+through the visual experts, and a run writes every arm with the frozen LM's text logits untouched."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import learnlib  # noqa: E402
+import probe_oracle_perception as pop  # noqa: E402
+from model.testing import write_clip_vision, write_llama, write_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oracle")
+    data = learnlib.proof_data(root, 0, {"train": 24, "dev": 6, "test": 6})
+    lm = root / "lm"
+    write_tokenizer(lm)
+    write_llama(lm, hidden_size=32, num_layers=2)
+    write_clip_vision(root / "vit", image_size=32, patch_size=8, hidden_size=32, num_layers=1)
+    return root, data, str(lm), str(root / "vit")
+
+
+def test_objects_are_read_from_the_truth_shards(setup):
+    _, data, _, _ = setup
+    objs = pop.world_objects(data["train_multi"])
+    assert len(objs) == 24 and all(2 <= len(v) <= 4 for v in objs.values())
+    box, colour, shape = next(iter(objs.values()))[0]
+    assert all(0 <= v <= 1 for v in box) and box[0] < box[2] and box[1] < box[3]
+
+
+def test_features_hold_each_object_once_and_attributes_only_when_asked():
+    objs = [((0.1, 0.2, 0.3, 0.4), "red", "ball"), ((0.5, 0.5, 0.9, 0.8), "blue", "kite")]
+    feats, present = pop.featurize(objs, True, random.Random(0))
+    assert present == [True, True, False, False]
+    rows = {tuple(f[:4]): f[4:] for f in feats[:2]}
+    assert rows[(0.1, 0.2, 0.3, 0.4)] == [1, 0, 0, 0, 0, 0, 1, 0, 0, 0]   # red, ball
+    assert rows[(0.5, 0.5, 0.9, 0.8)] == [0, 0, 1, 0, 0, 0, 0, 0, 1, 0]   # blue, kite
+    bare, _ = pop.featurize(objs, False, random.Random(0))
+    assert {len(f) for f in bare} == {4}                                    # no colour, no shape
+    fourier, _ = pop.featurize(objs, False, random.Random(0), fourier=True)
+    assert {len(f) for f in fourier} == {4 + 4 * 2 * len(pop.FREQS)}
+
+
+def test_oracle_tokens_steer_the_frozen_lm_only_through_the_experts(setup):
+    """A different box changes the answer logits (the oracle reaches the LM); with the oracle's tokens
+    and the experts unchanged, the text-only path is the frozen LM's (see the run test)."""
+    from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
+
+    _, _, lm, vit = setup
+    model = VisualExpertForCausalLM.from_config(VisualExpertConfig(lm=lm, vision=vit, freeze_lm=True,
+                                                                   freeze_vision=True)).eval()
+    oracle = pop.OracleTower(14, model.lm_head.weight.shape[1], tokens_per_object=2)
+    ids, mask = model.tokenize_prompts(["Question: Where is the red ball? Answer:"])
+
+    def logits(box):
+        f, p = pop.featurize([(box, "red", "ball")], True, random.Random(0))
+        emb = oracle(torch.tensor([f]), torch.tensor([p]))
+        assert emb.shape == (1, pop.MAX_OBJECTS * 2, model.lm_head.weight.shape[1])
+        with torch.no_grad():
+            return model(ids, mask, image_embeds=emb).logits[0, -1]
+
+    assert (logits((0.1, 0.1, 0.4, 0.4)) - logits((0.6, 0.5, 0.9, 0.9))).abs().max() > 1e-4
+
+
+def test_a_run_writes_every_arm_and_leaves_the_frozen_lm_untouched(setup, tmp_path):
+    root, data, lm, vit = setup
+    out = tmp_path / "oracle.json"
+    result = pop.main(["--lm", lm, "--vit", vit, "--train", data["train_multi"], "--dev", data["dev_multi"],
+                       "--test", data["test_multi"], "--train-one", data["train_one"], "--dev-one", data["dev_one"],
+                       "--stage1-steps", "3", "--steps", "4", "--batch-size", "4", "--seeds", "0",
+                       "--variants", "visual_expert", "--features", "box+attributes", "box", "--shuffle",
+                       "--lm-trained", "--fourier", "--jobs", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    arms = {(r["variant"], r["features"], r["shuffled"], r["lm_frozen"]): r for r in result["runs"]}
+    assert set(arms) == {("visual_expert", "box+attributes", False, True), ("visual_expert", "box", False, True),
+                         ("visual_expert", "box+attributes", True, True),
+                         ("visual_expert", "box+attributes", False, False)}
+    for key, r in arms.items():
+        assert r["text_only_logits_identical"] is key[3]       # frozen: bit-identical; trained: moved
+        assert r["dev"]["n"] > 0 and r["test"]["n"] > 0 and r["stage1"]["dev_one_object"]["n"] == 6
+        assert r["stage1"]["steps"] == 3 and r["stage2"]["steps"] == 4
+    assert set(result["summary"]) == {"visual_expert/box+attributes", "visual_expert/box",
+                                      "visual_expert/box+attributes/shuffled",
+                                      "visual_expert/box+attributes/lm_trained"}
+    assert result["baselines"]["0"]["test"]["random_object_acc@0.5"] > 0.2
