@@ -1,25 +1,30 @@
-"""Is the frozen LM or the image side what stops the frozen-LM recipe? Perfect perception, frozen LM.
+"""Is what the tower sees the limit of the frozen-LM recipe? The same stages with perception given exactly.
 
-The vision tower is replaced by an **oracle object encoder**: one image token per object of the picture,
-made by a small MLP from what a perfect tower would see (the object's box in 0..1 of the image, and with
-``--features box+attributes`` its colour and shape as one-hots), in a random order per sample; absent slots
+The vision tower is replaced by an **oracle object encoder**: one image token per object of the picture
+(``--tokens-per-object K``: K), made by a small MLP from the truth (the object's box in 0..1 of the image,
+with ``--fourier`` also as sin/cos at octave frequencies, the way a sin/cos position table presents it; with
+``box+attributes`` its colour and shape as one-hots), objects in a random order per sample; absent slots
 (images with fewer than 4 objects) get one learned "absent" vector. Everything else is the real model
-(:class:`model.cogvlm.VisualExpertForCausalLM`): the same frozen pretrained LM, its visual experts (or the
-shallow variant), image tokens at one position id. Only the oracle MLP and the experts train, on the
-training split's 2-4-object REC pairs (the stage-two data), and greedy answers are scored Acc@0.5 on dev
-and test, as the proof scores them.
+(:class:`model.cogvlm.VisualExpertForCausalLM`): the same frozen pretrained LM, its visual experts in every
+layer (or the shallow variant), image tokens at one position id. Only the oracle MLP and the experts train,
+on learn_generalise.py's stages: stage one on the one-object training split (scored on one-object dev), stage
+two on the 2-4-object REC pairs; greedy answers are scored Acc@0.5 on dev and test, as the proof scores them.
 
 What the arms say:
 
-- ``box+attributes``: the most any image encoder can hand this LM. If the visual expert stays far below
-  the 0.6 target here, the frozen LM caps the recipe, whatever the tower; if it passes, the missing piece
-  is perception (what the tower's tokens carry), not the LM.
+- ``box+attributes``, LM frozen: the tower question removed. Far below the 0.6 target here, a better tower
+  cannot reach it at this budget: the language side (binding a phrase, writing a box) is the limit.
+- ``--lm-trained``: the same with the LM trained too: whether that limit is the frozen LM or the budget.
 - ``box``: locations without colour or shape, so no phrase can be bound: a model that boxes an object
-  scores the random-object level (~0.33); a model above it reads attributes it was not given: a bug.
+  scores the random-object level (~0.33); one above it reads attributes it was not given: a bug.
 - ``--shuffle``: every sample gets another image's objects: what the LM writes from text alone.
 
-    python benchmarks/probe_oracle_perception.py --lm LM_DIR --vit VIT_DIR --train TRAIN_MULTI \\
-        --dev DEV_MULTI --test TEST_MULTI --seeds 0 1 2 --out benchmarks/results/probe_oracle_perception.json
+    python benchmarks/probe_oracle_perception.py --lm 'LM_DIR_OF_SEED_{seed}' --vit VIT_DIR \\
+        --train TRAIN_MULTI --dev DEV_MULTI --test TEST_MULTI --train-one TRAIN_ONE --dev-one DEV_ONE \\
+        --seeds 0 1 2 --jobs 2 --out benchmarks/results/probe_oracle_perception.json
+
+(``{seed}`` in a path is the seed: learn_generalise.py's LM and data folders are per seed; the README has
+the exact command of the committed JSON.)
 """
 from __future__ import annotations
 
@@ -116,7 +121,8 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
     from grounding.boxes import format_answer
     from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
     from model.data import IGNORE_INDEX, encode_prompt, encode_qa, pad_left
-    from model.evaluate import score_answer, shard_examples, summarize
+    from learn_generalise import qa_texts, text_only_logits
+    from model.evaluate import answer_budget, score_answer, shard_examples, summarize
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -128,7 +134,8 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
                           args.tokens_per_object)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter")]
     params += list(oracle.parameters())
-    before = learnlib_text_logits(model, tok)
+    probe_texts = qa_texts(args.dev)[:32]
+    before = text_only_logits(model, probe_texts)
 
     def pairs_by_image(folder: str) -> tuple[dict[str, list], dict[str, list]]:
         out: dict[str, list] = {}
@@ -180,12 +187,12 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
                 "train_loss_first_last_100": [round(sum(losses[:100]) / len(losses[:100]), 4),
                                               round(sum(losses[-100:]) / len(losses[-100:]), 4)]}
 
-
     @torch.no_grad()
     def score(folder: str) -> dict:
         model.eval()
         objs = world_objects(folder)
         ex = shard_examples([folder])
+        budget = answer_budget(tok, ex)
         results = []
         erng = random.Random(1234)
         ekeys = sorted(objs)
@@ -195,7 +202,7 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
             ids, mask = pad_left([encode_prompt(tok, e.question) for e in chunk], tok.pad_token_id)
             f = [featurize(objs[edonor[e.key]], attributes, erng, args.fourier) for e in chunk]
             emb = oracle(torch.tensor([x[0] for x in f]), torch.tensor([x[1] for x in f]))
-            new = model.generate(ids, mask, max_new_tokens=24, image_embeds=emb)
+            new = model.generate(ids, mask, max_new_tokens=budget, image_embeds=emb)
             for e, seq in zip(chunk, new.tolist()):
                 results.append(score_answer(tok.decode(seq, skip_special_tokens=True), e))
         model.train()
@@ -206,25 +213,14 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
     if args.stage1_steps:
         stages["stage1"] = train_stage(args.train_one, args.stage1_steps)
         stages["stage1"]["dev_one_object"] = score(args.dev_one)
-    stages["stage2"] = train_stage(args.train, args.steps)
-    after = learnlib_text_logits(model, tok)
+    stages["stage2"] = train_stage(args.train, args.stage2_steps)
+    after = text_only_logits(model, probe_texts)
     return {"seed": seed, "lm": Path(args.lm).name, "variant": "shallow" if shallow else "visual_expert",
             "features": "box+attributes" if attributes else "box", "shuffled": shuffle, "lm_frozen": freeze_lm,
             "tokens_per_object": args.tokens_per_object, "fourier": args.fourier, "lr": args.lr,
             "batch_images": args.batch_size, **stages,
             "dev": score(args.dev), "test": score(args.test),
             "text_only_logits_identical": bool(torch.equal(before, after))}
-
-
-@torch.no_grad()
-def learnlib_text_logits(model, tok) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    ids, mask = model.tokenize_prompts(["Question: Where is the red ball? Answer: [[100,200,300,400]]",
-                                        "A red ball and a blue box on a grey table"], add_eos=True)
-    out = model(ids, mask).logits
-    model.train(was)
-    return out
 
 
 def for_seed(args, seed: int) -> argparse.Namespace:
@@ -249,7 +245,7 @@ def main(argv=None) -> dict:
     p.add_argument("--test", required=True)
     p.add_argument("--train-one", help="one-object training split for a stage one (--stage1-steps)")
     p.add_argument("--dev-one", help="one-object dev split, scored after stage one")
-    p.add_argument("--stage1-steps", type=int, default=0)
+    p.add_argument("--stage1-steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="*", default=["visual_expert", "shallow"], choices=["visual_expert", "shallow"])
     p.add_argument("--features", nargs="*", default=["box+attributes", "box"], choices=["box+attributes", "box"])
@@ -258,13 +254,15 @@ def main(argv=None) -> dict:
                    help="also run the positive control: the same with the LM trained (visual_expert, box+attributes)")
     p.add_argument("--tokens-per-object", type=int, default=1)
     p.add_argument("--fourier", action="store_true", help="coordinates also as sin/cos at octave frequencies")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--stage2-steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16, help="images per step, all their REC pairs packed")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--out", default=str(learnlib.RESULTS / "probe_oracle_perception.json"))
     p.add_argument("--jobs", type=int, default=1, help="arms run in parallel (processes of one thread each)")
     args = p.parse_args(argv)
+    if args.stage1_steps and not (args.train_one and args.dev_one):
+        p.error("a stage one (--stage1-steps > 0) needs --train-one and --dev-one")
     torch.set_num_threads(1)
     result = {**learnlib.run_conditions("probe_oracle_perception.py", argv), "baselines": {}, "runs": []}
     for seed in args.seeds:

@@ -74,7 +74,7 @@ def test_a_run_writes_every_arm_and_leaves_the_frozen_lm_untouched(setup, tmp_pa
     out = tmp_path / "oracle.json"
     result = pop.main(["--lm", lm, "--vit", vit, "--train", data["train_multi"], "--dev", data["dev_multi"],
                        "--test", data["test_multi"], "--train-one", data["train_one"], "--dev-one", data["dev_one"],
-                       "--stage1-steps", "3", "--steps", "4", "--batch-size", "4", "--seeds", "0",
+                       "--stage1-steps", "3", "--stage2-steps", "4", "--batch-size", "4", "--seeds", "0",
                        "--variants", "visual_expert", "--features", "box+attributes", "box", "--shuffle",
                        "--lm-trained", "--fourier", "--jobs", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == result
