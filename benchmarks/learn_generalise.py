@@ -89,10 +89,18 @@ DIAGNOSIS = [
     "write that code from an image's geometry (they can memorise it for 64 images). Measured without any image "
     "(pilots/round5/code_from_coordinates*.json): a small network given the TRUE box as four numbers, writing 4 soft "
     "tokens at the image position, makes the frozen LM write held-out boxes at Acc@0.5 0.19 (gist LM) / 0.38 (the "
-    "4x8 lookup LM) vs 0.01-0.02 with shuffled coordinates (one run each, 1,500 steps): these frozen LMs' route from "
-    "a position to its digits caps a frozen-LM recipe near a third of the 0.6 target even with perfect geometry (the "
-    "lookup LM's stage 1 with images, 0.43, is at that ceiling). The LM-trained recipe sidesteps this by letting the "
-    "LM learn the route; a frozen LM would need one learned in pretraining, as a large LLM has.",
+    "4x8 lookup LM) vs 0.01-0.02 with shuffled coordinates (one run each, 1,500 steps). Round 5 read this as a cap "
+    "of the frozen LM; round 6 corrects that: the network there fitted its own training pairs no better (0.20), so "
+    "it is a figure of the budget, not a proven ceiling, and the next entry shows the limit is not the frozen LM "
+    "alone.",
+    "Round 6 (benchmarks/probe_oracle_perception.py, results/probe_oracle_perception.json, 3 seeds; pilots in "
+    "pilots/round6/): the tower replaced by an oracle that gives each object one token made from its TRUE box, "
+    "colour and shape, the rest the real model and stages (1,500 one-object + 3,000 two-to-four-object steps). See "
+    "README 'Perfect perception' for the figures: one-object boxes are learned, the named object is not, with "
+    "the LM frozen and also with it trained (0.13 after 5,000 stage-two steps in the seed-1 pilot). So at the "
+    "budgets this machine allows, what stops the recipe is neither the tower nor the frozen LM alone: a model of "
+    "this size does not learn to bind a phrase to an object and write that object's box in a few thousand steps; "
+    "the LM-trained recipe with real images reaches the random-object level (0.35) with its dev curve still rising.",
     "Why the frozen-LM recipe learns more slowly per step than the from-scratch one: with the LM frozen, every "
     "answer digit is emitted by frozen text weights; the image can steer it only through the attention that frozen "
     "text queries pay to trainable image keys/values (the visual experts, or the adapter alone in shallow). "

@@ -48,9 +48,9 @@ def test_features_hold_each_object_once_and_attributes_only_when_asked():
     assert {len(f) for f in fourier} == {4 + 4 * 2 * len(pop.FREQS)}
 
 
-def test_oracle_tokens_steer_the_frozen_lm_only_through_the_experts(setup):
-    """A different box changes the answer logits (the oracle reaches the LM); with the oracle's tokens
-    and the experts unchanged, the text-only path is the frozen LM's (see the run test)."""
+def test_oracle_tokens_reach_the_frozen_lms_answer(setup):
+    """Another box for the same question changes the logits at the answer: the oracle's tokens are read
+    (a cut path would leave them equal)."""
     from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
 
     _, _, lm, vit = setup
