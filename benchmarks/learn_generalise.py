@@ -625,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/learn_generalise")
     p.add_argument("--out", default=str(learnlib.RESULTS / "learn_generalise.json"))
     p.add_argument("--from-tasks", metavar="RUN_ID", help="write the JSON from the finished runs of an interrupted run")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build each seed's splits, pretrained LM and tower under --work, print their paths, train nothing "
+                        "(for probes that reuse them, e.g. probe_oracle_perception.py)")
     p.add_argument("--task", help=argparse.SUPPRESS)       # SEED:VARIANT, one run (the parent's children)
     p.add_argument("--task-out", help=argparse.SUPPRESS)
     return p
@@ -634,6 +637,11 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = [a for a in argv]
+    if args.prepare_only:
+        torch.set_num_threads(args.threads)
+        built = {seed: models_for(seed, args) for seed in args.seeds}
+        print(json.dumps(built, indent=1), flush=True)
+        return built
     if args.task:
         seed, variant = args.task.split(":")
         result = run_one(int(seed), variant, args)

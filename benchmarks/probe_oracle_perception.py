@@ -23,8 +23,8 @@ What the arms say:
         --train TRAIN_MULTI --dev DEV_MULTI --test TEST_MULTI --train-one TRAIN_ONE --dev-one DEV_ONE \\
         --seeds 0 1 2 --jobs 2 --out benchmarks/results/probe_oracle_perception.json
 
-(``{seed}`` in a path is the seed: learn_generalise.py's LM and data folders are per seed; the README has
-the exact command of the committed JSON.)
+(``{seed}`` in a path is the seed: learn_generalise.py's LM and data folders are per seed, built by
+``learn_generalise.py --prepare-only``; the README has both commands of the committed JSON.)
 """
 from __future__ import annotations
 

@@ -13,18 +13,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import learnlib  # noqa: E402
 import probe_oracle_perception as pop  # noqa: E402
-from model.testing import write_clip_vision, write_llama, write_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """Seed 0's splits, pretrained LM and tower, built the way the README's command builds them
+    (learn_generalise.py --prepare-only), at toy sizes."""
+    import learn_generalise as lg
+
     root = tmp_path_factory.mktemp("oracle")
-    data = learnlib.proof_data(root, 0, {"train": 24, "dev": 6, "test": 6})
-    lm = root / "lm"
-    write_tokenizer(lm)
-    write_llama(lm, hidden_size=32, num_layers=2)
-    write_clip_vision(root / "vit", image_size=32, patch_size=8, hidden_size=32, num_layers=1)
-    return root, data, str(lm), str(root / "vit")
+    sizes = ["--train-images", "24", "--dev-images", "6", "--test-images", "6"]
+    built = lg.main(["--prepare-only", "--seeds", "0", "--work", str(root), *sizes, "--pretrain-steps", "3",
+                     "--pretrain-lookup", "0.5", "--lm-hidden", "32", "--vision-hidden", "32", "--vision-layers", "1"])
+    lm, vit = built[0]
+    assert (Path(lm) / "pretrain.json").exists() and json.loads((Path(lm) / "pretrain.json").read_text())["steps"] == 3
+    data = learnlib.proof_data(root, 0, {"train": 24, "dev": 6, "test": 6})   # the folders it built
+    return root, data, lm, vit
 
 
 def test_objects_are_read_from_the_truth_shards(setup):
@@ -72,11 +76,17 @@ def test_oracle_tokens_reach_the_frozen_lms_answer(setup):
 def test_a_run_writes_every_arm_and_leaves_the_frozen_lm_untouched(setup, tmp_path):
     root, data, lm, vit = setup
     out = tmp_path / "oracle.json"
-    result = pop.main(["--lm", lm, "--vit", vit, "--train", data["train_multi"], "--dev", data["dev_multi"],
-                       "--test", data["test_multi"], "--train-one", data["train_one"], "--dev-one", data["dev_one"],
+    def seeded(path: str) -> str:  # learn_generalise's folder names with the seed as {seed}
+        rel = path[len(str(root)):]
+        return str(root) + rel.replace("-s0", "-s{seed}").replace("-w100", "-w10{seed}")
+
+    result = pop.main(["--lm", seeded(lm), "--vit", seeded(vit), "--train", seeded(data["train_multi"]),
+                       "--dev", seeded(data["dev_multi"]), "--test", seeded(data["test_multi"]),
+                       "--train-one", seeded(data["train_one"]), "--dev-one", seeded(data["dev_one"]),
                        "--stage1-steps", "3", "--stage2-steps", "4", "--batch-size", "4", "--seeds", "0",
                        "--variants", "visual_expert", "--features", "box+attributes", "box", "--shuffle",
                        "--lm-trained", "--fourier", "--jobs", "2", "--out", str(out)])
+    assert "{seed}" in result["command"] and result["baselines"]["0"]["lm"] == Path(lm).name
     assert json.loads(out.read_text()) == result
     arms = {(r["variant"], r["features"], r["shuffled"], r["lm_frozen"]): r for r in result["runs"]}
     assert set(arms) == {("visual_expert", "box+attributes", False, True), ("visual_expert", "box", False, True),
