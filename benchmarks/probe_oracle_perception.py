@@ -88,8 +88,6 @@ FREQS = (1, 2, 4, 8, 16, 32, 64, 128)
 def coordinate_features(box, fourier: bool) -> list[float]:
     """The box's four 0..1 coordinates, and with ``fourier`` sin/cos of each at octave frequencies (the way a
     tower's sin/cos position table presents location)."""
-    import math
-
     if not fourier:
         return list(box)
     return list(box) + [f(2 * math.pi * fr * v) for v in box for fr in FREQS for f in (math.sin, math.cos)]
@@ -100,6 +98,8 @@ def featurize(objs: list, attributes: bool, rng: random.Random, fourier: bool = 
     from grounding.world import COLOURS, SHAPES
 
     colours, shapes = list(COLOURS), list(SHAPES)
+    if len(objs) > MAX_OBJECTS:
+        raise ValueError(f"{len(objs)} objects in one image; the oracle has {MAX_OBJECTS} slots")
     objs = rng.sample(objs, len(objs))
     feats, present = [], []
     for k in range(MAX_OBJECTS):
@@ -130,8 +130,10 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
         lm=args.lm, vision=args.vit, shallow=shallow, freeze_lm=freeze_lm, freeze_vision=True, seed=seed))
     tok = model.tokenizer
     D = model.lm_head.weight.shape[1]
-    oracle = OracleTower(len(coordinate_features((0, 0, 0, 0), args.fourier)) + (10 if attributes else 0), D,
-                          args.tokens_per_object)
+    from grounding.world import COLOURS, SHAPES
+
+    n_features = len(coordinate_features((0, 0, 0, 0), args.fourier)) + (len(COLOURS) + len(SHAPES) if attributes else 0)
+    oracle = OracleTower(n_features, D, args.tokens_per_object)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("adapter")]
     params += list(oracle.parameters())
     probe_texts = qa_texts(args.dev)[:32]
