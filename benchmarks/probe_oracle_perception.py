@@ -120,9 +120,10 @@ def featurize(objs: list, attributes: bool, rng: random.Random, fourier: bool = 
 def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, freeze_lm: bool = True) -> dict:
     from grounding.boxes import format_answer
     from model.cogvlm import VisualExpertConfig, VisualExpertForCausalLM
-    from model.data import IGNORE_INDEX, encode_prompt, encode_qa, pad_left
+    from model.data import IGNORE_INDEX, encode_prompt, encode_qa, pack_samples, pad_left
     from learn_generalise import qa_texts, text_only_logits
     from model.evaluate import answer_budget, score_answer, shard_examples, summarize
+    from model.optim import OptimConfig, lr_factor
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -149,12 +150,9 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
     def batch(by_key, objs, donor, ks: list[str]):
         rows = []
         for k in ks:  # every REC pair of the image packed in one row: BOS q1 a1 EOS q2 a2 EOS ...
-            pairs = rng.sample(by_key[k], len(by_key[k]))
-            ids, labels = list(pairs[0][0]), list(pairs[0][1])
-            for i, lab in pairs[1:]:
-                ids += i[1:]
-                labels += lab[1:]
-            rows.append((ids, labels))
+            pairs = [{"input_ids": i, "labels": lab, "task": "rec"} for i, lab in rng.sample(by_key[k], len(by_key[k]))]
+            packed = pack_samples(pairs, args.max_length)
+            rows.append((packed["input_ids"], packed["labels"]))
         T = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), T), tok.pad_token_id)
         labels = torch.full((len(rows), T), IGNORE_INDEX)
@@ -170,14 +168,13 @@ def run_arm(args, seed: int, shallow: bool, attributes: bool, shuffle: bool, fre
         keys = sorted(by_key)
         donor = dict(zip(keys, rng.sample(keys, len(keys)))) if shuffle else {k: k for k in keys}
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-        warm = min(100, steps // 10)
+        schedule = OptimConfig(max_steps=steps, lr=args.lr, warmup_steps=min(100, steps // 10), min_lr_ratio=0.1)
         losses = []
         model.train()
         t0 = time.perf_counter()
         for step in range(steps):
-            f = (step + 1) / warm if step < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
             for g in opt.param_groups:
-                g["lr"] = args.lr * f
+                g["lr"] = args.lr * lr_factor(step, schedule)
             ids, mask, labels, emb = batch(by_key, objs, donor, rng.sample(keys, args.batch_size))
             loss = model(ids, mask, labels=labels, image_embeds=emb, logits_to_keep="labels").loss
             loss.backward()
